@@ -1,0 +1,49 @@
+# Two commands for users: `make demo` and `make test`. Both create .venv and install the project first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Subprocess launches in tests and the demo use one thread per process: on a 2-core machine two
+# OpenMP threads per process oversubscribe the cores and run many times slower.
+export OMP_NUM_THREADS ?= 1
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test check lint format typecheck unit bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+# Fast inner loop: lint, format, types and the unit tests (no process launches).
+check: $(STAMP) lint typecheck unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q -m "not distributed and not slow"
+
+# Everything: the fast checks first, then the multi-process and slow suites.
+test: check
+	$(BIN)/pytest -q -m "distributed or slow" --durations=15
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf checkpoints demo_output .pytest_cache .mypy_cache .ruff_cache

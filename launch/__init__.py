@@ -1,0 +1,23 @@
+"""Process launch: Accelerator construction, backend choice, the trainer's collectives."""
+
+from launch.distributed import (
+    Topology,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    build_accelerator,
+    configure_deepspeed,
+    deepspeed_requested,
+    topology,
+)
+
+__all__ = [
+    "Topology",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "build_accelerator",
+    "configure_deepspeed",
+    "deepspeed_requested",
+    "topology",
+]

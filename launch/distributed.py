@@ -1,0 +1,139 @@
+"""Accelerator construction, backend choice and the few collectives the trainer needs.
+
+The same code runs as ``python scripts/train_base.py`` (one process), under ``accelerate launch`` with DDP,
+and with DeepSpeed ZeRO on GPUs or on the CPU. The CPU DeepSpeed path has three requirements that this
+module owns (see DEVELOPERS.md): never ``cpu=True`` on the Accelerator (it silently disables DeepSpeed),
+a ``gloo`` process group when there is no CUDA, and ``DS_ACCELERATOR=cpu`` set before DeepSpeed is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def deepspeed_requested() -> bool:
+    """True when ``accelerate launch`` was given a DeepSpeed config (it exports this for each process)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def prepare_environment() -> None:
+    """Environment fixes that must happen before DeepSpeed or the process group is touched."""
+    if not deepspeed_requested():
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's CPU communication op sizes its shared-memory segment by the local process count.
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "this launch uses a DeepSpeed accelerate config, but DeepSpeed is not installed. Install it "
+            "(pip install deepspeed; Linux only) or launch with --config_file "
+            "configs/accelerate/single_process.yaml"
+        ) from None
+    # Accelerate opens deepspeed_config_file relative to the working directory; the configs in this
+    # repo name it relative to the repo root, so resolve it there when launched from elsewhere.
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if ds_file and ds_file != "none" and not Path(ds_file).is_file() and (PROJECT_ROOT / ds_file).is_file():
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(PROJECT_ROOT / ds_file)
+
+
+def build_accelerator(**kwargs: Any) -> Any:
+    """An ``accelerate.Accelerator`` on the right backend for this machine."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    prepare_environment()
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without this Accelerate falls back to a process group each process believes it is alone in.
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits; read once from the Accelerator so the rest of the code needs no import of it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    deepspeed_stage: int | None
+    """ZeRO stage when DeepSpeed drives the run, else None."""
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> str:
+        """``deepspeed-zero2``, ``ddp`` or ``single``: what ``metadata.json`` records."""
+        if self.deepspeed_stage is not None:
+            return f"deepspeed-zero{self.deepspeed_stage}"
+        return "ddp" if self.world_size > 1 else "single"
+
+
+def topology(accelerator: Any) -> Topology:
+    stage = None
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    return Topology(
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        local_rank=accelerator.local_process_index,
+        deepspeed_stage=stage,
+        device=accelerator.device,
+    )
+
+
+def configure_deepspeed(accelerator: Any, *, micro_batch: int, grad_clip: float) -> None:
+    """Fill the DeepSpeed values the trainer owns, before ``accelerator.prepare``.
+
+    DeepSpeed asserts train_batch_size == micro_batch × grad_accum × world_size; the trainer feeds its own
+    batches (no DataLoader passes through ``prepare``), so Accelerate cannot infer them.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = micro_batch * accelerator.num_processes
+    config["gradient_clipping"] = grad_clip
+    config.setdefault("steps_per_print", 10**9)  # DeepSpeed's own periodic prints would interleave with ours
+
+
+def broadcast_object(value: Any, topo: Topology) -> Any:
+    """Rank 0's ``value`` on every rank (a no-op in a single process)."""
+    if topo.world_size == 1:
+        return value
+    payload = [value if topo.is_main else None]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def all_reduce_sum(values: list[float], topo: Topology) -> list[float]:
+    """Elementwise sum of a short list of floats over all ranks (one collective)."""
+    if topo.world_size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=topo.device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier(topo: Topology) -> None:
+    if topo.world_size > 1:
+        torch.distributed.barrier()

@@ -1,0 +1,187 @@
+"""Base training under real `accelerate launch` with 2 processes and DeepSpeed on the CPU.
+
+One module-scoped set of runs serves every test here (launches are the expensive part):
+  run 001: 4 epochs straight (ZeRO-2);  run 002: 2 epochs, then `--resume 2 --epochs 4` (ZeRO-2).
+Both use keep_last_n=2 and pick ``best`` by the *highest* val loss, so the best epoch is an early one that
+retention must keep although it is not among the last two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import assert_same_tensors, load_ckpt, run_script, train_base
+from trainer.config import TrainConfig, from_dict
+from trainer.factory import build_model
+
+pytestmark = pytest.mark.distributed
+
+POLICY = ["--set", "checkpoint.keep_last_n=2", "--set", "checkpoint.mode=max"]
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("zero2")
+    straight = train_base(root, "--epochs", "4", *POLICY)
+    first = train_base(root, "--epochs", "2", *POLICY)
+    resumed = train_base(root, "--resume", "2", "--epochs", "4", *POLICY)
+    base = root / "base_training"
+    return {"root": root, "straight": base / "run_001", "resumed": base / "run_002", "log": resumed.stdout,
+            "first_log": first.stdout, "straight_log": straight.stdout}  # fmt: skip
+
+
+def test_two_process_zero2_run_trains_and_loss_falls(zero2: dict) -> None:
+    meta = json.loads((zero2["straight"] / "metadata.json").read_text())
+    assert meta["world_size"] == 2 and meta["distributed"] == "deepspeed-zero2"
+    losses = [entry["train_loss"] for entry in meta["history"]]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0], losses
+
+
+def test_base_run_has_the_documented_layout(zero2: dict) -> None:
+    run = zero2["straight"]
+    assert (run / "config.json").is_file() and (run / "metadata.json").is_file() and (run / "logs").is_dir()
+    ckpts = run / "checkpoints"
+    for name in ("best.ckpt", "last.ckpt", "epoch_004.ckpt", "epoch_003.ckpt"):
+        assert (ckpts / name).is_file(), name
+    assert (ckpts / "state" / "epoch_004" / "trainer_state.json").is_file()
+    assert len(list((ckpts / "state" / "epoch_004").glob("*_optim_states.pt"))) == 2  # one shard per rank
+    meta = json.loads((run / "metadata.json").read_text())
+    for key in ("run_number", "kind", "experiment", "dataset", "status", "created_at", "updated_at",
+                "world_size", "distributed", "epochs_completed", "global_step", "best", "history", "resumes"):  # fmt: skip
+        assert key in meta, key
+    assert meta["status"] == "completed" and meta["kind"] == "base" and meta["epochs_completed"] == 4
+    assert meta["dataset"] == {"name": "Digits", "num_classes": 10}
+    assert meta["global_step"] == 12
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4]
+    assert (run / "logs" / "samples" / "epoch_004.png").is_file()
+
+
+def test_checkpoint_loads_weights_only_into_the_model_strictly(zero2: dict) -> None:
+    ckpt = load_ckpt(zero2["straight"] / "checkpoints" / "last.ckpt")
+    for key in ("state_dict", "ema_state_dict", "epoch", "global_step", "metrics", "config"):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 4 and ckpt["global_step"] == 12 and "val_loss" in ckpt["metrics"]
+    config = from_dict(TrainConfig, ckpt["config"])
+    model = build_model(config)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    params = dict(model.named_parameters())
+    assert set(ckpt["ema_state_dict"]) == set(params)
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
+
+
+def test_best_and_last_are_hard_links_to_epoch_files(zero2: dict) -> None:
+    ckpts = zero2["straight"] / "checkpoints"
+    meta = json.loads((zero2["straight"] / "metadata.json").read_text())
+    best_epoch = meta["best"]["epoch"]
+    assert os.path.samefile(ckpts / "last.ckpt", ckpts / "epoch_004.ckpt")
+    assert os.path.samefile(ckpts / "best.ckpt", ckpts / f"epoch_{best_epoch:03d}.ckpt")
+    assert meta["best"]["metric"] == "val_loss"
+    values = [h["val_loss"] for h in meta["history"]]
+    assert meta["best"]["value"] == max(values)  # mode=max in this fixture
+
+
+def test_retention_keeps_last_n_and_never_deletes_best(zero2: dict) -> None:
+    ckpts = zero2["straight"] / "checkpoints"
+    meta = json.loads((zero2["straight"] / "metadata.json").read_text())
+    expected = sorted({3, 4, meta["best"]["epoch"]})
+    on_disk = sorted(int(p.stem[-3:]) for p in ckpts.glob("epoch_*.ckpt"))
+    states = sorted(int(p.name[-3:]) for p in (ckpts / "state").glob("epoch_*"))
+    assert on_disk == expected and states == expected
+    assert meta["checkpoints"] == expected
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(zero2: dict) -> None:
+    straight = load_ckpt(zero2["straight"] / "checkpoints" / "last.ckpt")
+    resumed = load_ckpt(zero2["resumed"] / "checkpoints" / "last.ckpt")
+    assert resumed["epoch"] == 4 and resumed["global_step"] == straight["global_step"]
+    assert_same_tensors(straight["state_dict"], resumed["state_dict"])
+    assert_same_tensors(straight["ema_state_dict"], resumed["ema_state_dict"])
+    a = json.loads((zero2["straight"] / "metadata.json").read_text())["history"]
+    b = json.loads((zero2["resumed"] / "metadata.json").read_text())["history"]
+    assert [h["train_loss"] for h in a] == [h["train_loss"] for h in b]
+
+
+def test_resume_says_where_it_continues_and_records_it(zero2: dict) -> None:
+    assert "Resuming run 002 from epoch 2 (checkpoint" in zero2["log"]
+    meta = json.loads((zero2["resumed"] / "metadata.json").read_text())
+    assert len(meta["resumes"]) == 1 and meta["resumes"][0]["from_epoch"] == 2
+    assert meta["status"] == "completed" and meta["epochs_completed"] == 4
+
+
+def test_merged_weights_equal_deepspeed_zero_to_fp32_zero2(zero2: dict) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = zero2["straight"] / "checkpoints" / "state"
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(state), tag="epoch_004")
+    merged = load_ckpt(zero2["straight"] / "checkpoints" / "epoch_004.ckpt")["state_dict"]
+    assert_same_tensors({k: v.contiguous() for k, v in reference.items()}, merged)
+
+
+def test_list_runs_prints_table_and_json(zero2: dict) -> None:
+    root = str(zero2["root"])
+    table = run_script("train_base.py", ["--list-runs", "--checkpoint-root", root]).stdout
+    for column in ("Run #", "Experiment", "Dataset", "Epochs", "Checkpoints", "Best", "Status"):
+        assert column in table
+    assert "001" in table and "002" in table and "<- best" in table and "Digits (10)" in table
+    rows = json.loads(
+        run_script("train_base.py", ["--list-runs", "--json", "--checkpoint-root", root]).stdout
+    )
+    assert [r["number"] for r in rows] == [1, 2]
+    assert all(r["status"] == "completed" and r["epochs_completed"] == 4 for r in rows)
+    assert sum(r["is_best"] for r in rows) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeRO-3 and the single-process fallback
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("zero3")
+    train_base(root, "--epochs", "2", accelerate_config="cpu_zero3")
+    return root / "base_training" / "run_001"
+
+
+def test_zero3_really_shards_the_parameters(zero3: Path) -> None:
+    from trainer.zero import load_shard
+
+    states = load_shard(
+        zero3 / "checkpoints" / "state" / "epoch_002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    )
+    assert states["module"], "no parameters recorded"
+    assert all(t.numel() == 0 for t in states["module"].values()), "ZeRO-3 left parameters unpartitioned"
+    meta = json.loads((zero3 / "metadata.json").read_text())
+    assert meta["distributed"] == "deepspeed-zero3" and meta["status"] == "completed"
+
+
+def test_merged_weights_equal_deepspeed_zero_to_fp32_zero3(zero3: Path) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    reference = get_fp32_state_dict_from_zero_checkpoint(
+        str(zero3 / "checkpoints" / "state"), tag="epoch_002"
+    )
+    ckpt = load_ckpt(zero3 / "checkpoints" / "epoch_002.ckpt")
+    assert_same_tensors({k: v.contiguous() for k, v in reference.items()}, ckpt["state_dict"])
+    model = build_model(from_dict(TrainConfig, ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model.load_state_dict({**ckpt["state_dict"], **ckpt["ema_state_dict"]}, strict=True)  # EMA is full-size
+
+
+def test_single_process_run_writes_the_same_files(zero2: dict, tmp_path: Path) -> None:
+    train_base(tmp_path, "--epochs", "2", accelerate_config=None)
+    run = tmp_path / "base_training" / "run_001"
+    names = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
+    assert names == {"epoch_001.ckpt", "epoch_002.ckpt", "best.ckpt", "last.ckpt"}
+    single = load_ckpt(run / "checkpoints" / "last.ckpt")
+    sharded = load_ckpt(zero2["straight"] / "checkpoints" / "last.ckpt")
+    assert single.keys() == sharded.keys()
+    assert single["state_dict"].keys() == sharded["state_dict"].keys()
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["distributed"] == "single" and meta["world_size"] == 1

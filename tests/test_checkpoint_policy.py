@@ -1,0 +1,312 @@
+"""Checkpoint file policy: retention keeps the newest N epochs and never the best one's files, deletes nothing
+outside the run, a restart clears only a crashed writer's ``.tmp-`` leftovers, writes are atomic, and only
+weights-only checkpoint files of this trainer load.
+
+The run folders are fake (tiny torch.save dicts and empty state folders): no model is trained here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import Topology
+from trainer.atomic import atomic_write, link_or_copy
+from trainer.checkpoint import CheckpointManager, epoch_name, load_checkpoint_file
+from trainer.errors import UserError
+
+TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
+
+
+class CustomObject:
+    """Needs this module's code to unpickle, so weights-only loading must refuse it."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def fake_run(tmp_path: Path, epochs: range) -> Path:
+    """A run folder with ``epoch_NNN.ckpt`` files and ``state/epoch_NNN/`` folders for ``epochs``."""
+    run = tmp_path / "run_001"
+    (run / "checkpoints" / "state").mkdir(parents=True)
+    for epoch in epochs:
+        ckpt = run / "checkpoints" / f"{epoch_name(epoch)}.ckpt"
+        torch.save({"state_dict": {"w": torch.full((2,), float(epoch))}, "epoch": epoch}, ckpt)
+        state = run / "checkpoints" / "state" / epoch_name(epoch)
+        state.mkdir()
+        (state / "trainer_state.json").write_text("{}")
+    return run
+
+
+def manager(run: Path, keep_last_n: int) -> CheckpointManager:
+    return CheckpointManager(run, TOPO, keep_last_n=keep_last_n, config={})
+
+
+def epochs_with_state(run: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("epoch_")) for p in (run / "checkpoints" / "state").iterdir())
+
+
+def names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Retention
+# --------------------------------------------------------------------------------------------------
+
+
+def test_retention_keeps_last_n_and_never_deletes_best(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(1, 7))
+    ckpts = run / "checkpoints"
+    link_or_copy(ckpts / "epoch_002.ckpt", ckpts / "best.ckpt")
+    link_or_copy(ckpts / "epoch_006.ckpt", ckpts / "last.ckpt")
+    checkpoints = manager(run, keep_last_n=2)
+    removed = checkpoints.apply_retention(protect=2)
+    assert checkpoints.epochs_on_disk() == [2, 5, 6]
+    assert epochs_with_state(run) == [2, 5, 6]
+    assert {p.name for p in removed} == {f"{epoch_name(e)}{s}" for e in (1, 3, 4) for s in (".ckpt", "")}
+    assert load_checkpoint_file(ckpts / "best.ckpt")["epoch"] == 2
+    assert load_checkpoint_file(ckpts / "last.ckpt")["epoch"] == 6
+
+
+def test_retention_when_best_is_among_the_newest_keeps_exactly_n(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(1, 6))
+    checkpoints = manager(run, keep_last_n=2)
+    checkpoints.apply_retention(protect=5)
+    assert checkpoints.epochs_on_disk() == [4, 5]
+    assert epochs_with_state(run) == [4, 5]
+
+
+def test_retention_without_a_best_epoch_keeps_the_newest_n(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(1, 5))
+    checkpoints = manager(run, keep_last_n=1)
+    checkpoints.apply_retention(protect=None)
+    assert checkpoints.epochs_on_disk() == [4]
+    assert epochs_with_state(run) == [4]
+
+
+def test_retention_with_keep_last_n_0_keeps_every_epoch(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(1, 6))
+    checkpoints = manager(run, keep_last_n=0)
+    assert checkpoints.apply_retention(protect=None) == []
+    assert checkpoints.epochs_on_disk() == [1, 2, 3, 4, 5]
+    assert epochs_with_state(run) == [1, 2, 3, 4, 5]
+
+
+def test_retention_orders_epochs_as_numbers_past_999(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(998, 1002))
+    checkpoints = manager(run, keep_last_n=2)
+    checkpoints.apply_retention(protect=None)
+    assert checkpoints.epochs_on_disk() == [1000, 1001]
+    assert names(run / "checkpoints" / "state") == {"epoch_1000", "epoch_1001"}
+
+
+def test_retention_touches_only_epoch_files(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(1, 4))
+    ckpts = run / "checkpoints"
+    for other in ("best.ckpt", "last.ckpt", "epoch_final.ckpt", "notes.txt"):
+        (ckpts / other).write_text("keep me")
+    (run / "logs").mkdir()
+    manager(run, keep_last_n=1).apply_retention(protect=None)
+    assert names(ckpts) == {
+        "best.ckpt",
+        "last.ckpt",
+        "epoch_final.ckpt",
+        "notes.txt",
+        "epoch_003.ckpt",
+        "state",
+    }
+    assert (run / "logs").is_dir()
+
+
+@pytest.mark.parametrize("linked", ["ckpt-file", "state-folder"])
+def test_retention_never_deletes_outside_the_run(tmp_path: Path, linked: str) -> None:
+    """A symlink in checkpoints/ pointing elsewhere: the link may go, or retention may refuse; the target stays."""
+    run = fake_run(tmp_path, range(2, 5))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "precious.ckpt").write_bytes(b"precious")
+    (outside / "model.safetensors").write_bytes(b"also precious")
+    ckpts = run / "checkpoints"
+    if linked == "ckpt-file":
+        (ckpts / "epoch_001.ckpt").symlink_to(outside / "precious.ckpt")
+        (ckpts / "state" / "epoch_001").mkdir()
+    else:
+        torch.save({"state_dict": {}}, ckpts / "epoch_001.ckpt")
+        (ckpts / "state" / "epoch_001").symlink_to(outside, target_is_directory=True)
+
+    checkpoints = manager(run, keep_last_n=2)
+    try:
+        checkpoints.apply_retention(protect=None)
+    except RuntimeError as e:  # the current refusal; deleting only the link would be as good
+        assert "outside run folder" in str(e)
+
+    assert (outside / "precious.ckpt").read_bytes() == b"precious"
+    assert (outside / "model.safetensors").read_bytes() == b"also precious"
+    assert checkpoints.epochs_on_disk()[-2:] == [3, 4]
+    assert epochs_with_state(run)[-2:] == [3, 4]
+
+
+def test_delete_inside_run_refuses_the_run_folder_itself_and_paths_outside(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(1, 2))
+    (tmp_path / "sibling").mkdir()
+    checkpoints = manager(run, keep_last_n=1)
+    for path in (run, run / "checkpoints" / ".." / "..", tmp_path / "sibling", run / ".." / "sibling"):
+        with pytest.raises(RuntimeError, match="outside run folder"):
+            checkpoints._delete_inside_run(path)
+    assert run.is_dir()
+    assert (tmp_path / "sibling").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------
+# Leftovers of a crashed writer
+# --------------------------------------------------------------------------------------------------
+
+
+def test_restart_removes_tmp_leftovers_in_checkpoints_and_state_but_nothing_else(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(1, 3))
+    ckpts, state = run / "checkpoints", run / "checkpoints" / "state"
+    (ckpts / ".tmp-epoch_003.ckpt.1234").write_bytes(b"half a checkpoint")
+    (ckpts / ".tmp-last.ckpt.1234").write_bytes(b"")
+    (state / ".tmp-epoch_003").mkdir()
+    (state / ".tmp-epoch_003" / "model.safetensors").write_bytes(b"partial")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    (state / ".tmp-epoch_004").symlink_to(outside, target_is_directory=True)
+    # Not leftovers of a checkpoint writer: other folders, nested files, names merely containing "tmp".
+    (run / ".tmp-not-in-checkpoints").write_text("keep")
+    (state / "epoch_001" / ".tmp-inner").write_text("keep")
+    (ckpts / "notes.tmp").write_text("keep")
+    (ckpts / "tmp-epoch_009.ckpt").write_text("keep")
+
+    manager(run, keep_last_n=2)
+
+    assert names(ckpts) == {"epoch_001.ckpt", "epoch_002.ckpt", "state", "notes.tmp", "tmp-epoch_009.ckpt"}
+    assert names(state) == {"epoch_001", "epoch_002"}
+    assert (state / "epoch_001" / ".tmp-inner").is_file()
+    assert (run / ".tmp-not-in-checkpoints").is_file()
+    assert (outside / "keep").read_text() == "keep"
+
+
+def test_manager_creates_the_checkpoint_folders_of_a_new_run(tmp_path: Path) -> None:
+    run = tmp_path / "run_001"
+    run.mkdir()
+    manager(run, keep_last_n=2)
+    assert (run / "checkpoints" / "state").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes and links
+# --------------------------------------------------------------------------------------------------
+
+
+def test_link_or_copy_makes_a_hard_link(tmp_path: Path) -> None:
+    src, dst = tmp_path / "epoch_001.ckpt", tmp_path / "best.ckpt"
+    src.write_bytes(b"weights")
+    dst.write_bytes(b"an older best")
+    link_or_copy(src, dst)
+    assert os.path.samefile(src, dst)
+    assert not dst.is_symlink()
+    assert names(tmp_path) == {"epoch_001.ckpt", "best.ckpt"}
+
+
+def test_link_or_copy_falls_back_to_a_copy_where_links_are_impossible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    src, dst = tmp_path / "epoch_001.ckpt", tmp_path / "last.ckpt"
+    src.write_bytes(b"weights")
+    dst.write_bytes(b"an older last")
+    link_or_copy(src, dst)
+    assert dst.read_bytes() == b"weights"
+    assert not os.path.samefile(src, dst)
+    assert not dst.is_symlink()
+    assert names(tmp_path) == {"epoch_001.ckpt", "last.ckpt"}
+
+
+def test_link_or_copy_of_a_missing_file_leaves_no_dangling_link_and_keeps_the_old_one(tmp_path: Path) -> None:
+    dst = tmp_path / "last.ckpt"
+    dst.write_bytes(b"previous last")
+    with pytest.raises(FileNotFoundError):
+        link_or_copy(tmp_path / "epoch_009.ckpt", dst)
+    assert dst.read_bytes() == b"previous last"
+    assert names(tmp_path) == {"last.ckpt"}
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails_midway(tmp_path: Path) -> None:
+    target = tmp_path / "epoch_001.ckpt"
+    target.write_bytes(b"old complete file")
+
+    def crash_midway(f: object) -> None:
+        f.write(b"half of the new")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt  # even a Ctrl-C mid-write leaves the old file whole
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crash_midway)
+    assert target.read_bytes() == b"old complete file"
+    assert names(tmp_path) == {"epoch_001.ckpt"}
+
+
+def test_atomic_write_replaces_the_file_with_the_complete_new_one(tmp_path: Path) -> None:
+    target = tmp_path / "metadata.json"
+    target.write_bytes(b"old")
+    atomic_write(target, lambda f: f.write(b"new and complete"))
+    assert target.read_bytes() == b"new and complete"
+    assert names(tmp_path) == {"metadata.json"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading merged checkpoint files
+# --------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_file_with_weights_loads(tmp_path: Path) -> None:
+    path = tmp_path / "epoch_001.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "epoch": 1, "config": {"lr": 0.1}}, path)
+    data = load_checkpoint_file(path)
+    assert torch.equal(data["state_dict"]["w"], torch.ones(3))
+    assert data["config"] == {"lr": 0.1}
+
+
+def test_checkpoint_that_needs_pickled_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "epoch_001.ckpt"
+    torch.save({"state_dict": {}, "extra": CustomObject()}, path)
+    with pytest.raises(UserError, match="cannot load checkpoint") as info:
+        load_checkpoint_file(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)  # one clear line, not torch's whole explanation
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"hello, I am a text file\n", "cannot load checkpoint"),
+        (b"", "cannot load checkpoint"),
+        ({"weights": torch.ones(1)}, "not a checkpoint of this trainer"),
+        ([torch.ones(1)], "not a checkpoint of this trainer"),
+    ],
+    ids=["text", "empty", "dict-without-state_dict", "list"],
+)
+def test_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path, content: object, reason: str) -> None:
+    path = tmp_path / "epoch_001.ckpt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(UserError, match=reason) as info:
+        load_checkpoint_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_checkpoint_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "epoch_042.ckpt"
+    with pytest.raises(UserError, match="checkpoint not found") as info:
+        load_checkpoint_file(path)
+    assert str(path) in str(info.value)

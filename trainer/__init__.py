@@ -1,0 +1,1 @@
+"""DiffiT trainer: config, runs, checkpoints and the training loop."""

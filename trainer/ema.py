@@ -1,0 +1,91 @@
+"""Exponential moving average of the weights, with EDM's half-life in images and its ramp-up.
+
+Under ZeRO-3 a rank only holds a slice of each parameter (``param.ds_tensor``), so the EMA is kept for
+that slice alone: no gather per step and 1/world_size of the memory. ``local_state``/``load_local_state``
+save and restore exactly what this rank holds; ``to_full``/``from_full`` convert between the slices and
+full tensors with DeepSpeed's ZeRO-3 layout (each parameter padded to a multiple of the world size and
+split evenly), which is how the merged checkpoint stores the EMA and how a run resumes on another
+number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def _local_view(param: nn.Parameter) -> torch.Tensor:
+    """The part of ``param`` this rank owns: the ZeRO-3 slice, else the parameter itself."""
+    ds_tensor = getattr(param, "ds_tensor", None)
+    return ds_tensor if ds_tensor is not None else param.data
+
+
+class EMA:
+    """fp32 EMA of the named parameters of ``module`` (a plain module, not a DeepSpeed engine)."""
+
+    def __init__(
+        self,
+        named_parameters: Iterable[tuple[str, nn.Parameter]],
+        *,
+        halflife_kimg: float,
+        rampup_ratio: float | None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.params = {name: p for name, p in named_parameters if p.requires_grad}
+        self.partitioned = any(getattr(p, "ds_tensor", None) is not None for p in self.params.values())
+        self.rank, self.world_size = rank, world_size
+        self.halflife_kimg = halflife_kimg
+        self.rampup_ratio = rampup_ratio
+        self.shadow = {name: _local_view(p).detach().float().clone() for name, p in self.params.items()}
+
+    def beta(self, images_seen: int, batch_size: int) -> float:
+        """Decay for one step of ``batch_size`` images after ``images_seen`` images (EDM, Karras et al.)."""
+        halflife = self.halflife_kimg * 1000
+        if self.rampup_ratio is not None:
+            halflife = min(halflife, images_seen * self.rampup_ratio)
+        return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+    @torch.no_grad()
+    def update(self, images_seen: int, batch_size: int) -> None:
+        beta = self.beta(images_seen, batch_size)
+        for name, p in self.params.items():
+            shadow = self.shadow[name]
+            shadow.copy_(_local_view(p).detach().float().lerp(shadow, beta))
+
+    # -- checkpoint I/O ---------------------------------------------------------------------------
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_local_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
+        for name, tensor in self.shadow.items():
+            tensor.copy_(state[name].reshape(tensor.shape))
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return {name: getattr(p, "ds_shape", p.shape) for name, p in self.params.items()}
+
+    def from_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Load full EMA tensors (from a merged checkpoint), keeping this rank's slice under ZeRO-3."""
+        if not self.partitioned:
+            self.load_local_state(full)
+            return
+        for name, shadow in self.shadow.items():
+            flat = full[name].reshape(-1).float()
+            per_rank = shadow.numel()
+            start = self.rank * per_rank
+            part = flat[start : start + per_rank]
+            shadow.zero_()
+            shadow[: part.numel()].copy_(part)
+
+
+def full_from_slices(slices: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Reassemble a ZeRO-3-partitioned tensor from every rank's slice (rank order)."""
+    numel = math.prod(shape)
+    return torch.cat([s.reshape(-1) for s in slices])[:numel].reshape(shape).clone()

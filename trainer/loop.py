@@ -1,0 +1,299 @@
+"""The base training loop: EDM loss on DiffiT, EMA, per-epoch validation, checkpoints and sample grids.
+
+The loop holds no rank logic of its own beyond "only rank 0 draws": checkpoint I/O decisions live in
+``CheckpointManager``, metadata writes in ``RunHandle``, collectives in ``launch``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data import DatasetSplits, ImageDataset
+from data.order import epoch_order
+from launch import Topology, all_reduce_sum, barrier, configure_deepspeed
+from model import DiffiT, EDMSchedule, edm_loss
+from trainer.checkpoint import CheckpointManager, TrainingState, epoch_name
+from trainer.config import TrainConfig
+from trainer.ema import EMA, full_from_slices
+from trainer.errors import UserError
+from trainer.factory import build_model, load_weights
+from trainer.runs import RunHandle
+from trainer.samples import sample_grid, save_grid
+
+
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
+    base = config.learning_rate
+    if config.warmup_steps and step < config.warmup_steps:
+        return base * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return base
+
+
+def plan_steps(config: TrainConfig, num_train: int, world_size: int) -> tuple[int, int]:
+    """(per-process micro batch, optimizer steps per epoch); refuses batch sizes that cannot work."""
+    if config.batch_size % world_size:
+        raise UserError(
+            f"batch size {config.batch_size} is not divisible by the {world_size} processes of this launch; "
+            f"choose a multiple of {world_size} (--batch-size) or change --num_processes"
+        )
+    steps = num_train // config.batch_size
+    if steps == 0:
+        raise UserError(
+            f"batch size {config.batch_size} is larger than the {num_train} training images; "
+            "choose a smaller --batch-size"
+        )
+    if config.max_steps_per_epoch is not None:
+        steps = min(steps, config.max_steps_per_epoch)
+    return config.batch_size // world_size, steps
+
+
+class Trainer:
+    def __init__(
+        self, config: TrainConfig, accelerator: Any, topo: Topology, run: RunHandle, splits: DatasetSplits
+    ) -> None:
+        self.config, self.accelerator, self.topo, self.run, self.splits = (
+            config,
+            accelerator,
+            topo,
+            run,
+            splits,
+        )
+        self.micro_batch, self.steps_per_epoch = plan_steps(config, len(splits.train), topo.world_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+
+        configure_deepspeed(accelerator, micro_batch=self.micro_batch, grad_clip=config.grad_clip)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        module = build_model(config)
+        optimizer = torch.optim.AdamW(
+            module.parameters(),
+            lr=config.learning_rate,
+            betas=(config.betas[0], config.betas[1]),
+            weight_decay=config.weight_decay,
+        )
+        self.model, self.optimizer = accelerator.prepare(module, optimizer)
+        self.module: DiffiT = module
+        self.ema = EMA(
+            module.named_parameters(),
+            halflife_kimg=config.ema_halflife_kimg,
+            rampup_ratio=config.ema_rampup_ratio,
+            rank=topo.rank,
+            world_size=topo.world_size,
+        )
+        self.noise = torch.Generator(topo.device).manual_seed(config.seed * 1000 + topo.rank + 1)
+        self.checkpoints = CheckpointManager(
+            run.path, topo, keep_last_n=config.checkpoint.keep_last_n, config=config.to_dict()
+        )
+        self.state = TrainingState(history=[])
+
+    # -- resume -----------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        epoch = self.checkpoints.find_resume_point()
+        if epoch is None:
+            raise UserError(
+                f"run {self.run.number:03d} has no complete checkpoint to resume from "
+                f"({self.checkpoints.dir}); start a new run instead"
+            )
+        self.state = self.checkpoints.load(
+            epoch, model=self.model, optimizer=self.optimizer, ema=self.ema, noise_generator=self.noise
+        )
+        source = self.checkpoints.dir / f"{epoch_name(epoch)}.ckpt"
+        self.run.print(f"Resuming run {self.run.number:03d} from epoch {epoch} (checkpoint {source})")
+        self.run.record_resume(epoch=epoch, checkpoint=str(source), state=self.state)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        cfg = self.config
+        self.run.update(epochs_total=cfg.epochs)
+        for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
+            start = time.perf_counter()
+            train_loss = self._train_epoch(epoch)
+            val_loss = self._validate()
+            seconds = time.perf_counter() - start
+            metrics = {"train_loss": train_loss}
+            if val_loss is not None:
+                metrics["val_loss"] = val_loss
+            entry: dict[str, Any] = {
+                "epoch": epoch,
+                **metrics,
+                "lr": lr_at(cfg, self.state.global_step - 1, self.total_steps),
+                "seconds": round(seconds, 3),
+                "images_per_sec": round(self.steps_per_epoch * cfg.batch_size / seconds, 2),
+                "checkpoint": None,
+            }
+            is_best = self._update_best(epoch, metrics)
+            self.state.epoch = epoch
+            assert self.state.history is not None
+            self.state.history.append(entry)
+            if epoch % cfg.checkpoint.save_every_n_epochs == 0 or epoch == cfg.epochs:
+                entry["checkpoint"] = f"{epoch_name(epoch)}.ckpt"
+                saved = self.checkpoints.save(
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    ema=self.ema,
+                    noise_generator=self.noise,
+                    state=self.state,
+                    metrics=metrics,
+                    is_best=is_best,
+                )
+                if saved:
+                    self.run.print(
+                        f"Saved {saved['file']} ({saved['bytes'] / 1e6:.1f} MB, {saved['seconds']:.2f} s)"
+                    )
+            self.run.record_epoch(
+                self.state, kept=self.checkpoints.epochs_on_disk() if self.topo.is_main else []
+            )
+            line = f"Epoch {epoch}/{cfg.epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            self.run.print(line + f", {entry['images_per_sec']:.0f} img/s" + ("  (best)" if is_best else ""))
+            every = cfg.logging.sample_every_n_epochs
+            if every and (epoch % every == 0 or epoch == cfg.epochs):
+                self._write_samples(epoch)
+        best = self.state.best or {}
+        self.run.finish("completed")
+        self.run.print(
+            f"Training completed. Best checkpoint: epoch {best.get('epoch')}, {best.get('metric')}={best.get('value'):.4f}"
+            if best
+            else "Training completed."
+        )
+
+    def _train_epoch(self, epoch: int) -> float:
+        cfg, topo = self.config, self.topo
+        order = epoch_order(
+            len(self.splits.train),
+            cfg.batch_size,
+            seed=cfg.seed,
+            epoch=epoch,
+            random_flip=cfg.data.random_flip,
+        )
+        self.model.train()
+        loss_sum = 0.0
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"Epoch {epoch}/{cfg.epochs}",
+            disable=not topo.is_main,
+            leave=False,
+        )
+        start = time.perf_counter()
+        for step in range(self.steps_per_epoch):
+            lr = lr_at(cfg, self.state.global_step, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            indices, flips = order.for_rank(step, topo.rank, topo.world_size)
+            images, labels = self.splits.train.batch(indices, flips)
+            loss = self._loss(images, labels, self.noise)
+            self.accelerator.backward(loss)
+            if topo.deepspeed_stage is None and cfg.grad_clip > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.global_step += 1
+            self.ema.update(images_seen=self.state.global_step * cfg.batch_size, batch_size=cfg.batch_size)
+            loss_sum += loss.item()
+            bar.update(1)
+            if step % cfg.logging.log_every_n_steps == 0 or step == self.steps_per_epoch - 1:
+                rate = (step + 1) * cfg.batch_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+        bar.close()
+        total, count = all_reduce_sum([loss_sum, float(self.steps_per_epoch)], topo)
+        return total / count
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cfg = self.config
+        return edm_loss(
+            self.model,
+            images.to(self.topo.device),
+            labels.to(self.topo.device),
+            num_classes=self.module.num_classes,
+            label_dropout=cfg.model.label_dropout,
+            generator=generator,
+            p_mean=cfg.edm.p_mean,
+            p_std=cfg.edm.p_std,
+            sigma_data=cfg.edm.sigma_data,
+        )
+
+    @torch.no_grad()
+    def _validate(self) -> float | None:
+        """Mean EDM loss on the held-out split, with the same noise every epoch so epochs compare.
+
+        Every rank runs the same number of forwards (ZeRO-3 forwards are collective); a rank whose share
+        runs out early evaluates a placeholder batch with weight 0.
+        """
+        val: ImageDataset | None = self.splits.val
+        if val is None or len(val) == 0:
+            return None
+        topo = self.topo
+        self.model.eval()
+        generator = torch.Generator(topo.device).manual_seed(self.config.seed + 7919 * (topo.rank + 1))
+        mine = torch.arange(topo.rank, len(val), topo.world_size)
+        batches = math.ceil(math.ceil(len(val) / topo.world_size) / self.micro_batch)
+        total = count = 0.0
+        for b in range(batches):
+            chunk = mine[b * self.micro_batch : (b + 1) * self.micro_batch]
+            weight = len(chunk)
+            images, labels = val.batch(chunk if weight else torch.zeros(1, dtype=torch.long))
+            loss = self._loss(images, labels, generator)
+            total += loss.item() * weight
+            count += weight
+        self.model.train()
+        total, count = all_reduce_sum([total, count], topo)
+        return total / count
+
+    def _update_best(self, epoch: int, metrics: dict[str, float]) -> bool:
+        monitor = self.config.checkpoint.monitor
+        if monitor not in metrics:  # val_loss on data without a validation split
+            monitor = "train_loss"
+        value = metrics[monitor]
+        best = self.state.best
+        better = (
+            best is None
+            or (self.config.checkpoint.mode == "min" and value < best["value"])
+            or (self.config.checkpoint.mode == "max" and value > best["value"])
+        )
+        if better:
+            self.state.best = {"epoch": epoch, "metric": monitor, "value": value}
+        return better
+
+    # -- samples ----------------------------------------------------------------------------------
+
+    def _full_ema(self) -> dict[str, torch.Tensor]:
+        """Full EMA weights on rank 0 (a collective gather under ZeRO-3)."""
+        if not self.ema.partitioned:
+            return self.ema.local_state()
+        full = {}
+        shapes = self.ema.shapes()
+        for name, local in self.ema.local_state().items():
+            slices = [torch.empty_like(local) for _ in range(self.topo.world_size)]
+            torch.distributed.all_gather(slices, local)
+            full[name] = full_from_slices([s.cpu() for s in slices], shapes[name])
+        return full
+
+    def _write_samples(self, epoch: int) -> None:
+        ema = self._full_ema()
+        if self.topo.is_main:
+            with torch.random.fork_rng(devices=[]):  # the throwaway init must not shift training's RNG
+                sampler = build_model(self.config)
+            load_weights(sampler, {k: v.cpu() for k, v in ema.items()})
+            logging = self.config.logging
+            edm = self.config.edm
+            names = self.splits.class_names if sampler.num_classes else ["samples"]
+            images = sample_grid(
+                sampler,
+                class_names=names,
+                per_class=logging.samples_per_class,
+                schedule=EDMSchedule(edm.num_steps, edm.sigma_min, edm.sigma_max, edm.rho),
+                guidance=logging.guidance,
+                seed=self.config.seed,
+            )
+            path = self.run.path / "logs" / "samples" / f"{epoch_name(epoch)}.png"
+            save_grid(images, names, logging.samples_per_class, path)
+            self.run.print(f"Wrote sample grid {path}")
+        barrier(self.topo)

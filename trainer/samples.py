@@ -1,0 +1,64 @@
+"""Sample grids: one row per class, generated from the EMA weights with classifier-free guidance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from model import DiffiT, EDMSchedule, edm_sample
+from trainer.atomic import atomic_write
+
+
+@torch.no_grad()
+def sample_grid(
+    model: DiffiT,
+    *,
+    class_names: list[str],
+    per_class: int,
+    schedule: EDMSchedule,
+    guidance: float,
+    seed: int,
+    classes: list[int] | None = None,
+) -> torch.Tensor:
+    """Images (rows·per_class, C, H, W) in [-1, 1]; the same seed gives the same noise every epoch."""
+    model.eval()
+    rows = classes if classes is not None else list(range(len(class_names))) or [0]
+    labels = torch.tensor([c for c in rows for _ in range(per_class)], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(labels), model.in_channels, model.image_size, model.image_size)
+    noise = torch.randn(shape, generator=generator)
+    device = next(model.parameters()).device
+    images = edm_sample(
+        model,
+        noise.to(device),
+        labels.to(device) if model.num_classes else None,
+        num_classes=model.num_classes,
+        schedule=schedule,
+        guidance=guidance,
+    )
+    return images.cpu()
+
+
+def save_grid(images: torch.Tensor, row_names: list[str], per_class: int, path: Path, scale: int = 2) -> None:
+    """Write a PNG grid, ``per_class`` images per row, each row labelled with its class name."""
+    n, c, h, w = images.shape
+    rows = max(1, n // per_class)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if c == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    pad, label_width = 2, 8 * max((len(s) for s in row_names), default=0) + 6
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = Image.new("RGB", (label_width + per_class * cell_w + pad, rows * cell_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, col = divmod(i, per_class)
+        tile = Image.fromarray(pixels[i].permute(1, 2, 0).numpy()).resize(
+            (w * scale, h * scale), Image.Resampling.NEAREST
+        )
+        canvas.paste(tile, (label_width + pad + col * cell_w, pad + r * cell_h))
+    for r, name in enumerate(row_names[:rows]):
+        draw.text((3, pad + r * cell_h + max(0, (h * scale - 10) // 2)), name, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
