@@ -32,7 +32,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
@@ -77,7 +77,7 @@ def run_script(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=test_env(env),
+        env=child_env(env),
         cwd=cwd,
         stdin=subprocess.DEVNULL,
     )

@@ -39,7 +39,9 @@ def make_runs(root: Path, *numbers: int) -> None:
         run_dir(root, number).mkdir(parents=True)
 
 
-def make_run_with_metadata(root: Path, number: int, *, best: float | None = None, **fields: Any) -> Path:
+def make_run_with_metadata(
+    root: Path, number: int, *, best: float | None = None, mode: str = "min", **fields: Any
+) -> Path:
     path = run_dir(root, number)
     path.mkdir(parents=True)
     meta = new_metadata(
@@ -53,7 +55,7 @@ def make_run_with_metadata(root: Path, number: int, *, best: float | None = None
     )
     meta.update(epochs_total=3, epochs_completed=3, checkpoints=[2, 3], status="completed")
     if best is not None:
-        meta["best"] = {"epoch": 2, "metric": "val_loss", "value": best}
+        meta["best"] = {"epoch": 2, "metric": "val_loss", "value": best, "mode": mode}
     meta.update(fields)
     write_metadata(path, meta)
     return path
@@ -285,9 +287,9 @@ def test_listing_table_has_the_columns_and_marks_the_lowest_loss_as_best(tmp_pat
 
 
 def test_listing_marks_the_highest_value_for_a_metric_to_maximise(tmp_path: Path) -> None:
-    make_run_with_metadata(tmp_path, 1, best=0.3)
-    make_run_with_metadata(tmp_path, 2, best=0.1)
-    rows = list_runs(tmp_path, mode_of={"val_loss": "max"})
+    make_run_with_metadata(tmp_path, 1, best=0.3, mode="max")
+    make_run_with_metadata(tmp_path, 2, best=0.1, mode="max")
+    rows = list_runs(tmp_path)
     assert [r.is_best for r in rows] == [True, False]
 
 

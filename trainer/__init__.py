@@ -1,1 +1,17 @@
-"""DiffiT trainer: config, runs, checkpoints and the training loop."""
+"""DiffiT trainer: config, runs, checkpoints and the training loop.
+
+``load_model`` and ``list_runs`` are imported lazily so that light commands (``--list-runs``, ``--help``)
+don't pay for importing torch.
+"""
+
+from typing import Any
+
+__all__ = ["list_runs", "load_model"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from trainer import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

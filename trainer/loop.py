@@ -259,7 +259,12 @@ class Trainer:
             or (self.config.checkpoint.mode == "max" and value > best["value"])
         )
         if better:
-            self.state.best = {"epoch": epoch, "metric": monitor, "value": value}
+            self.state.best = {
+                "epoch": epoch,
+                "metric": monitor,
+                "value": value,
+                "mode": self.config.checkpoint.mode,
+            }
         return better
 
     # -- samples ----------------------------------------------------------------------------------

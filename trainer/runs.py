@@ -174,6 +174,8 @@ class RunSummary:
     best_value: float | None
     status: str
     learning_rate: float | None = None
+    best_mode: str = "min"
+    """Whether lower (min) or higher (max) values of best_metric are better."""
     is_best: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,6 +204,7 @@ def summarize(root: Path, number: int) -> RunSummary:
             best_value=None if best.get("value") is None else float(best["value"]),
             status=str(meta.get("status", "unknown")),
             learning_rate=config.get("learning_rate"),
+            best_mode="max" if best.get("mode") == "max" else "min",
         )
     except FileNotFoundError:
         status = "broken: no metadata.json"
@@ -216,14 +219,13 @@ def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def list_runs(root: Path, mode_of: dict[str, str] | None = None) -> list[RunSummary]:
-    """Every run under ``root`` in run-number order, the best one (by its monitored metric) marked."""
+def list_runs(root: Path) -> list[RunSummary]:
+    """Every run under ``root`` in run-number order; the best by the newest run's metric is marked."""
     rows = [summarize(root, n) for n in run_numbers(root)]
     scored = [r for r in rows if r.best_value is not None]
     if scored:
-        metric = scored[-1].best_metric
-        same = [r for r in scored if r.best_metric == metric]
-        mode = (mode_of or {}).get(str(metric), "max" if str(metric).startswith("acc") else "min")
+        metric, mode = scored[-1].best_metric, scored[-1].best_mode
+        same = [r for r in scored if r.best_metric == metric and r.best_mode == mode]
         pick = max if mode == "max" else min
         pick(same, key=lambda r: float(r.best_value or 0.0)).is_best = True
     return rows

@@ -1,0 +1,303 @@
+"""Bad input ends in one clear message and exit code 2, with no stack trace and nothing on disk changed.
+
+Each test launches the real `scripts/train_base.py` (plain `python`, one process) with one mistake and checks
+the promise of the contract: `error: <what is wrong, how to fix it>` on stderr, exit code 2, no
+`Traceback`, and the checkpoint root exactly as it was (no run folder created, no run touched or deleted).
+The resume cases share one real tiny run, copied per test so a misbehaving test cannot spoil the others.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import train_base
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every path under ``root``: files with (size, mtime_ns), folders with None.
+
+    Folder mtimes are left out on purpose: the run allocator's write probe (a file created and removed at
+    once) changes the kind folder's mtime without leaving anything behind.
+    """
+    if not root.exists():
+        return {}
+    tree: dict[str, tuple[int, int] | None] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            tree[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
+        else:
+            tree[str(path.relative_to(root))] = None
+    return tree
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    """Exit code 2, one `error:` line naming every phrase, no Python stack trace."""
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, f"stack trace instead of a message:\n{output[-4000:]}"
+    assert result.returncode == 2, f"exit code {result.returncode}, expected 2:\n{output[-4000:]}"
+    assert "error:" in result.stderr, f"no 'error:' on stderr:\n{result.stderr[-4000:]}"
+    assert result.stderr.count("error:") == 1, f"more than one message:\n{result.stderr[-4000:]}"
+    for phrase in phrases:
+        assert phrase in result.stderr, f"{phrase!r} not in the message:\n{result.stderr[-4000:]}"
+
+
+def assert_unchanged(root: Path, before: dict[str, tuple[int, int] | None]) -> None:
+    after = snapshot(root)
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    modified = sorted(p for p in set(before) & set(after) if before[p] != after[p])
+    assert not (added or removed or modified), (
+        f"disk changed under {root}: added {added}, removed {removed}, modified {modified}"
+    )
+
+
+def train_tiny(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """One process, tiny-run flags, never raising on a non-zero exit."""
+    return train_base(root, *args, accelerate_config=None, check=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The one real run the resume cases start from
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """(checkpoint root holding completed run 001, the launch's result)."""
+    root = tmp_path_factory.mktemp("finished") / "ckpt"
+    result = train_tiny(root, "--epochs", "1")
+    assert result.returncode == 0, (
+        f"the shared tiny run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+    return root, result
+
+
+@pytest.fixture
+def run_copy(finished_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> Path:
+    """A private copy of the checkpoint root holding run 001."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(finished_run[0], root)
+    return root
+
+
+RUN_001 = Path("base_training") / "run_001"
+
+
+def test_a_good_run_prints_no_error(finished_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, result = finished_run
+    assert result.returncode == 0
+    assert "error:" not in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert (root / RUN_001 / "checkpoints" / "last.ckpt").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# New runs: data, model and config mistakes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_missing_cifar_names_the_folder_and_suggests_digits_and_creates_nothing(tmp_path: Path) -> None:
+    empty = tmp_path / "no_datasets_here"
+    empty.mkdir()
+    before = snapshot(tmp_path)
+    result = train_tiny(tmp_path / "ckpt", "--data", "cifar10", "--set", f"data.root={empty}")
+    assert_refused(result, str(empty / "cifar-10-batches-py"), "--data digits")
+    assert_unchanged(tmp_path, before)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "choices"),
+    [
+        ("--data", "imagenet", ["cifar10", "cifar100", "digits"]),
+        ("--model", "huge", ["diffit_cifar", "diffit_demo", "diffit_tiny"]),
+    ],
+)
+def test_unknown_preset_name_lists_the_choices_and_creates_nothing(
+    tmp_path: Path, flag: str, value: str, choices: list[str]
+) -> None:
+    result = train_tiny(tmp_path / "ckpt", flag, value)
+    assert_refused(result, f"'{value}'", "choose one of", *choices)
+    assert snapshot(tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "phrases"),
+    [
+        ("epochs: [3\nseed: 1\n", ["broken.yaml", "not valid YAML"]),
+        ("epochz: 3\n", ["unknown config key 'epochz'", "did you mean 'epochs'"]),
+    ],
+    ids=["invalid-yaml", "unknown-key"],
+)
+def test_bad_config_file_names_the_file_or_key_and_creates_nothing(
+    tmp_path: Path, text: str, phrases: list[str]
+) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text(text)
+    before = snapshot(tmp_path)
+    result = train_tiny(tmp_path / "ckpt", "--config", str(config))
+    assert_refused(result, *phrases)
+    assert_unchanged(tmp_path, before)
+
+
+@pytest.mark.parametrize(
+    ("override", "phrases"),
+    [
+        ("checkpoint.keep_last=2", ["checkpoint.keep_last'", "checkpoint.keep_last_n"]),
+        ("epochs=three", ["'epochs'", "must be an integer", "'three'"]),
+    ],
+    ids=["unknown-key", "wrong-type"],
+)
+def test_bad_override_names_the_key_and_creates_nothing(
+    tmp_path: Path, override: str, phrases: list[str]
+) -> None:
+    result = train_tiny(tmp_path / "ckpt", "--set", override)
+    assert_refused(result, *phrases)
+    assert snapshot(tmp_path) == {}
+
+
+def test_batch_larger_than_the_dataset_is_refused_and_creates_nothing(tmp_path: Path) -> None:
+    result = train_tiny(tmp_path / "ckpt", "--batch-size", "100000")
+    assert_refused(result, "batch size 100000 is larger than", "--batch-size")
+    assert snapshot(tmp_path) == {}
+
+
+def test_unwritable_checkpoint_root_names_the_folder_and_the_flag(tmp_path: Path) -> None:
+    # Tests run as root, so chmod does not block writes; a regular file in the path does.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    before = snapshot(tmp_path)
+    result = train_tiny(blocker / "ckpt")
+    assert_refused(result, str(blocker / "ckpt" / "base_training"), "--checkpoint-root")
+    assert_unchanged(tmp_path, before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs that exist (or not): --resume and --run-number
+# --------------------------------------------------------------------------------------------------
+
+
+def test_resume_of_a_missing_run_is_refused_and_touches_nothing(run_copy: Path) -> None:
+    before = snapshot(run_copy)
+    result = train_tiny(run_copy, "--resume", "7")
+    assert_refused(result, "run 007 does not exist", "runs there: 001")
+    assert_unchanged(run_copy, before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trainer/cli.py:156-158 rewrites config.json and builds the Trainer (whose CheckpointManager "
+    "recreates checkpoints/state, trainer/checkpoint.py:110) before Trainer.resume() finds no checkpoint",
+)
+def test_resume_of_a_run_without_checkpoints_is_refused_and_touches_nothing(run_copy: Path) -> None:
+    checkpoints = run_copy / RUN_001 / "checkpoints"
+    for ckpt in checkpoints.glob("*.ckpt"):
+        ckpt.unlink()
+    shutil.rmtree(checkpoints / "state")
+    before = snapshot(run_copy)
+    result = train_tiny(run_copy, "--resume", "1")
+    assert_refused(result, "run 001 has no complete checkpoint", "start a new run")
+    assert_unchanged(run_copy, before)
+
+
+def test_resume_with_a_different_model_preset_names_the_differing_keys(run_copy: Path) -> None:
+    before = snapshot(run_copy)
+    result = train_tiny(run_copy, "--resume", "1", "--model", "diffit_demo")
+    assert_refused(result, "resuming run 001 would change model keys", "channels", "--set model.KEY=VALUE")
+    assert_unchanged(run_copy, before)
+
+
+@pytest.fixture(scope="module")
+def resume_with_set_channels(
+    finished_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, tuple[int, int] | None], subprocess.CompletedProcess[str]]:
+    """Resume run 001 with its channels changed on purpose through --set (one launch, two tests)."""
+    root = tmp_path_factory.mktemp("set_channels") / "ckpt"
+    shutil.copytree(finished_run[0], root)
+    before = snapshot(root)
+    result = train_tiny(root, "--resume", "1", "--set", "model.channels=[32,64]")
+    return root, before, result
+
+
+def test_resume_with_a_model_key_set_on_purpose_passes_the_config_check(
+    resume_with_set_channels: tuple[
+        Path, dict[str, tuple[int, int] | None], subprocess.CompletedProcess[str]
+    ],
+) -> None:
+    _, _, result = resume_with_set_channels
+    assert "would change model keys" not in result.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="weights of another shape reach load_state_dict (trainer/checkpoint.py:281) and raise a RuntimeError "
+    "(stack trace, exit 1) after trainer/cli.py:157 has overwritten config.json with the new channels and "
+    "trainer/cli.py:168 has marked the run failed",
+)
+def test_resume_with_a_model_key_set_on_purpose_fails_cleanly_if_weights_do_not_fit(
+    resume_with_set_channels: tuple[
+        Path, dict[str, tuple[int, int] | None], subprocess.CompletedProcess[str]
+    ],
+) -> None:
+    root, before, result = resume_with_set_channels
+    if result.returncode == 0:
+        return  # loading weights of another shape would need a conversion; succeeding is also acceptable
+    assert_refused(result)
+    assert_unchanged(root, before)
+
+
+@pytest.mark.parametrize(
+    ("args", "phrases"),
+    [
+        (["--resume", "1", "--run-number", "2"], ["--resume 1 and --run-number 2 name different runs"]),
+        (["--resume", "abc"], ["--resume takes a run number", "'abc'"]),
+    ],
+    ids=["conflicting-numbers", "not-a-number"],
+)
+def test_bad_resume_number_is_refused_and_touches_nothing(
+    run_copy: Path, args: list[str], phrases: list[str]
+) -> None:
+    before = snapshot(run_copy)
+    result = train_tiny(run_copy, *args)
+    assert_refused(result, *phrases)
+    assert_unchanged(run_copy, before)
+
+
+def test_new_run_with_the_number_of_an_existing_run_is_refused_and_suggests_resume(run_copy: Path) -> None:
+    before = snapshot(run_copy)
+    result = train_tiny(run_copy, "--run-number", "1")
+    assert_refused(result, "run 001 already exists", "--resume")
+    assert_unchanged(run_copy, before)
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed requested but missing (no subprocess)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_deepspeed_config_without_deepspeed_suggests_the_single_process_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from launch.distributed import prepare_environment
+    from trainer.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    # prepare_environment setdefaults these; set them here so monkeypatch restores them afterwards.
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises ImportError
+    with pytest.raises(UserError, match=r"DeepSpeed is not installed") as info:
+        prepare_environment()
+    assert "configs/accelerate/single_process.yaml" in str(info.value)

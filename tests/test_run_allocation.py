@@ -1,0 +1,92 @@
+"""Run numbers under real launches: a sweep started at once, and two machines sharing one checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, TINY_RUN, child_env, free_port, launch_command
+
+pytestmark = pytest.mark.distributed
+
+
+def test_four_simultaneous_launches_get_four_distinct_runs(tmp_path: Path) -> None:
+    """A sweep of 4 learning rates started at the same moment: 4 runs, none sharing a folder."""
+    rates = ["0.001", "0.002", "0.003", "0.004"]
+    procs = [
+        subprocess.Popen(
+            launch_command(
+                "train_base.py",
+                [
+                    *TINY_RUN,
+                    "--checkpoint-root",
+                    str(tmp_path),
+                    "--epochs",
+                    "1",
+                    "--max-steps-per-epoch",
+                    "1",
+                    "--learning-rate",
+                    lr,
+                    "--set",
+                    "logging.sample_every_n_epochs=0",
+                ],
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env(),
+            cwd=REPO,
+        )
+        for lr in rates
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    runs = sorted((tmp_path / "base_training").glob("run_*"))
+    assert [r.name for r in runs] == ["run_001", "run_002", "run_003", "run_004"]
+    seen = sorted(json.loads((r / "config.json").read_text())["learning_rate"] for r in runs)
+    assert seen == sorted(float(lr) for lr in rates)  # every launch wrote its own folder, none twice
+    for run in runs:
+        meta = json.loads((run / "metadata.json").read_text())
+        assert meta["status"] == "completed" and meta["run_number"] == int(run.name[4:])
+
+
+def _two_machines(root: Path, *args: str) -> list[str]:
+    """Two launchers on loopback, one process each, as two machines sharing ``root``."""
+    port = str(free_port())
+    procs = []
+    for machine in (0, 1):
+        launch = ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine),
+                  "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                  "--deepspeed_multinode_launcher", "standard"]  # fmt: skip
+        cmd = launch_command(
+            "train_base.py",
+            [*TINY_RUN, "--checkpoint-root", str(root), *args],
+            accelerate_config="cpu_zero2",
+            launch_args=launch,
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(), cwd=REPO
+            )
+        )
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(outputs)
+    return outputs
+
+
+def test_two_machines_agree_on_the_run_and_only_global_rank0_writes(tmp_path: Path) -> None:
+    first = _two_machines(tmp_path, "--epochs", "1")
+    resumed = _two_machines(tmp_path, "--resume", "--epochs", "2")
+    runs = sorted((tmp_path / "base_training").glob("run_*"))
+    assert [r.name for r in runs] == ["run_001"]  # both machines used the one run rank 0 allocated
+    meta = json.loads((runs[0] / "metadata.json").read_text())
+    assert meta["world_size"] == 2 and meta["distributed"] == "deepspeed-zero2"
+    assert meta["status"] == "completed" and meta["epochs_completed"] == 2 and len(meta["resumes"]) == 1
+    # Machine 1 (global rank 1) prints nothing of the run: it neither allocates nor writes.
+    for out in (first[1], resumed[1]):
+        assert "Saved" not in out and "run 001" not in out and "error" not in out.lower()
+    assert "Saved" in first[0] and "Resuming run 001 from epoch 1" in resumed[0]
+    assert len(list((runs[0] / "checkpoints" / "state" / "epoch_002").glob("*_optim_states.pt"))) == 2
