@@ -43,7 +43,7 @@ test: check
 	$(BIN)/pytest -q -m "distributed or slow" --durations=15
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/sample_quality.py
 
 clean:
 	rm -rf checkpoints demo_output .pytest_cache .mypy_cache .ruff_cache

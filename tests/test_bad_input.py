@@ -24,8 +24,11 @@ pytestmark = pytest.mark.slow
 # Helpers
 # --------------------------------------------------------------------------------------------------
 
+Tree = dict[str, "tuple[int, int] | None"]
+"""Relative path → (size, mtime_ns) for a file, None for a folder."""
 
-def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
+
+def snapshot(root: Path) -> Tree:
     """Every path under ``root``: files with (size, mtime_ns), folders with None.
 
     Folder mtimes are left out on purpose: the run allocator's write probe (a file created and removed at
@@ -33,7 +36,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
     """
     if not root.exists():
         return {}
-    tree: dict[str, tuple[int, int] | None] = {}
+    tree: Tree = {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
             stat = path.stat()
@@ -54,7 +57,7 @@ def assert_refused(result: subprocess.CompletedProcess[str], *phrases: str) -> N
         assert phrase in result.stderr, f"{phrase!r} not in the message:\n{result.stderr[-4000:]}"
 
 
-def assert_unchanged(root: Path, before: dict[str, tuple[int, int] | None]) -> None:
+def assert_unchanged(root: Path, before: Tree) -> None:
     after = snapshot(root)
     added = sorted(set(after) - set(before))
     removed = sorted(set(before) - set(after))
@@ -198,8 +201,9 @@ def test_resume_of_a_missing_run_is_refused_and_touches_nothing(run_copy: Path) 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="trainer/cli.py:156-158 rewrites config.json and builds the Trainer (whose CheckpointManager "
-    "recreates checkpoints/state, trainer/checkpoint.py:110) before Trainer.resume() finds no checkpoint",
+    reason="trainer/cli.py:162 rewrites config.json and cli.py:163 builds the Trainer, whose CheckpointManager "
+    "recreates checkpoints/state (trainer/checkpoint.py:110), before Trainer.resume() (trainer/loop.py:100) "
+    "finds no checkpoint",
 )
 def test_resume_of_a_run_without_checkpoints_is_refused_and_touches_nothing(run_copy: Path) -> None:
     checkpoints = run_copy / RUN_001 / "checkpoints"
@@ -219,10 +223,14 @@ def test_resume_with_a_different_model_preset_names_the_differing_keys(run_copy:
     assert_unchanged(run_copy, before)
 
 
+SetResume = tuple[Path, Tree, subprocess.CompletedProcess[str]]
+"""(checkpoint root, its snapshot before the launch, the launch's result)."""
+
+
 @pytest.fixture(scope="module")
 def resume_with_set_channels(
     finished_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, dict[str, tuple[int, int] | None], subprocess.CompletedProcess[str]]:
+) -> SetResume:
     """Resume run 001 with its channels changed on purpose through --set (one launch, two tests)."""
     root = tmp_path_factory.mktemp("set_channels") / "ckpt"
     shutil.copytree(finished_run[0], root)
@@ -232,9 +240,7 @@ def resume_with_set_channels(
 
 
 def test_resume_with_a_model_key_set_on_purpose_passes_the_config_check(
-    resume_with_set_channels: tuple[
-        Path, dict[str, tuple[int, int] | None], subprocess.CompletedProcess[str]
-    ],
+    resume_with_set_channels: tuple[Path, Tree, subprocess.CompletedProcess[str]],
 ) -> None:
     _, _, result = resume_with_set_channels
     assert "would change model keys" not in result.stderr
@@ -242,14 +248,12 @@ def test_resume_with_a_model_key_set_on_purpose_passes_the_config_check(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="weights of another shape reach load_state_dict (trainer/checkpoint.py:281) and raise a RuntimeError "
-    "(stack trace, exit 1) after trainer/cli.py:157 has overwritten config.json with the new channels and "
-    "trainer/cli.py:168 has marked the run failed",
+    reason="weights of another shape reach load_state_dict (trainer/checkpoint.py:281), whose RuntimeError "
+    "ends in a stack trace and exit 1, after trainer/cli.py:162 has overwritten config.json with the new "
+    "channels; trainer/cli.py:176 then marks the run failed in metadata.json",
 )
 def test_resume_with_a_model_key_set_on_purpose_fails_cleanly_if_weights_do_not_fit(
-    resume_with_set_channels: tuple[
-        Path, dict[str, tuple[int, int] | None], subprocess.CompletedProcess[str]
-    ],
+    resume_with_set_channels: tuple[Path, Tree, subprocess.CompletedProcess[str]],
 ) -> None:
     root, before, result = resume_with_set_channels
     if result.returncode == 0:

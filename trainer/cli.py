@@ -158,16 +158,19 @@ def train(args: argparse.Namespace, kind: str) -> int:
     assert number is not None
 
     run = RunHandle(run_dir(root, number), number, is_main=topo.is_main)
-    if resuming and topo.is_main:
-        atomic_write_json(run.path / "config.json", config.to_dict())
-    trainer = Trainer(config, accelerator, topo, run, splits)
     try:
+        trainer = Trainer(config, accelerator, topo, run, splits)
         if resuming:
             trainer.resume()
+            if topo.is_main:  # only now: a refused resume leaves the run exactly as it was
+                atomic_write_json(run.path / "config.json", config.to_dict())
         else:
             run.print(f"Base model training - run {number:03d} ({run.path})")
         trainer.fit()
     except UserError:
+        raise
+    except KeyboardInterrupt:
+        run.finish("interrupted")
         raise
     except BaseException:
         run.finish("failed")
