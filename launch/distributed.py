@@ -9,6 +9,7 @@ a ``gloo`` process group when there is no CUDA, and ``DS_ACCELERATOR=cpu`` set b
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -55,6 +56,11 @@ def build_accelerator(**kwargs: Any) -> Any:
     from accelerate.utils import InitProcessGroupKwargs
 
     prepare_environment()
+    # DeepSpeed 0.19 calls a collective PyTorch has deprecated; the warning, once per rank and step type,
+    # tells a user nothing they can act on.
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+    )
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Without this Accelerate falls back to a process group each process believes it is alone in.

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 # Helpers
 # --------------------------------------------------------------------------------------------------
 
-Tree = dict[str, "tuple[int, int] | None"]
+Tree = dict[str, tuple[int, int] | None]
 """Relative path → (size, mtime_ns) for a file, None for a folder."""
 
 
@@ -199,12 +199,6 @@ def test_resume_of_a_missing_run_is_refused_and_touches_nothing(run_copy: Path) 
     assert_unchanged(run_copy, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer/cli.py:162 rewrites config.json and cli.py:163 builds the Trainer, whose CheckpointManager "
-    "recreates checkpoints/state (trainer/checkpoint.py:110), before Trainer.resume() (trainer/loop.py:100) "
-    "finds no checkpoint",
-)
 def test_resume_of_a_run_without_checkpoints_is_refused_and_touches_nothing(run_copy: Path) -> None:
     checkpoints = run_copy / RUN_001 / "checkpoints"
     for ckpt in checkpoints.glob("*.ckpt"):
@@ -246,12 +240,6 @@ def test_resume_with_a_model_key_set_on_purpose_passes_the_config_check(
     assert "would change model keys" not in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="weights of another shape reach load_state_dict (trainer/checkpoint.py:281), whose RuntimeError "
-    "ends in a stack trace and exit 1, after trainer/cli.py:162 has overwritten config.json with the new "
-    "channels; trainer/cli.py:176 then marks the run failed in metadata.json",
-)
 def test_resume_with_a_model_key_set_on_purpose_fails_cleanly_if_weights_do_not_fit(
     resume_with_set_channels: tuple[Path, Tree, subprocess.CompletedProcess[str]],
 ) -> None:

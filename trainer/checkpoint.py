@@ -107,7 +107,6 @@ class CheckpointManager:
         self.config = config
         self.kind = kind
         if topo.is_main:
-            self.state_root.mkdir(parents=True, exist_ok=True)
             # Leftovers of a writer killed mid-save; nothing without the temporary prefix is touched.
             for folder in (self.dir, self.state_root):
                 for path in remove_tmp_leftovers(folder):
@@ -133,7 +132,7 @@ class CheckpointManager:
         tmp = self.state_root / f"{TMP_PREFIX}{name}"
         if self.topo.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            tmp.mkdir(parents=True)
         barrier(self.topo)
 
         if self.topo.deepspeed_stage is not None:
@@ -260,6 +259,16 @@ class CheckpointManager:
         """Restore everything saved for ``epoch`` on every rank."""
         folder = self.state_root / epoch_name(epoch)
         saved = json.loads((folder / "trainer_state.json").read_text())
+        now = {name: list(shape) for name, shape in ema.shapes().items()}
+        changed = [name for name in now if saved["param_shapes"].get(name) != now[name]]
+        changed += [name for name in saved["param_shapes"] if name not in now]
+        if changed:
+            name = changed[0]
+            raise UserError(
+                f"the checkpoint of epoch {epoch} does not fit the model as configured now: {len(changed)} "
+                f"parameter(s) differ, e.g. {name} (saved {saved['param_shapes'].get(name)}, now {now.get(name)}); "
+                "drop the --set model.* override that changes the architecture"
+            )
         if saved["world_size"] != self.topo.world_size or saved["distributed"] != self.topo.distributed:
             raise UserError(
                 f"run was saved with {saved['world_size']} process(es) ({saved['distributed']}) and is resumed "
