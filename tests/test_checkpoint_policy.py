@@ -192,11 +192,12 @@ def test_restart_removes_tmp_leftovers_in_checkpoints_and_state_but_nothing_else
     assert (outside / "keep").read_text() == "keep"
 
 
-def test_manager_creates_the_checkpoint_folders_of_a_new_run(tmp_path: Path) -> None:
+def test_manager_creates_nothing_before_the_first_save(tmp_path: Path) -> None:
+    """A resume that is refused after the manager exists must leave the run folder as it was."""
     run = tmp_path / "run_001"
-    run.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
     manager(run, keep_last_n=2)
-    assert (run / "checkpoints" / "state").is_dir()
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints"]
 
 
 # --------------------------------------------------------------------------------------------------
