@@ -274,7 +274,7 @@ def record(result: dict[str, Any], times: dict[str, float | None], demo_seconds:
         " ".join(f"{share * 100:.0f}" for share in result["per_digit"]),
         f"**{result['overall']:.1%}**",
     ]
-    if not RESULTS.exists():
+    if not RESULTS.exists():  # an existing file may carry notes above its table: only append
         RESULTS.write_text(
             "# Sample quality of the demo model\n\n"
             "Written by `benchmarks/sample_quality.py`: guided samples of each digit from the EMA weights, "
@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--run", type=Path, help="run folder, checkpoint root or .ckpt to evaluate")
     parser.add_argument(
-        "--checkpoint-root", type=Path, help="where to train when --run is not given (default: a temp folder)"
+        "--checkpoint-root",
+        type=Path,
+        help="where to train when --run is not given, inside the repo (default: a temp folder in demo_output/)",
     )
     # last, not best: best is picked by the raw model's validation loss, a noisy proxy that says little
     # about the EMA's samples; with the cosine schedule the last epoch's EMA is the most trained one.
@@ -308,7 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     demo_seconds = None
-    with tempfile.TemporaryDirectory(prefix="sample_quality_") as tmp:
+    if args.run is None and args.checkpoint_root is not None:
+        args.checkpoint_root = args.checkpoint_root.resolve()
+        if not args.checkpoint_root.is_relative_to(REPO):  # demo.py prints its grids relative to the repo
+            raise SystemExit(f"--checkpoint-root must be inside {REPO}, got {args.checkpoint_root}")
+    # The default is a throwaway folder in demo_output/ (git-ignored), inside the repo for the same reason.
+    (REPO / "demo_output").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sample_quality_", dir=REPO / "demo_output") as tmp:
         target = args.run
         if target is None:
             target = args.checkpoint_root or Path(tmp)

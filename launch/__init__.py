@@ -7,6 +7,7 @@ from launch.distributed import (
     broadcast_object,
     build_accelerator,
     configure_deepspeed,
+    decide_on_rank0,
     deepspeed_requested,
     topology,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "broadcast_object",
     "build_accelerator",
     "configure_deepspeed",
+    "decide_on_rank0",
     "deepspeed_requested",
     "topology",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -129,6 +130,23 @@ def broadcast_object(value: Any, topo: Topology) -> Any:
     payload = [value if topo.is_main else None]
     torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0]
+
+
+def decide_on_rank0(topo: Topology, decide: Callable[[], Any]) -> Any:
+    """Run ``decide`` on global rank 0 only; every rank gets its result, or raises its ``UserError``.
+
+    A user error raised on rank 0 alone would otherwise leave the other ranks waiting in a collective.
+    """
+    outcome: tuple[Any, str | None] = (None, None)
+    if topo.is_main:
+        try:
+            outcome = (decide(), None)
+        except UserError as e:
+            outcome = (None, str(e))
+    value, error = broadcast_object(outcome, topo)
+    if error is not None:
+        raise UserError(error)
+    return value
 
 
 def all_reduce_sum(values: list[float], topo: Topology) -> list[float]:

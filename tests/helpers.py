@@ -107,3 +107,13 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def train_lora(root: Path, *args: str, accelerate_config: str | None = "cpu_zero2", **kwargs: Any):
+    """A tiny LoRA run on digits 0-4 under ``root``, on the newest completed base run there by default."""
+    return run_script(
+        "train_lora.py",
+        [*TINY_RUN[2:], "--data", "digits_0_4", "--checkpoint-root", str(root), *args],
+        accelerate_config=accelerate_config,
+        **kwargs,
+    )

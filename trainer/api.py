@@ -8,40 +8,48 @@ rows = list_runs("checkpoints")                                    # [RunSummary
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from model import DiffiT
+from model.lora import base_diffit
 from trainer.checkpoint import epoch_name, load_checkpoint_file
 from trainer.config import TrainConfig, from_dict
 from trainer.errors import UserError
-from trainer.factory import build_model, load_weights
+from trainer.factory import base_weights, build_lora_model, build_model, load_trainable, load_weights
 from trainer.runs import RunSummary, kind_root
 from trainer.runs import list_runs as _list_runs
 
 
 def checkpoint_path(path: str | Path, which: str | int = "best") -> Path:
-    """A ``.ckpt`` file as given, or the ``best``/``last``/epoch-N checkpoint of a run folder."""
+    """A ``.ckpt`` file as given, or the ``best``/``last``/epoch-N checkpoint of a base or LoRA run folder."""
     path = Path(path)
     if path.is_file():
         return path
     name = epoch_name(which) if isinstance(which, int) else str(which)
     if name not in ("best", "last") and not name.startswith("epoch_"):
         raise UserError(f"which must be 'best', 'last' or an epoch number, got {which!r}")
-    candidate = path / "checkpoints" / f"{name}.ckpt"
+    folder = path / ("lora_weights" if (path / "lora_weights").is_dir() else "checkpoints")
+    candidate = folder / f"{name}.ckpt"
     if not candidate.is_file():
-        raise UserError(f"no {name}.ckpt in {path / 'checkpoints'} (is {path} a run folder?)")
+        raise UserError(f"no {name}.ckpt in {folder} (is {path} a run folder?)")
     return candidate
 
 
 def load_model(
     path: str | Path, which: str | int = "best", *, ema: bool = True, device: str | torch.device = "cpu"
-) -> DiffiT:
-    """The DiffiT of a run folder or checkpoint file, in eval mode; EMA weights unless ``ema=False``.
+) -> torch.nn.Module:
+    """The model of a base or LoRA run folder, or of a ``.ckpt`` file, in eval mode.
 
-    Every parameter must arrive: a checkpoint of another architecture is refused, never half-loaded.
+    Base: a ``DiffiT``. LoRA: the run's stored base with its adapters (a peft model). EMA weights unless
+    ``ema=False``. Every tensor must arrive: a checkpoint of another architecture is refused, never
+    half-loaded (loading a base ``state_dict`` into a peft model with ``strict=False`` would load nothing).
     """
-    ckpt = load_checkpoint_file(checkpoint_path(path, which))
+    file = checkpoint_path(path, which)
+    probe = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(probe, dict) and "lora_state_dict" in probe:
+        return _load_lora(file, ema=ema).to(device).eval()
+    ckpt = load_checkpoint_file(file)
     model = build_model(from_dict(TrainConfig, ckpt["config"]))
     load_weights(model, ckpt["state_dict"])
     if ema:
@@ -49,6 +57,42 @@ def load_model(
     return model.to(device).eval()
 
 
+def _load_lora(file: Path, *, ema: bool) -> torch.nn.Module:
+    """A LoRA checkpoint on top of the base stored in its run (``<run>/base_model/base_model.ckpt``)."""
+    ckpt = load_checkpoint_file(file, key="lora_state_dict")
+    base_file = file.parent.parent / "base_model" / "base_model.ckpt"
+    config = from_dict(TrainConfig, ckpt["config"])
+    model = build_lora_model(config, base_weights(load_checkpoint_file(base_file)))
+    load_trainable(model, ckpt["ema_state_dict"] if ema else ckpt["lora_state_dict"])
+    return model
+
+
+def merge_lora(path: str | Path, which: str | int = "best") -> dict[str, Any]:
+    """A standalone base-format checkpoint of a LoRA run: adapters merged into the weights (EMA).
+
+    ``load_model`` (and ``torch.load`` + ``build_model``) load the result like any base checkpoint.
+    """
+    file = checkpoint_path(path, which)
+    ckpt = load_checkpoint_file(file, key="lora_state_dict")
+    merged = _load_lora(file, ema=True).merge_and_unload()  # type: ignore[operator]
+    net = base_diffit(merged)
+    config = dict(ckpt["config"])
+    config["model"] = {**config["model"], "num_classes": net.num_classes}
+    config["lora"] = None
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return {
+        "format": ckpt["format"],
+        "kind": "base",
+        "state_dict": state,
+        "ema_state_dict": {k: state[k] for k, _ in net.named_parameters()},
+        "epoch": ckpt["epoch"],
+        "global_step": ckpt["global_step"],
+        "metrics": ckpt["metrics"],
+        "config": config,
+        "merged_from": str(file),
+    }
+
+
 def list_runs(checkpoint_root: str | Path = "checkpoints", kind: str = "base") -> list[RunSummary]:
-    """Every run of ``kind`` under the checkpoint root, in run-number order, the best one marked."""
+    """Every run of ``kind`` (``base`` or ``lora``) under the checkpoint root, in run-number order."""
     return _list_runs(kind_root(Path(checkpoint_root), kind))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch import Topology, barrier, broadcast_object
+from launch import Topology, barrier, decide_on_rank0
 from trainer.atomic import (
     TMP_PREFIX,
     atomic_rename_dir,
@@ -51,8 +51,11 @@ def epoch_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}"
 
 
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """A merged ``.ckpt`` (base or LoRA), weights-only: a file that needs pickled code is refused."""
+def load_checkpoint_file(path: Path, key: str = "state_dict") -> dict[str, Any]:
+    """A ``.ckpt`` of this trainer, weights-only: a file that needs pickled code is refused.
+
+    ``key`` is the entry it must hold: ``state_dict`` for base checkpoints, ``lora_state_dict`` for LoRA ones.
+    """
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
@@ -63,8 +66,8 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
             f"cannot load checkpoint {path}: the file is damaged, was not written by this trainer, or needs "
             f"pickled code to load ({reason})"
         ) from None
-    if not isinstance(data, dict) or "state_dict" not in data:
-        raise UserError(f"{path} is not a checkpoint of this trainer (no 'state_dict' inside)")
+    if not isinstance(data, dict) or key not in data:
+        raise UserError(f"{path} is not a checkpoint of this trainer (no '{key}' inside)")
     return data
 
 
@@ -87,31 +90,127 @@ class TrainingState:
         }
 
 
-class CheckpointManager:
-    """Saves and restores the full training state of one run, on every rank."""
+class EpochCheckpoints:
+    """One folder of ``epoch_NNN.ckpt`` files with ``best``/``last`` links and keep-last-N retention.
+
+    Shared by base runs (``CheckpointManager``) and LoRA runs (``AdapterCheckpointManager``); subclasses
+    say which extra paths belong to an epoch and write the files.
+    """
+
+    payload_key = "state_dict"
+    """The entry every checkpoint file of this kind holds."""
 
     def __init__(
         self,
         run_dir: Path,
+        folder: Path,
         topo: Topology,
         *,
         keep_last_n: int,
         config: dict[str, Any],
-        kind: str = "base",
+        kind: str,
     ) -> None:
         self.run_dir = run_dir
-        self.dir = run_dir / "checkpoints"
-        self.state_root = self.dir / "state"
+        self.dir = folder
         self.topo = topo
         self.keep_last_n = keep_last_n
         self.config = config
         self.kind = kind
         if topo.is_main:
             # Leftovers of a writer killed mid-save; nothing without the temporary prefix is touched.
-            for folder in (self.dir, self.state_root):
-                for path in remove_tmp_leftovers(folder):
-                    print(f"Removed an incomplete checkpoint file left by a crash: {path}")
+            for path in self._leftover_folders():
+                for removed in remove_tmp_leftovers(path):
+                    print(f"Removed an incomplete checkpoint file left by a crash: {removed}")
         barrier(topo)
+
+    def _leftover_folders(self) -> list[Path]:
+        return [self.dir]
+
+    def _epoch_paths(self, epoch: int) -> list[Path]:
+        """Everything that belongs to one epoch's checkpoint (deleted together by retention)."""
+        return [self.dir / f"{epoch_name(epoch)}.ckpt"]
+
+    def _is_resumable(self, epoch: int) -> bool:
+        return True
+
+    def publish(self, ckpt: Path, *, is_best: bool, best_epoch: int | None) -> None:
+        """After ``ckpt`` is complete (rank 0): point last (and best) at it, then apply retention."""
+        link_or_copy(ckpt, self.dir / "last.ckpt")
+        if is_best:
+            link_or_copy(ckpt, self.dir / "best.ckpt")
+        self.apply_retention(protect=best_epoch)
+
+    def apply_retention(self, protect: int | None) -> list[Path]:
+        """Remove epoch checkpoints beyond the newest ``keep_last_n``, never ``protect`` (the best epoch)."""
+        if self.keep_last_n == 0:
+            return []
+        epochs = self.epochs_on_disk()
+        keep = set(epochs[-self.keep_last_n :])
+        if protect is not None:
+            keep.add(protect)
+        removed = []
+        for epoch in epochs:
+            if epoch in keep:
+                continue
+            for path in self._epoch_paths(epoch):
+                self._delete_inside_run(path)
+                removed.append(path)
+        fsync_dir(self.dir)
+        return removed
+
+    def _delete_inside_run(self, path: Path) -> None:
+        """Delete a file or folder of this run; a link is removed itself, never what it points to."""
+        run = self.run_dir.resolve()
+        if path.is_symlink():  # the link itself lives in its parent folder
+            inside = path.parent.resolve().is_relative_to(run)
+        else:
+            target = path.resolve()
+            inside = target.is_relative_to(run) and target != run
+        if not inside:
+            raise RuntimeError(f"refusing to delete {path}: outside run folder {self.run_dir}")
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+
+    def epochs_on_disk(self) -> list[int]:
+        epochs = []
+        for path in self.dir.glob("epoch_*.ckpt"):
+            suffix = path.stem.removeprefix("epoch_")
+            if suffix.isdigit():
+                epochs.append(int(suffix))
+        return sorted(epochs)
+
+    def find_resume_point(self) -> int | None:
+        """Epoch of ``last.ckpt`` if it can be resumed from (decided on rank 0, agreed by all)."""
+
+        def decide() -> int | None:
+            last = self.dir / "last.ckpt"
+            if not last.is_file():
+                return None
+            epoch = int(load_checkpoint_file(last, key=self.payload_key)["epoch"])
+            return epoch if self._is_resumable(epoch) else None
+
+        return decide_on_rank0(self.topo, decide)
+
+
+class CheckpointManager(EpochCheckpoints):
+    """Saves and restores the full training state of a base run, on every rank."""
+
+    def __init__(self, run_dir: Path, topo: Topology, *, keep_last_n: int, config: dict[str, Any]) -> None:
+        self.state_root = run_dir / "checkpoints" / "state"
+        super().__init__(
+            run_dir, run_dir / "checkpoints", topo, keep_last_n=keep_last_n, config=config, kind="base"
+        )
+
+    def _leftover_folders(self) -> list[Path]:
+        return [self.dir, self.state_root]
+
+    def _epoch_paths(self, epoch: int) -> list[Path]:
+        return [self.dir / f"{epoch_name(epoch)}.ckpt", self.state_root / epoch_name(epoch)]
+
+    def _is_resumable(self, epoch: int) -> bool:
+        return (self.state_root / epoch_name(epoch) / "trainer_state.json").is_file()
 
     # -- saving ---------------------------------------------------------------------------------------
 
@@ -138,7 +237,7 @@ class CheckpointManager:
         if self.topo.deepspeed_stage is not None:
             model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
         elif self.topo.is_main:
-            save_file(_unwrap(model).state_dict(), str(tmp / "model.safetensors"))
+            save_file(unwrap_model(model).state_dict(), str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         self._save_rank_files(tmp, ema, noise_generator)
         barrier(self.topo)
@@ -155,11 +254,7 @@ class CheckpointManager:
             payload = self._merged_payload(final, state, metrics)
             atomic_write(ckpt, lambda f: torch.save(payload, f))
             del payload
-            link_or_copy(ckpt, self.dir / "last.ckpt")
-            if is_best:
-                link_or_copy(ckpt, self.dir / "best.ckpt")
-            best_epoch = (state.best or {}).get("epoch")
-            self.apply_retention(protect=best_epoch)
+            self.publish(ckpt, is_best=is_best, best_epoch=(state.best or {}).get("epoch"))
             info = {"file": str(ckpt), "bytes": ckpt.stat().st_size, "seconds": time.perf_counter() - start}
         barrier(self.topo)
         return info
@@ -199,59 +294,7 @@ class CheckpointManager:
             "config": self.config,
         }
 
-    def apply_retention(self, protect: int | None) -> list[Path]:
-        """Remove epoch checkpoints beyond the newest ``keep_last_n``, never ``protect`` (the best epoch)."""
-        if self.keep_last_n == 0:
-            return []
-        epochs = self.epochs_on_disk()
-        keep = set(epochs[-self.keep_last_n :])
-        if protect is not None:
-            keep.add(protect)
-        removed = []
-        for epoch in epochs:
-            if epoch in keep:
-                continue
-            for path in (self.dir / f"{epoch_name(epoch)}.ckpt", self.state_root / epoch_name(epoch)):
-                self._delete_inside_run(path)
-                removed.append(path)
-        fsync_dir(self.dir)
-        return removed
-
-    def _delete_inside_run(self, path: Path) -> None:
-        """Delete a file or folder of this run; a link is removed itself, never what it points to."""
-        run = self.run_dir.resolve()
-        if path.is_symlink():  # the link itself lives in its parent folder
-            inside = path.parent.resolve().is_relative_to(run)
-        else:
-            target = path.resolve()
-            inside = target.is_relative_to(run) and target != run
-        if not inside:
-            raise RuntimeError(f"refusing to delete {path}: outside run folder {self.run_dir}")
-        if path.is_symlink() or not path.is_dir():
-            path.unlink(missing_ok=True)
-        else:
-            shutil.rmtree(path)
-
-    def epochs_on_disk(self) -> list[int]:
-        epochs = []
-        for path in self.dir.glob("epoch_*.ckpt"):
-            suffix = path.stem.removeprefix("epoch_")
-            if suffix.isdigit():
-                epochs.append(int(suffix))
-        return sorted(epochs)
-
     # -- loading --------------------------------------------------------------------------------------
-
-    def find_resume_point(self) -> int | None:
-        """Epoch of ``last.ckpt`` whose resumable state exists (decided on rank 0, agreed by all)."""
-        epoch = None
-        if self.topo.is_main:
-            last = self.dir / "last.ckpt"
-            if last.is_file():
-                epoch = int(load_checkpoint_file(last)["epoch"])
-                if not (self.state_root / epoch_name(epoch) / "trainer_state.json").is_file():
-                    epoch = None
-        return broadcast_object(epoch, self.topo)
 
     def load(
         self, epoch: int, *, model: Any, optimizer: Any, ema: EMA, noise_generator: torch.Generator
@@ -287,7 +330,7 @@ class CheckpointManager:
             if path is None:
                 raise UserError(f"DeepSpeed could not load the checkpoint in {folder}")
         else:
-            _unwrap(model).load_state_dict(load_file(str(folder / "model.safetensors")))
+            unwrap_model(model).load_state_dict(load_file(str(folder / "model.safetensors")))
             optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         rank = self.topo.rank
         ema_file = folder / f"ema_rank{rank if saved['ema_partitioned'] else 0}.safetensors"
@@ -325,7 +368,8 @@ def read_full_ema(folder: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def _unwrap(model: Any) -> torch.nn.Module:
+def unwrap_model(model: Any) -> torch.nn.Module:
+    """The plain module inside a DeepSpeed engine or DDP wrapper."""
     return model.module if hasattr(model, "module") else model
 
 

@@ -14,10 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from trainer.atomic import atomic_write_json
-from trainer.config import CONFIG_DIR, ConfigError, TrainConfig, build_config, diff_keys, parse_override
+from trainer.config import (
+    CONFIG_DIR,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    build_config,
+    diff_keys,
+    from_dict,
+    parse_override,
+)
 from trainer.errors import UserError
 from trainer.runs import (
-    RunError,
     RunHandle,
     allocate_run,
     format_table,
@@ -29,8 +37,14 @@ from trainer.runs import (
     write_metadata,
 )
 
-DEFAULT_CONFIGS = {"base": CONFIG_DIR / "training" / "base_training.yaml"}
-TITLES = {"base": "Base model training runs"}
+DEFAULT_CONFIGS = {
+    "base": CONFIG_DIR / "training" / "base_training.yaml",
+    "lora": CONFIG_DIR / "training" / "lora_finetuning.yaml",
+}
+TITLES = {"base": "Base model training runs", "lora": "LoRA fine-tuning runs"}
+HEADLINES = {"base": "Base model training", "lora": "LoRA fine-tuning"}
+# Without --base-checkpoint a LoRA run uses this file if present (the seed workflow's hand-off point).
+DEFAULT_BASE = Path("base") / "base_model_last.ckpt"
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:
@@ -66,6 +80,13 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         metavar="N",
         help="continue run N (or --run-number N, or the newest run when no number is given)",
     )
+    if kind == "lora":
+        parser.add_argument(
+            "--base-checkpoint",
+            help="base .ckpt file or base run folder (its best.ckpt); default: <checkpoint-root>/"
+            f"{DEFAULT_BASE}, else the best checkpoint of the newest completed base run",
+        )
+        parser.add_argument("--lora-config", help="LoRA preset name (configs/lora/) or YAML path")
     parser.add_argument("--list-runs", action="store_true", help="print the runs and exit")
     parser.add_argument("--json", action="store_true", help="with --list-runs: print JSON")
     return parser
@@ -103,6 +124,7 @@ def cli_overrides(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], set[
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "max_steps_per_epoch": args.max_steps_per_epoch,
+        "lora": getattr(args, "lora_config", None),
     }
     overrides = [(k, v) for k, v in flags.items() if v is not None]
     explicit = [parse_override(text) for text in args.overrides]
@@ -126,8 +148,14 @@ def resume_number(args: argparse.Namespace) -> tuple[bool, int | None]:
 
 def train(args: argparse.Namespace, kind: str) -> int:
     # Heavy imports (torch, accelerate) only here, so --list-runs and --help start instantly.
-    from launch import broadcast_object, build_accelerator, topology
-    from trainer.factory import build_model, load_data, resolve_model_against_data
+    from launch import build_accelerator, decide_on_rank0, topology
+    from trainer.factory import (
+        base_weights,
+        build_lora_model,
+        build_model,
+        load_data,
+        resolve_model_against_data,
+    )
     from trainer.loop import Trainer, plan_steps
 
     resuming, wanted = resume_number(args)
@@ -137,35 +165,51 @@ def train(args: argparse.Namespace, kind: str) -> int:
     topo = topology(accelerator)
 
     number: int | None = None
+    base: dict[str, Any] | None = None
     if resuming:
-        number = _on_rank0(topo, lambda: resolve_run(root, wanted), broadcast_object)
+        number = decide_on_rank0(topo, lambda: resolve_run(root, wanted))
         stored = json.loads((run_dir(root, number) / "config.json").read_text())
         config: TrainConfig = build_config(stored, overrides)
+        if kind == "lora":
+            base = load_stored_base(run_dir(root, number))
     else:
         config = build_config(args.config or DEFAULT_CONFIGS[kind], overrides, TrainConfig)
+        if kind == "lora":
+            if args.model is not None:
+                raise ConfigError("a LoRA run adapts the base checkpoint's model; drop --model")
+            path = resolve_base_checkpoint(args.base_checkpoint, args.checkpoint_root)
+            base = load_base_checkpoint(path)
+            config.model = from_dict(ModelConfig, base["config"]["model"], "model.")
+            config.base_checkpoint = str(path.resolve())
 
     splits = load_data(config)
     resolve_model_against_data(config, splits)
     if number is not None:
         _refuse_model_change(stored["model"], config, set_keys, number)
-    build_model(config)  # architecture errors surface before anything is written
+    if kind == "lora":
+        if config.lora is None:
+            raise ConfigError("a LoRA run needs a 'lora' section: pass --lora-config NAME|PATH")
+        if config.lora.num_classes is None:
+            config.lora.num_classes = splits.num_classes
+        assert base is not None
+        build_lora_model(config, base_weights(base))  # bad targets surface before anything is written
+    else:
+        build_model(config)  # architecture errors surface before anything is written
     plan_steps(config, len(splits.train), topo.world_size)
 
     if not resuming:
-        number = _on_rank0(
-            topo, lambda: _create_run(root, args.run_number, config, splits, topo, kind), broadcast_object
-        )
+        number = decide_on_rank0(topo, lambda: _create_run(root, args.run_number, config, splits, topo, kind))
     assert number is not None
 
     run = RunHandle(run_dir(root, number), number, is_main=topo.is_main)
     try:
-        trainer = Trainer(config, accelerator, topo, run, splits)
+        trainer = Trainer(config, accelerator, topo, run, splits, kind=kind)
         if resuming:
             trainer.resume()
             if topo.is_main:  # only now: a refused resume leaves the run exactly as it was
                 atomic_write_json(run.path / "config.json", config.to_dict())
         else:
-            run.print(f"Base model training - run {number:03d} ({run.path})")
+            run.print(f"{HEADLINES[kind]} - run {number:03d} ({run.path})")
         trainer.fit()
     except UserError:
         raise
@@ -197,8 +241,19 @@ def _create_run(
 ) -> int:
     number = allocate_run(root, number)
     path = run_dir(root, number)
-    (path / "checkpoints").mkdir()
     (path / "logs").mkdir()
+    base_record = None
+    if kind == "lora":
+        from trainer.atomic import link_or_copy
+        from trainer.factory import sha256_of
+
+        assert config.base_checkpoint is not None
+        (path / "base_model").mkdir()
+        stored_base = path / "base_model" / "base_model.ckpt"
+        link_or_copy(Path(config.base_checkpoint), stored_base)  # stored once; a hard link costs no disk
+        base_record = {"source": config.base_checkpoint, "sha256": sha256_of(stored_base)}
+    else:
+        (path / "checkpoints").mkdir()
     atomic_write_json(path / "config.json", config.to_dict())
     metadata = new_metadata(
         number=number,
@@ -215,19 +270,65 @@ def _create_run(
         "model": config.model.name,
         "seed": config.seed,
     }
+    if base_record is not None:
+        metadata["base_checkpoint"] = base_record
     write_metadata(path, metadata)
     return number
 
 
-def _on_rank0(topo: Any, decide: Any, broadcast_object: Any) -> Any:
-    """Run ``decide`` on global rank 0 only and give its result (or its user error) to every rank."""
-    outcome: tuple[Any, str | None] = (None, None)
-    if topo.is_main:
-        try:
-            outcome = (decide(), None)
-        except UserError as e:
-            outcome = (None, str(e))
-    value, error = broadcast_object(outcome, topo)
-    if error is not None:
-        raise RunError(error)
-    return value
+# --------------------------------------------------------------------------------------------------
+# The base model of a LoRA run
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_base_checkpoint(given: str | None, checkpoint_root: Path) -> Path:
+    """``--base-checkpoint`` (file or base run folder), else the default file, else the newest base run's best."""
+    if given is not None:
+        path = Path(given)
+        if path.is_dir():
+            path = path / "checkpoints" / "best.ckpt"
+        if not path.is_file():
+            raise UserError(f"base checkpoint not found: {path}")
+        return path
+    default = checkpoint_root / DEFAULT_BASE
+    if default.is_file():
+        return default
+    for row in reversed(list_runs(kind_root(checkpoint_root, "base"))):
+        best = Path(row.path) / "checkpoints" / "best.ckpt"
+        if row.status == "completed" and best.is_file():
+            return best
+    raise UserError(
+        f"no base model to fine-tune: neither {default} nor a completed base run under "
+        f"{kind_root(checkpoint_root, 'base')}. Train one first (python scripts/train_base.py) or pass "
+        "--base-checkpoint PATH"
+    )
+
+
+def load_base_checkpoint(path: Path) -> dict[str, Any]:
+    from trainer.checkpoint import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path)
+    if (
+        ckpt.get("kind") != "base"
+        or not isinstance(ckpt.get("config"), dict)
+        or "model" not in ckpt["config"]
+    ):
+        raise UserError(f"{path} is not a base model checkpoint of this trainer (kind {ckpt.get('kind')!r})")
+    return ckpt
+
+
+def load_stored_base(run: Path) -> dict[str, Any]:
+    """The base a LoRA run was started from, checked against the sha256 its metadata recorded."""
+    from trainer.factory import sha256_of
+    from trainer.runs import read_metadata
+
+    stored = run / "base_model" / "base_model.ckpt"
+    record = read_metadata(run).get("base_checkpoint") or {}
+    if not stored.is_file():
+        raise UserError(f"the stored base model of {run.name} is gone ({stored}); this run cannot be resumed")
+    if record.get("sha256") != sha256_of(stored):
+        raise UserError(
+            f"the stored base model of {run.name} changed since the run started (sha256 differs from "
+            "metadata.json); resuming would adapt a different model. Restore the original file or start a new run"
+        )
+    return load_base_checkpoint(stored)

@@ -139,6 +139,44 @@ class LoggingConfig:
 
 
 @dataclass
+class LoraStage:
+    """LoRA settings of one U-Net stage; null fields take the config's defaults."""
+
+    rank: int | None = None
+    alpha: int | None = None
+
+
+@dataclass
+class LoraConfig:
+    """Blockwise LoRA (``configs/lora/*.yaml``): which linear layers of which stages get adapters."""
+
+    target_layers: list[str] = field(
+        default_factory=lambda: ["qkv", "qkv_temb", "proj", "mlp.fc1", "mlp.fc2"]
+    )
+    """Linear layers inside each transformer block (names in model/diffit.py) that get adapters."""
+    rank: int = 8
+    alpha: int = 16
+    """LoRA scaling is alpha / rank."""
+    dropout: float = 0.0
+    stages: dict[str, LoraStage | None] = field(default_factory=dict)
+    """Per stage (``encoder.0``, ``decoder.1``, ``bottleneck`` = the last encoder stage): settings, or null
+    for no adapters there. Stages not listed use ``rank``/``alpha``."""
+    train_label_embedding: bool = True
+    """Train the label embedding in full (always done when the class count differs from the base's)."""
+    num_classes: int | None = None
+    """Classes fine-tuned on; null takes the dataset's. The label embedding is resized when it differs."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", "at least 1")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "in [0, 1)")
+        _require(bool(self.target_layers), "lora.target_layers", "a non-empty list")
+        for name, stage in self.stages.items():
+            _require(
+                stage is None or stage.rank is None or stage.rank >= 1, f"lora.stages.{name}.rank", "≥ 1"
+            )
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run depends on."""
 
@@ -165,6 +203,10 @@ class TrainConfig:
     edm: EDMConfig = field(default_factory=EDMConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig | None = None
+    """LoRA fine-tuning runs only: where the adapters go (``configs/lora/``)."""
+    base_checkpoint: str | None = None
+    """LoRA fine-tuning runs only: the base ``.ckpt`` used (resolved path, recorded by the run)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", "at least 1")
@@ -244,6 +286,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 f"config key '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}"
             )
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
@@ -365,11 +411,11 @@ def build_config(
     that preset; dotted ones (``model.channels``) change one key.
     """
     data = load_yaml(base) if isinstance(base, Path) else _deep_copy(base)
-    for section in ("model", "data"):
-        if section in data:
+    for section in ("model", "data", "lora"):
+        if section in data and data[section] is not None:
             data[section] = _section(data[section], section)
     for key, value in overrides:
-        if key in ("model", "data"):
+        if key in ("model", "data", "lora"):
             if key == "data" and isinstance(value, str):
                 value = DATASET_ALIASES.get(value.lower(), value)
             data[key] = _section(value, key)

@@ -84,6 +84,18 @@ class EMA:
             shadow.zero_()
             shadow[: part.numel()].copy_(part)
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Full EMA tensors on every rank; a collective (all-gather) under ZeRO-3, so call it on all ranks."""
+        if not self.partitioned:
+            return self.local_state()
+        shapes = self.shapes()
+        full = {}
+        for name, local in self.shadow.items():
+            slices = [torch.empty_like(local) for _ in range(self.world_size)]
+            torch.distributed.all_gather(slices, local)
+            full[name] = full_from_slices([s.cpu() for s in slices], shapes[name])
+        return full
+
 
 def full_from_slices(slices: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
     """Reassemble a ZeRO-3-partitioned tensor from every rank's slice (rank order)."""

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 from data import DatasetError, DatasetSplits, load_dataset
 from model import DiffiT
+from model.lora import apply_lora, resize_label_embedding, resolve_targets
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 
 
@@ -71,3 +75,59 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) ->
             f"weights do not fit the model: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
         )
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the same-named parameters (EMA weights: only the trained ones); all must exist."""
+    params = dict(model.named_parameters())
+    unknown = [k for k in tensors if k not in params]
+    if unknown:
+        raise ConfigError(f"{len(unknown)} weights have no parameter in the model, e.g. {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------------
+
+
+def base_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a LoRA run adapts: the base checkpoint's EMA (what its samples come from) over its buffers."""
+    return {**ckpt["state_dict"], **ckpt.get("ema_state_dict", {})}
+
+
+def build_lora_model(config: TrainConfig, weights: dict[str, torch.Tensor]) -> PeftModel:
+    """The base DiffiT with ``weights``, its label embedding sized for the fine-tuning classes, and adapters."""
+    lora = config.lora
+    if lora is None:
+        raise ConfigError("a LoRA run needs a 'lora' config section (--lora-config)")
+    model = build_model(config)
+    load_weights(model, weights)
+    num_classes = config.model.num_classes if lora.num_classes is None else lora.num_classes
+    try:
+        resized = resize_label_embedding(model, int(num_classes or 0))
+        targets = resolve_targets(
+            model,
+            target_layers=lora.target_layers,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            stages={
+                name: None if stage is None else (stage.rank, stage.alpha)
+                for name, stage in lora.stages.items()
+            },
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return apply_lora(
+        model, targets, dropout=lora.dropout, train_label_embedding=lora.train_label_embedding or resized
+    )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

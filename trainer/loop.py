@@ -7,6 +7,7 @@ The loop holds no rank logic of its own beyond "only rank 0 draws": checkpoint I
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from typing import Any
 
@@ -16,12 +17,15 @@ from tqdm import tqdm
 from data import DatasetSplits, ImageDataset
 from data.order import epoch_order
 from launch import Topology, all_reduce_sum, barrier, configure_deepspeed
-from model import DiffiT, EDMSchedule, edm_loss
-from trainer.checkpoint import CheckpointManager, TrainingState, epoch_name
+from model import EDMSchedule, edm_loss
+from model.lora import base_diffit
+from trainer.adapter_checkpoint import AdapterCheckpointManager
+from trainer.atomic import TMP_PREFIX, atomic_rename_dir
+from trainer.checkpoint import CheckpointManager, TrainingState, epoch_name, load_checkpoint_file
 from trainer.config import TrainConfig
-from trainer.ema import EMA, full_from_slices
+from trainer.ema import EMA
 from trainer.errors import UserError
-from trainer.factory import build_model, load_weights
+from trainer.factory import base_weights, build_lora_model, build_model, load_trainable
 from trainer.runs import RunHandle
 from trainer.samples import sample_grid, save_grid
 
@@ -56,8 +60,16 @@ def plan_steps(config: TrainConfig, num_train: int, world_size: int) -> tuple[in
 
 
 class Trainer:
+    """Trains a base model (``kind="base"``) or LoRA adapters on a frozen base (``kind="lora"``)."""
+
     def __init__(
-        self, config: TrainConfig, accelerator: Any, topo: Topology, run: RunHandle, splits: DatasetSplits
+        self,
+        config: TrainConfig,
+        accelerator: Any,
+        topo: Topology,
+        run: RunHandle,
+        splits: DatasetSplits,
+        kind: str = "base",
     ) -> None:
         self.config, self.accelerator, self.topo, self.run, self.splits = (
             config,
@@ -66,20 +78,23 @@ class Trainer:
             run,
             splits,
         )
+        self.kind = kind
         self.micro_batch, self.steps_per_epoch = plan_steps(config, len(splits.train), topo.world_size)
         self.total_steps = self.steps_per_epoch * config.epochs
+        self._sampler: torch.nn.Module | None = None  # rank 0's CPU copy for sample grids, built once
 
         configure_deepspeed(accelerator, micro_batch=self.micro_batch, grad_clip=config.grad_clip)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        module = build_model(config)
+        module = self._build_module()
         optimizer = torch.optim.AdamW(
-            module.parameters(),
+            [p for p in module.parameters() if p.requires_grad],
             lr=config.learning_rate,
             betas=(config.betas[0], config.betas[1]),
             weight_decay=config.weight_decay,
         )
         self.model, self.optimizer = accelerator.prepare(module, optimizer)
-        self.module: DiffiT = module
+        self.module = module
+        self.net = base_diffit(module)
         self.ema = EMA(
             module.named_parameters(),
             halflife_kimg=config.ema_halflife_kimg,
@@ -88,10 +103,17 @@ class Trainer:
             world_size=topo.world_size,
         )
         self.noise = torch.Generator(topo.device).manual_seed(config.seed * 1000 + topo.rank + 1)
-        self.checkpoints = CheckpointManager(
+        manager = CheckpointManager if kind == "base" else AdapterCheckpointManager
+        self.checkpoints: CheckpointManager | AdapterCheckpointManager = manager(
             run.path, topo, keep_last_n=config.checkpoint.keep_last_n, config=config.to_dict()
         )
         self.state = TrainingState(history=[])
+
+    def _build_module(self) -> torch.nn.Module:
+        if self.kind == "base":
+            return build_model(self.config)
+        base = load_checkpoint_file(self.run.path / "base_model" / "base_model.ckpt")
+        return build_lora_model(self.config, base_weights(base))
 
     # -- resume -----------------------------------------------------------------------------------
 
@@ -145,6 +167,8 @@ class Trainer:
                     metrics=metrics,
                     is_best=is_best,
                 )
+                if self.kind == "lora" and is_best:
+                    self._export_adapter()
                 if saved:
                     self.run.print(
                         f"Saved {saved['file']} ({saved['bytes'] / 1e6:.1f} MB, {saved['seconds']:.2f} s)"
@@ -212,7 +236,7 @@ class Trainer:
             self.model,
             images.to(self.topo.device),
             labels.to(self.topo.device),
-            num_classes=self.module.num_classes,
+            num_classes=self.net.num_classes,
             label_dropout=cfg.model.label_dropout,
             generator=generator,
             p_mean=cfg.edm.p_mean,
@@ -269,27 +293,34 @@ class Trainer:
 
     # -- samples ----------------------------------------------------------------------------------
 
-    def _full_ema(self) -> dict[str, torch.Tensor]:
-        """Full EMA weights on rank 0 (a collective gather under ZeRO-3)."""
-        if not self.ema.partitioned:
-            return self.ema.local_state()
-        full = {}
-        shapes = self.ema.shapes()
-        for name, local in self.ema.local_state().items():
-            slices = [torch.empty_like(local) for _ in range(self.topo.world_size)]
-            torch.distributed.all_gather(slices, local)
-            full[name] = full_from_slices([s.cpu() for s in slices], shapes[name])
-        return full
+    def _inference_model(self, ema: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Rank 0's CPU model with the EMA weights (built once; only the EMA tensors change per epoch)."""
+        if self._sampler is None:
+            with torch.random.fork_rng(devices=[]):  # the throwaway init must not shift training's RNG
+                self._sampler = self._build_module()
+        load_trainable(self._sampler, {k: v.cpu() for k, v in ema.items()})
+        return self._sampler
+
+    def _export_adapter(self) -> None:
+        """peft's standard export of the best adapter (EMA weights) to ``adapter/``, replaced atomically."""
+        ema = self.ema.full_state()
+        if self.topo.is_main:
+            model = self._inference_model(ema)
+            tmp, final = self.run.path / f"{TMP_PREFIX}adapter", self.run.path / "adapter"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))  # type: ignore[operator]
+            if final.exists():
+                shutil.rmtree(final)
+            atomic_rename_dir(tmp, final)
+        barrier(self.topo)
 
     def _write_samples(self, epoch: int) -> None:
-        ema = self._full_ema()
+        ema = self.ema.full_state()
         if self.topo.is_main:
-            with torch.random.fork_rng(devices=[]):  # the throwaway init must not shift training's RNG
-                sampler = build_model(self.config)
-            load_weights(sampler, {k: v.cpu() for k, v in ema.items()})
+            sampler = self._inference_model(ema)
             logging = self.config.logging
             edm = self.config.edm
-            names = self.splits.class_names if sampler.num_classes else ["samples"]
+            names = self.splits.class_names if self.net.num_classes else ["samples"]
             images = sample_grid(
                 sampler,
                 class_names=names,

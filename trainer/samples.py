@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from model import DiffiT, EDMSchedule, edm_sample
+from model import EDMSchedule, edm_sample
+from model.lora import base_diffit
 from trainer.atomic import atomic_write
 
 
 @torch.no_grad()
 def sample_grid(
-    model: DiffiT,
+    model: torch.nn.Module,
     *,
     class_names: list[str],
     per_class: int,
@@ -24,17 +25,18 @@ def sample_grid(
 ) -> torch.Tensor:
     """Images (rows·per_class, C, H, W) in [-1, 1]; the same seed gives the same noise every epoch."""
     model.eval()
+    net = base_diffit(model)
     rows = classes if classes is not None else list(range(len(class_names))) or [0]
     labels = torch.tensor([c for c in rows for _ in range(per_class)], dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
-    shape = (len(labels), model.in_channels, model.image_size, model.image_size)
+    shape = (len(labels), net.in_channels, net.image_size, net.image_size)
     noise = torch.randn(shape, generator=generator)
     device = next(model.parameters()).device
     images = edm_sample(
         model,
         noise.to(device),
-        labels.to(device) if model.num_classes else None,
-        num_classes=model.num_classes,
+        labels.to(device) if net.num_classes else None,
+        num_classes=net.num_classes,
         schedule=schedule,
         guidance=guidance,
     )
