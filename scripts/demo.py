@@ -2,8 +2,9 @@
 
 1. base training of DiffiT under `accelerate launch` with 2 processes and DeepSpeed ZeRO-2
    (one process without DeepSpeed where DeepSpeed is unavailable);
-2. the run listing;
-leaving sample grids in demo_output/checkpoints/base_training/run_NNN/logs/samples/.
+2. LoRA fine-tuning of that base model on the digits 0-4 only, the same way;
+3. the listings of both kinds of runs;
+leaving sample grids in demo_output/checkpoints/{base_training,lora_finetuning}/run_NNN/logs/samples/.
 """
 
 from __future__ import annotations
@@ -25,20 +26,41 @@ def step(title: str, cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
 
 
+def launcher() -> tuple[list[str], str]:
+    """The command prefix that starts a training script, and how it runs."""
+    if sys.platform == "linux" and importlib.util.find_spec("deepspeed") is not None:
+        config = str(REPO / "configs" / "accelerate" / "cpu_zero2.yaml")
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config], (
+            "2 processes, DeepSpeed ZeRO-2 on the CPU"
+        )
+    return [sys.executable], "one process (DeepSpeed unavailable)"
+
+
+def train_base() -> None:
+    prefix, how = launcher()
+    script = [str(REPO / "scripts" / "train_base.py"), "--checkpoint-root", str(ROOT)]
+    step(f"Base training: {how}", [*prefix, *script])
+
+
 def main() -> int:
     start = time.perf_counter()
-    train = [str(REPO / "scripts" / "train_base.py"), "--checkpoint-root", str(ROOT)]
-    if sys.platform == "linux" and importlib.util.find_spec("deepspeed") is not None:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(REPO / "configs" / "accelerate" / "cpu_zero2.yaml")]  # fmt: skip
-        step("Base training: 2 processes, DeepSpeed ZeRO-2 on the CPU", [*launcher, *train])
-    else:
-        step("Base training: one process (DeepSpeed unavailable)", [sys.executable, *train])
-    step("Runs so far", [sys.executable, *train, "--list-runs"])
-    grids = sorted(ROOT.glob("base_training/run_*/logs/samples/*.png"))
-    print(f"\nSample grids ({len(grids)}), newest last:")
-    for grid in grids[-3:]:
-        print(f"  {grid.relative_to(REPO)}")
+    train_base()
+    prefix, how = launcher()
+    lora = [str(REPO / "scripts" / "train_lora.py"), "--checkpoint-root", str(ROOT)]
+    step(
+        f"LoRA fine-tuning of the newest base run on digits 0-4: {how}",
+        [*prefix, *lora, "--data", "digits_0_4", "--experiment", "diffit_lora_digits", "--epochs", "3"],
+    )
+    for kind in ("base", "lora"):
+        script = REPO / "scripts" / f"train_{kind}.py"
+        step(
+            f"{kind} runs so far",
+            [sys.executable, str(script), "--checkpoint-root", str(ROOT), "--list-runs"],
+        )
+    grids = sorted(ROOT.glob("*/run_*/logs/samples/*.png"))
+    print(f"\nSample grids ({len(grids)}), newest of each run:")
+    for run in sorted({g.parent.parent.parent for g in grids}):
+        print(f"  {sorted((run / 'logs' / 'samples').glob('*.png'))[-1].relative_to(REPO)}")
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s.")
     return 0
 
