@@ -36,17 +36,18 @@ def launcher() -> tuple[list[str], str]:
     return [sys.executable], "one process (DeepSpeed unavailable)"
 
 
-def train_base() -> None:
+def train_base(root: Path = ROOT) -> None:
+    """The demo's base training (also what benchmarks/sample_quality.py measures)."""
     prefix, how = launcher()
-    script = [str(REPO / "scripts" / "train_base.py"), "--checkpoint-root", str(ROOT)]
+    script = [str(REPO / "scripts" / "train_base.py"), "--checkpoint-root", str(root)]
     step(f"Base training: {how}", [*prefix, *script])
 
 
-def main() -> int:
+def main(root: Path = ROOT) -> int:
     start = time.perf_counter()
-    train_base()
+    train_base(root)
     prefix, how = launcher()
-    lora = [str(REPO / "scripts" / "train_lora.py"), "--checkpoint-root", str(ROOT)]
+    lora = [str(REPO / "scripts" / "train_lora.py"), "--checkpoint-root", str(root)]
     step(
         f"LoRA fine-tuning of the newest base run on digits 0-4: {how}",
         [*prefix, *lora, "--data", "digits_0_4", "--experiment", "diffit_lora_digits", "--epochs", "3"],
@@ -60,7 +61,8 @@ def main() -> int:
     grids = sorted(ROOT.glob("*/run_*/logs/samples/*.png"))
     print(f"\nSample grids ({len(grids)}), newest of each run:")
     for run in sorted({g.parent.parent.parent for g in grids}):
-        print(f"  {sorted((run / 'logs' / 'samples').glob('*.png'))[-1].relative_to(REPO)}")
+        newest = sorted((run / "logs" / "samples").glob("*.png"))[-1]
+        print(f"  {newest.relative_to(REPO) if newest.is_relative_to(REPO) else newest}")
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s.")
     return 0
 

@@ -304,7 +304,7 @@ def test_a_runs_stored_config_dict_rebuilds_the_same_config() -> None:
         ("model.label_dropout", 1.0, "'model.label_dropout'"),
         ("data.val_fraction", 1.0, "'data.val_fraction'"),
         ("edm.sigma_min", 100.0, "'edm.sigma_min/sigma_max'"),
-        ("logging.trackers", ["mlflow"], "'logging.trackers[0]'"),
+        ("checkpoint.monitor", "accuracy", "'checkpoint.monitor'"),
     ],
 )
 def test_out_of_range_value_is_a_config_error_naming_the_key(key: str, value: Any, named: str) -> None:

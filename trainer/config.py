@@ -126,7 +126,6 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    trackers: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
     log_every_n_steps: int = 10
     sample_every_n_epochs: int = 1
     """Write a sample grid every N epochs (0: never)."""
