@@ -132,12 +132,18 @@ def test_adapter_is_under_five_percent_of_a_diffit_cifar_checkpoint(tmp_path: Pa
     config.model.in_channels, config.model.num_classes, config.lora.num_classes = 3, 10, 5  # type: ignore[union-attr]
     base = build_model(config)
     base_file = tmp_path / "base.ckpt"
-    torch.save({"state_dict": base.state_dict(), "ema_state_dict": dict(base.named_parameters())}, base_file)
+    # Distinct copies throughout: torch.save stores a shared tensor once, which would flatter either file.
+    ema = {n: p.detach().clone() for n, p in base.named_parameters()}
+    torch.save({"state_dict": base.state_dict(), "ema_state_dict": ema}, base_file)
     model = build_lora_model(config, base.state_dict())
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def copy() -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in trainable.items()}
+
     adapter_file = tmp_path / "adapter.ckpt"  # weights, EMA and both Adam moments, as the trainer saves
-    torch.save({"lora_state_dict": trainable, "ema_state_dict": trainable,
-                "optimizer": {"exp_avg": trainable, "exp_avg_sq": trainable}}, adapter_file)  # fmt: skip
+    torch.save({"lora_state_dict": copy(), "ema_state_dict": copy(),
+                "optimizer": {"exp_avg": copy(), "exp_avg_sq": copy()}}, adapter_file)  # fmt: skip
     ratio = adapter_file.stat().st_size / base_file.stat().st_size
     assert ratio <= 0.05, f"adapter is {ratio:.1%} of the base checkpoint"
     assert not any("base_layer" in n or n.endswith("original_module.weight") for n in trainable)
