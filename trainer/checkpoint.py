@@ -67,7 +67,9 @@ def load_checkpoint_file(path: Path, key: str = "state_dict") -> dict[str, Any]:
             f"pickled code to load ({reason})"
         ) from None
     if not isinstance(data, dict) or key not in data:
-        raise UserError(f"{path} is not a checkpoint of this trainer (no '{key}' inside)")
+        kind = data.get("kind") if isinstance(data, dict) else None
+        what = f"a {kind} checkpoint" if isinstance(kind, str) else "not a checkpoint of this trainer"
+        raise UserError(f"{path} is {what} (no '{key}' inside)")
     return data
 
 

@@ -307,7 +307,10 @@ def resolve_base_checkpoint(given: str | None, checkpoint_root: Path) -> Path:
 def load_base_checkpoint(path: Path) -> dict[str, Any]:
     from trainer.checkpoint import load_checkpoint_file
 
-    ckpt = load_checkpoint_file(path)
+    try:
+        ckpt = load_checkpoint_file(path)
+    except UserError as e:
+        raise UserError(f"{e}; --base-checkpoint takes a base model .ckpt or a base run folder") from None
     if (
         ckpt.get("kind") != "base"
         or not isinstance(ckpt.get("config"), dict)
