@@ -26,14 +26,19 @@ from trainer.config import (
 )
 from trainer.errors import UserError
 from trainer.runs import (
+    SORT_KEYS,
     RunHandle,
     allocate_run,
+    filter_keys,
+    filter_runs,
     format_table,
     kind_root,
     list_runs,
+    mark_best,
     new_metadata,
     resolve_run,
     run_dir,
+    sort_runs,
     write_metadata,
 )
 
@@ -89,6 +94,28 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         parser.add_argument("--lora-config", help="LoRA preset name (configs/lora/) or YAML path")
     parser.add_argument("--list-runs", action="store_true", help="print the runs and exit")
     parser.add_argument("--json", action="store_true", help="with --list-runs: print JSON")
+    sort_help = "; ".join(f"{k}: {v}" for k, v in SORT_KEYS.items())
+    parser.add_argument(
+        "--sort",
+        choices=list(SORT_KEYS),
+        metavar="KEY",
+        help=f"with --list-runs: order rows by KEY ({sort_help})",
+    )
+    parser.add_argument(
+        "--filter",
+        dest="filters",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="with --list-runs: keep runs where KEY=VALUE (equal) or KEY~TEXT (contains, any case); "
+        "repeatable, all must match. Keys: " + ", ".join(filter_keys()),
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="OUT.png",
+        help="with --list-runs: also draw the monitored metric per epoch of every listed run into OUT.png",
+    )
     return parser
 
 
@@ -96,7 +123,16 @@ def main(argv: list[str] | None = None, kind: str = "base") -> int:
     args = build_parser(kind).parse_args(argv)
     try:
         if args.list_runs:
-            return print_runs(args.checkpoint_root, kind, as_json=args.json)
+            return print_runs(
+                args.checkpoint_root,
+                kind,
+                as_json=args.json,
+                sort=args.sort,
+                filters=args.filters,
+                plot=args.plot,
+            )
+        if args.sort or args.filters or args.plot:
+            raise UserError("--sort, --filter and --plot only apply to --list-runs")
         return train(args, kind)
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -104,12 +140,30 @@ def main(argv: list[str] | None = None, kind: str = "base") -> int:
         return 2
 
 
-def print_runs(checkpoint_root: Path, kind: str, *, as_json: bool) -> int:
-    rows = list_runs(kind_root(checkpoint_root, kind))
+def print_runs(
+    checkpoint_root: Path,
+    kind: str,
+    *,
+    as_json: bool,
+    sort: str | None = None,
+    filters: list[str] | None = None,
+    plot: Path | None = None,
+) -> int:
+    """The ``--list-runs`` output: runs filtered, sorted, best marked among those shown; optionally a chart."""
+    root = kind_root(checkpoint_root, kind)
+    rows = filter_runs(list_runs(root), filters or [])
+    rows = mark_best(sort_runs(rows, sort or "run"))
+    title = f"{TITLES[kind]} in {root}"
+    if plot is not None:
+        from trainer.plots import metric_figure, save_figure  # matplotlib only when a chart is asked for
+
+        save_figure(metric_figure(rows, title=TITLES[kind]), plot)
     if as_json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
     else:
-        print(format_table(rows, f"{TITLES[kind]} in {kind_root(checkpoint_root, kind)}"))
+        print(format_table(rows, title))
+    if plot is not None:  # stderr: keeps --json output parseable
+        print(f"Wrote {plot}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,48 @@
+"""Inspect runs: one run's config, history and checkpoints, or the config keys two runs differ in.
+
+    python scripts/runs.py show 3                     # base run 003 under ./checkpoints
+    python scripts/runs.py diff 2 5 --kind lora --checkpoint-root /data/ckpts
+
+To list and compare all runs use `scripts/train_base.py --list-runs` (with --sort, --filter, --plot).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from trainer.errors import UserError
+from trainer.run_report import find_run, format_diff, format_show
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--kind", choices=["base", "lora"], default="base", help="run kind (default base)")
+    common.add_argument("--checkpoint-root", type=Path, default=Path("checkpoints"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("show", parents=[common], help="config, history and checkpoints of run N")
+    show.add_argument("run", type=int, metavar="N")
+    diff = commands.add_parser("diff", parents=[common], help="config keys that differ between runs N and M")
+    diff.add_argument("run", type=int, metavar="N")
+    diff.add_argument("other", type=int, metavar="M")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        first = find_run(args.checkpoint_root, args.kind, args.run)
+        if args.command == "show":
+            print(format_show(first))
+        else:
+            print(format_diff(first, find_run(args.checkpoint_root, args.kind, args.other)))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

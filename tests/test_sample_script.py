@@ -1,0 +1,50 @@
+"""``scripts/sample.py`` draws a grid from any run: one row per requested class, base and LoRA alike.
+
+Four launches: a tiny base run, a tiny LoRA run on it, and one sample grid from each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers import run_script, train_base, train_lora
+
+pytestmark = pytest.mark.distributed
+
+SCALE, PAD = 2, 2  # trainer.samples.save_grid: cells are image·scale + pad, plus one pad at the edge
+IMAGE_SIZE = 16  # diffit_tiny on digits
+
+
+def grid_height(rows: int) -> int:
+    return rows * (IMAGE_SIZE * SCALE + PAD) + PAD
+
+
+def test_sample_script_draws_one_row_per_class_for_base_and_lora_runs(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    train_base(root, "--epochs", "1", accelerate_config=None)
+    train_lora(root, "--epochs", "1", accelerate_config=None)
+    base_run, lora_run = root / "base_training" / "run_001", root / "lora_finetuning" / "run_001"
+    fast = ["--steps", "4", "--seed", "1"]
+
+    base_png = tmp_path / "base.png"
+    result = run_script(
+        "sample.py",
+        [str(base_run), "--classes", "0,3,7", "--n", "6", *fast, "--out", str(base_png)],
+    )
+    assert "3 row(s) x 2 images" in result.stdout
+    width, height = Image.open(base_png).size
+    assert height == grid_height(3)
+    assert width > 2 * IMAGE_SIZE * SCALE
+
+    # The LoRA run fine-tunes on digits 0-4: classes by name, and by default every one of its 5 classes.
+    lora_png = tmp_path / "lora.png"
+    result = run_script(
+        "sample.py",
+        [str(lora_run), "--which", "last", "--n", "5", *fast, "--out", str(lora_png)],
+    )
+    assert "5 row(s) x 1 images" in result.stdout
+    assert Image.open(lora_png).size[1] == grid_height(5)
+    assert Image.open(lora_png).format == "PNG"

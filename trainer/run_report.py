@@ -1,0 +1,160 @@
+"""``scripts/runs.py show`` and ``diff``: one run's config, history and checkpoints; two runs' config diff.
+
+Text only, read from ``config.json``, ``metadata.json`` and the checkpoint folder; no tensors are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer.config import diff_keys
+from trainer.runs import RunError, kind_root, read_metadata, resolve_run, run_dir
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "lr", "seconds", "checkpoint"]
+_ABSENT = "(absent)"
+
+
+def find_run(checkpoint_root: Path, kind: str, number: int) -> Path:
+    """The folder of run ``number``; a missing run is a ``RunError`` naming the runs that exist."""
+    root = kind_root(checkpoint_root, kind)
+    return run_dir(root, resolve_run(root, number))
+
+
+def read_config(run: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((run / "config.json").read_text())
+    except FileNotFoundError:
+        raise RunError(f"{run} has no config.json") from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {run / 'config.json'}: {e}") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{run / 'config.json'} does not hold an object")
+    return data
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys: ``{"edm": {"rho": 7}}`` → ``{"edm.rho": 7}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def lookup(data: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key, or ``_ABSENT``."""
+    value: Any = data
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+def show_value(value: Any) -> str:
+    return value if value is _ABSENT else json.dumps(value)
+
+
+def table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append(indent + "  ".join("-" * w for w in widths))
+    lines += [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)
+
+
+def checkpoint_files(run: Path) -> list[tuple[str, int, str]]:
+    """(path relative to the run, bytes, note) of every ``.ckpt`` in the run.
+
+    ``best.ckpt``/``last.ckpt`` are hard links to an epoch file: the epoch file's note says which of them
+    point at it, and theirs names the file (or says "copy" where the file system could not link).
+    """
+    found: list[Path] = []
+    for folder in ("checkpoints", "lora_weights", "base_model"):
+        if (run / folder).is_dir():
+            found += sorted(p for p in (run / folder).glob("*.ckpt") if not p.name.startswith("."))
+    aliases = [p for p in found if p.stem in ("best", "last")]
+    rows = []
+    for path in found:
+        if path in aliases:
+            target = [p.name for p in found if p not in aliases and _same_file(p, path)]
+            note = f"{path.stem} -> {target[0]}" if target else f"{path.stem} (copy)"
+        elif path.parent.name == "base_model":
+            note = "base model the adapters apply to"
+        else:
+            note = ", ".join(a.stem for a in aliases if _same_file(path, a))
+        rows.append((str(path.relative_to(run)), path.stat().st_size, note))
+    return rows
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def format_show(run: Path) -> str:
+    """Everything ``runs.py show`` prints about one run."""
+    config = read_config(run)
+    try:
+        meta = read_metadata(run)
+    except (OSError, ValueError) as e:
+        meta = {"status": f"broken: unreadable metadata.json ({type(e).__name__})"}
+    dataset = meta.get("dataset") or {}
+    best = meta.get("best") or {}
+    lines = [
+        f"Run {run.name.removeprefix('run_')} ({run})",
+        f"  kind: {meta.get('kind', '-')}   experiment: {meta.get('experiment', '-')}   "
+        f"status: {meta.get('status', '-')}",
+        f"  dataset: {dataset.get('name', '-')} ({dataset.get('num_classes', '?')} classes)   epochs: "
+        f"{meta.get('epochs_completed', '-')}/{meta.get('epochs_total') or '?'}",
+    ]
+    if best:
+        lines.append(
+            f"  best: {best.get('metric')} = {_cell(best.get('value'))} at epoch {best.get('epoch')} "
+            f"(mode {best.get('mode', 'min')})"
+        )
+    lines += ["", "Config (config.json):"]
+    lines += [f"  {key} = {show_value(value)}" for key, value in flatten(config).items()]
+    history = [h for h in meta.get("history") or [] if isinstance(h, dict)]
+    lines += ["", "History:"]
+    if history:
+        columns = [c for c in HISTORY_COLUMNS if any(c in h for h in history)]
+        lines += table(columns, [[_cell(h.get(c)) for c in columns] for h in history])
+    else:
+        lines.append("  (no epochs yet)")
+    files = checkpoint_files(run)
+    lines += ["", "Checkpoints on disk:"]
+    if files:
+        body = [[name, f"{size / 1e6:.2f} MB", note] for name, size, note in files]
+        lines += table(["file", "size", "note"], body)
+    else:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+def format_diff(run_a: Path, run_b: Path) -> str:
+    """The config keys that differ between two runs, with both values."""
+    a, b = read_config(run_a), read_config(run_b)
+    keys = diff_keys(a, b)
+    name_a, name_b = f"run {run_a.name.removeprefix('run_')}", f"run {run_b.name.removeprefix('run_')}"
+    if not keys:
+        return f"{name_a} and {name_b} have the same config"
+    lines = [f"Config keys that differ between {name_a} and {name_b}:"]
+    lines += table(
+        ["key", name_a, name_b], [[k, show_value(lookup(a, k)), show_value(lookup(b, k))] for k in keys]
+    )
+    return "\n".join(lines)
