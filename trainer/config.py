@@ -131,10 +131,16 @@ class LoggingConfig:
     """Write a sample grid every N epochs (0: never)."""
     samples_per_class: int = 8
     guidance: float = 2.0
+    trackers: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
+    """Experiment trackers fed by global rank 0 (``trainer/trackers.py``); files go under the run's ``logs/``."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline keeps wandb's files local (upload later with ``wandb sync``); online uploads as it trains.
+    A WANDB_MODE environment variable, when set, wins."""
 
     def __post_init__(self) -> None:
         _require(self.log_every_n_steps >= 1, "logging.log_every_n_steps", "at least 1")
         _require(self.sample_every_n_epochs >= 0, "logging.sample_every_n_epochs", "0 (never) or more")
+        _require(len(set(self.trackers)) == len(self.trackers), "logging.trackers", "a list without repeats")
 
 
 @dataclass

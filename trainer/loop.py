@@ -1,7 +1,8 @@
 """The base training loop: EDM loss on DiffiT, EMA, per-epoch validation, checkpoints and sample grids.
 
 The loop holds no rank logic of its own beyond "only rank 0 draws": checkpoint I/O decisions live in
-``CheckpointManager``, metadata writes in ``RunHandle``, collectives in ``launch``.
+``CheckpointManager``, metadata writes in ``RunHandle``, experiment trackers in ``Trackers``, collectives in
+``launch``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from trainer.errors import UserError
 from trainer.factory import base_weights, build_lora_model, build_model, load_trainable
 from trainer.runs import RunHandle
 from trainer.samples import sample_grid, save_grid
+from trainer.trackers import Trackers, open_trackers
 
 
 def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -108,6 +110,7 @@ class Trainer:
             run.path, topo, keep_last_n=config.checkpoint.keep_last_n, config=config.to_dict()
         )
         self.state = TrainingState(history=[])
+        self.trackers = Trackers()  # opened by fit(), once resume() has set the step to continue from
 
     def _build_module(self) -> torch.nn.Module:
         if self.kind == "base":
@@ -134,6 +137,16 @@ class Trainer:
     # -- training ---------------------------------------------------------------------------------
 
     def fit(self) -> None:
+        """Train the remaining epochs, feeding the configured trackers; they are closed however it ends."""
+        self.trackers = open_trackers(self.config, self.run, resume_step=self.state.global_step)
+        failed = True
+        try:
+            self._fit_epochs()
+            failed = False
+        finally:
+            self.trackers.close(failed=failed)
+
+    def _fit_epochs(self) -> None:
         cfg = self.config
         self.run.update(epochs_total=cfg.epochs)
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
@@ -156,6 +169,7 @@ class Trainer:
             self.state.epoch = epoch
             assert self.state.history is not None
             self.state.history.append(entry)
+            saved: dict[str, Any] = {}  # {file, bytes, seconds} on rank 0 when a checkpoint is written
             if epoch % cfg.checkpoint.save_every_n_epochs == 0 or epoch == cfg.epochs:
                 entry["checkpoint"] = f"{epoch_name(epoch)}.ckpt"
                 saved = self.checkpoints.save(
@@ -176,6 +190,7 @@ class Trainer:
             self.run.record_epoch(
                 self.state, kept=self.checkpoints.epochs_on_disk() if self.topo.is_main else []
             )
+            self._log_epoch(entry, val_loss, saved)
             line = f"Epoch {epoch}/{cfg.epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             self.run.print(line + f", {entry['images_per_sec']:.0f} img/s" + ("  (best)" if is_best else ""))
             every = cfg.logging.sample_every_n_epochs
@@ -207,6 +222,7 @@ class Trainer:
             leave=False,
         )
         start = time.perf_counter()
+        window_loss, window_steps, window_start = 0.0, 0, start  # steps since the last tracker point
         for step in range(self.steps_per_epoch):
             lr = lr_at(cfg, self.state.global_step, self.total_steps)
             for group in self.optimizer.param_groups:
@@ -221,14 +237,45 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.global_step += 1
             self.ema.update(images_seen=self.state.global_step * cfg.batch_size, batch_size=cfg.batch_size)
-            loss_sum += loss.item()
+            value = loss.item()
+            loss_sum += value
+            window_loss, window_steps = window_loss + value, window_steps + 1
             bar.update(1)
-            if step % cfg.logging.log_every_n_steps == 0 or step == self.steps_per_epoch - 1:
+            last = step == self.steps_per_epoch - 1
+            if step % cfg.logging.log_every_n_steps == 0 or last:
                 rate = (step + 1) * cfg.batch_size / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+            # Tracker points on multiples of the global step, so every launch of a run logs the same steps;
+            # each one averages rank 0's loss since the previous point (no collective on the hot path).
+            point = self.state.global_step % cfg.logging.log_every_n_steps == 0 or last
+            if self.trackers.enabled and point:
+                now = time.perf_counter()
+                self.trackers.log(
+                    {
+                        "train/loss": window_loss / window_steps,
+                        "train/lr": lr,
+                        "train/images_per_sec": window_steps * cfg.batch_size / (now - window_start),
+                    },
+                    step=self.state.global_step,
+                )
+                window_loss, window_steps, window_start = 0.0, 0, now
         bar.close()
         total, count = all_reduce_sum([loss_sum, float(self.steps_per_epoch)], topo)
         return total / count
+
+    def _log_epoch(self, entry: dict[str, Any], val_loss: float | None, saved: dict[str, Any]) -> None:
+        """An epoch's metrics, and its checkpoint's save time and size when one was written (rank 0)."""
+        metrics: dict[str, float | None] = {
+            "epoch/epoch": entry["epoch"],
+            "epoch/train_loss": entry["train_loss"],
+            "epoch/val_loss": val_loss,
+            "epoch/seconds": entry["seconds"],
+            "epoch/images_per_sec": entry["images_per_sec"],
+        }
+        if saved:
+            metrics["checkpoint/seconds"] = saved["seconds"]
+            metrics["checkpoint/size_mb"] = saved["bytes"] / 1e6
+        self.trackers.log(metrics, step=self.state.global_step)
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         cfg = self.config
@@ -332,4 +379,5 @@ class Trainer:
             path = self.run.path / "logs" / "samples" / f"{epoch_name(epoch)}.png"
             save_grid(images, names, logging.samples_per_class, path)
             self.run.print(f"Wrote sample grid {path}")
+            self.trackers.log_image("samples", path, step=self.state.global_step)
         barrier(self.topo)

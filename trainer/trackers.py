@@ -1,0 +1,204 @@
+"""Experiment trackers (Weights & Biases, TensorBoard) fed by global rank 0, with files under the run's ``logs/``.
+
+``logging.trackers`` picks any of ``wandb`` and ``tensorboard``; with none, neither library is imported. Every
+value is logged with ``step=global_step`` (optimizer steps since the run began), so a resumed run continues
+its curves where the checkpoint left them instead of restarting at 0:
+
+- TensorBoard writes to ``logs/tensorboard/`` for the run's whole life; a resumed launch adds an event file
+  there and sets ``purge_step``, so points a crashed launch wrote after its last checkpoint are dropped.
+- wandb keeps one run id per training run, stored in ``metadata.json`` (``trackers.wandb_id``) before the
+  first ``wandb.init``; ``--resume`` reopens that id with ``resume="allow"``. Offline (the default) each
+  launch adds a folder ``logs/wandb/offline-run-*-<id>/``; ``wandb sync`` uploads them as one run.
+  wandb ignores steps lower than ones it has already seen, so an online run resumed after a crash shows
+  the gap between the checkpoint and the crash only once.
+
+Why the libraries are called directly rather than through ``accelerate.tracking`` (``WandBTracker``,
+``TensorBoardTracker``): those classes exist to be driven by ``Accelerator(log_with=...)``, which cannot be
+used here because the Accelerator is built before the run folder (and so the log folder and the stored
+wandb id) is known. On their own they are thin wrappers that would still need this module's work (id
+storage, resume), and they hide what resume and failure need: TensorBoard's ``purge_step`` and
+``wandb.finish(exit_code=...)``, which marks a crashed run as failed rather than finished.
+
+Rank rule, kept here: ``open_trackers`` opens nothing on ranks other than global rank 0 and returns an empty
+``Trackers``, whose methods do nothing; the loop calls them on every rank without checking.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+    from trainer.runs import RunHandle
+
+TENSORBOARD_DIR = "tensorboard"
+"""TensorBoard's folder under the run's ``logs/``."""
+
+
+class Tracker(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_image(self, key: str, path: Path, step: int) -> None: ...
+
+    def close(self, *, failed: bool) -> None: ...
+
+
+class TensorBoardTracker:
+    """A ``SummaryWriter`` on ``logs/tensorboard/``, shared by every launch of the run."""
+
+    def __init__(self, logs: Path, *, resume_step: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise _not_installed("tensorboard") from None
+
+        # purge_step: on reading, TensorBoard drops points at steps >= it that earlier event files hold (a
+        # crashed launch's steps after its last checkpoint), so a resumed curve never doubles back.
+        self.writer = SummaryWriter(
+            str(logs / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None, flush_secs=30
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, global_step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        self.writer.add_image(key, pixels, global_step=step, dataformats="HWC")
+        self.writer.flush()  # grids come once per epoch at most; show them without waiting for flush_secs
+
+    def close(self, *, failed: bool) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A wandb run under ``logs/wandb/``, reopened by id on every launch of the training run."""
+
+    def __init__(
+        self, logs: Path, *, run_id: str, project: str, name: str, mode: str, config: dict[str, Any]
+    ) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise _not_installed("wandb") from None
+
+        self._wandb = wandb
+        try:
+            self.run = wandb.init(
+                project=project,
+                name=name,
+                id=run_id,
+                resume="allow",  # a new id starts the run; a stored one continues it
+                dir=str(logs),
+                mode=mode,  # type: ignore[arg-type]  # WANDB_MODE may hold any of wandb's modes
+                config=config,
+            )
+        except Exception as e:  # wandb raises its own errors for logins, network, bad settings
+            raise UserError(
+                f"wandb could not start in {mode} mode ({type(e).__name__}: {e}); run `wandb login`, set "
+                "logging.wandb_mode=offline, or drop wandb from logging.trackers"
+            ) from e
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+
+    def close(self, *, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class Trackers:
+    """The trackers this process feeds: none on ranks other than 0, so callers never check the rank."""
+
+    def __init__(self, trackers: list[Tracker] | None = None) -> None:
+        self._trackers = list(trackers or [])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._trackers)
+
+    def log(self, metrics: dict[str, float | None], step: int) -> None:
+        """Scalars at optimizer step ``step``; ``None`` values (no validation split) are left out."""
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        for tracker in self._trackers:
+            tracker.log(values, step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """An image file (a sample grid PNG) at optimizer step ``step``."""
+        for tracker in self._trackers:
+            tracker.log_image(key, path, step)
+
+    def close(self, *, failed: bool = False) -> None:
+        """Close every tracker once. A tracker that fails to close is reported, never raised: it must not
+        hide the training error being handled, nor fail a run whose checkpoints are written."""
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            try:
+                tracker.close(failed=failed)
+            except Exception as e:
+                print(f"warning: could not close {type(tracker).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+def wandb_mode(configured: str) -> str:
+    """The config's ``logging.wandb_mode``, unless the user set WANDB_MODE in the environment."""
+    return os.environ.get("WANDB_MODE") or configured
+
+
+def open_trackers(config: TrainConfig, run: RunHandle, *, resume_step: int) -> Trackers:
+    """Open the configured trackers on global rank 0 (an empty ``Trackers`` elsewhere or with none).
+
+    ``resume_step`` is the global step the run continues from (0 for a new run). The wandb id is written to
+    ``metadata.json`` before ``wandb.init``, so a launch that dies during start-up is resumed under it too.
+    """
+    names = config.logging.trackers
+    if not run.is_main or not names:
+        return Trackers()
+    logs = run.path / "logs"
+    logs.mkdir(exist_ok=True)
+    opened: list[Tracker] = []
+    try:
+        for name in names:
+            if name == "tensorboard":
+                opened.append(TensorBoardTracker(logs, resume_step=resume_step))
+            elif name == "wandb":
+                opened.append(
+                    WandbTracker(
+                        logs,
+                        run_id=_wandb_id(run),
+                        project=config.experiment,
+                        name=f"{run.path.parent.name}/{run.path.name}",
+                        mode=wandb_mode(config.logging.wandb_mode),
+                        config=config.to_dict(),
+                    )
+                )
+            else:  # config validation admits only the names above
+                raise AssertionError(f"unknown tracker {name!r}")
+    except BaseException:
+        Trackers(opened).close(failed=True)
+        raise
+    return Trackers(opened)
+
+
+def _not_installed(name: str) -> UserError:
+    return UserError(f"logging.trackers names {name}, which is not installed: pip install {name}, or drop it")
+
+
+def _wandb_id(run: RunHandle) -> str:
+    """The run's wandb id from ``metadata.json``, created and stored on first use."""
+    stored: dict[str, Any] = dict(run.metadata.get("trackers") or {})
+    if not stored.get("wandb_id"):
+        stored["wandb_id"] = secrets.token_hex(4)  # wandb ids: lowercase letters and digits, like its own
+        run.update(trackers=stored)
+    return str(stored["wandb_id"])
