@@ -6,3 +6,21 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory):
+    """``<tmp>/checkpoints`` with base run 001 and LoRA run 001 on it (digits 0-4), one process each.
+
+    Shared by every module that only needs finished runs to read; a test that changes files works on a copy.
+    """
+    from tests.helpers import train_base, train_lora
+
+    root = tmp_path_factory.mktemp("tiny_runs") / "checkpoints"
+    train_base(root, "--epochs", "1", accelerate_config=None)
+    train_lora(root, "--epochs", "1", "--base-checkpoint", str(root / "base_training" / "run_001"),
+               accelerate_config=None)  # fmt: skip
+    return root

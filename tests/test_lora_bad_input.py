@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import train_base, train_lora
+from tests.helpers import train_lora
 from tests.test_bad_input import assert_refused, assert_unchanged, snapshot
 
 pytestmark = pytest.mark.slow
@@ -38,15 +38,9 @@ def lora_tiny(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished(tiny_runs: Path) -> Path:
     """Checkpoint root holding completed base run 001 and LoRA run 001 (its base given as the run folder)."""
-    root = tmp_path_factory.mktemp("lora_bad_input") / "ckpt"
-    base = train_base(root, "--epochs", "1", accelerate_config=None, check=False)
-    assert base.returncode == 0, f"the shared base run failed:\n{base.stdout[-3000:]}\n{base.stderr[-5000:]}"
-    lora = lora_tiny(root, "--epochs", "1", "--base-checkpoint", str(root / BASE_RUN))
-    assert lora.returncode == 0, f"the shared LoRA run failed:\n{lora.stdout[-3000:]}\n{lora.stderr[-5000:]}"
-    assert "error:" not in lora.stderr and "Traceback" not in lora.stdout + lora.stderr
-    return root
+    return tiny_runs
 
 
 @pytest.fixture
@@ -83,7 +77,7 @@ def test_bad_base_checkpoint_file_is_refused_naming_it(root_copy: Path, tmp_path
         phrases = ["cannot load checkpoint", str(path)]
     else:
         path = root_copy / LORA_RUN / "lora_weights" / "last.ckpt"
-        phrases = [str(path), "not a"]
+        phrases = [str(path), "is a lora checkpoint", "--base-checkpoint takes a base model"]
     before = snapshot(tmp_path)
     result = lora_tiny(root_copy, "--epochs", "1", "--base-checkpoint", str(path))
     assert_refused(result, *phrases)

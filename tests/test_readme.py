@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, train_base, train_lora
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.distributed
 
@@ -20,13 +20,9 @@ def readme_examples() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workdir(tiny_runs: Path) -> Path:
     """A folder with ./checkpoints holding base run 001 and LoRA run 001 (digits 0-4), as in the README."""
-    work = tmp_path_factory.mktemp("readme")
-    root = work / "checkpoints"
-    train_base(root, "--epochs", "1", accelerate_config=None)
-    train_lora(root, "--epochs", "1", accelerate_config=None)
-    return work
+    return tiny_runs.parent
 
 
 def test_readme_has_python_examples() -> None:

@@ -1,6 +1,6 @@
 """``scripts/sample.py`` draws a grid from any run: one row per requested class, base and LoRA alike.
 
-Four launches: a tiny base run, a tiny LoRA run on it, and one sample grid from each.
+Two launches (one sample grid from each of the session's tiny base and LoRA runs).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import run_script, train_base, train_lora
+from tests.helpers import run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -22,10 +22,10 @@ def grid_height(rows: int) -> int:
     return rows * (IMAGE_SIZE * SCALE + PAD) + PAD
 
 
-def test_sample_script_draws_one_row_per_class_for_base_and_lora_runs(tmp_path: Path) -> None:
-    root = tmp_path / "checkpoints"
-    train_base(root, "--epochs", "1", accelerate_config=None)
-    train_lora(root, "--epochs", "1", accelerate_config=None)
+def test_sample_script_draws_one_row_per_class_for_base_and_lora_runs(
+    tiny_runs: Path, tmp_path: Path
+) -> None:
+    root = tiny_runs
     base_run, lora_run = root / "base_training" / "run_001", root / "lora_finetuning" / "run_001"
     fast = ["--steps", "4", "--seed", "1"]
 
