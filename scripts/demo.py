@@ -3,7 +3,7 @@
 1. base training of DiffiT under `accelerate launch` with 2 processes and DeepSpeed ZeRO-2
    (one process without DeepSpeed where DeepSpeed is unavailable);
 2. LoRA fine-tuning of that base model on the digits 0-4 only, the same way;
-3. the listings of both kinds of runs;
+3. the listings of both kinds of runs, with a plot of their validation loss per epoch;
 leaving sample grids in demo_output/checkpoints/{base_training,lora_finetuning}/run_NNN/logs/samples/.
 """
 
@@ -54,11 +54,10 @@ def main(root: Path = ROOT) -> int:
     )
     for kind in ("base", "lora"):
         script = REPO / "scripts" / f"train_{kind}.py"
-        step(
-            f"{kind} runs so far",
-            [sys.executable, str(script), "--checkpoint-root", str(ROOT), "--list-runs"],
-        )
-    grids = sorted(ROOT.glob("*/run_*/logs/samples/*.png"))
+        plot = root.parent / f"{kind}_runs.png"  # the monitored metric per epoch of every run
+        listing = ["--checkpoint-root", str(root), "--list-runs", "--plot", str(plot)]
+        step(f"{kind} runs so far", [sys.executable, str(script), *listing])
+    grids = sorted(root.glob("*/run_*/logs/samples/*.png"))
     print(f"\nSample grids ({len(grids)}), newest of each run:")
     for run in sorted({g.parent.parent.parent for g in grids}):
         newest = sorted((run / "logs" / "samples").glob("*.png"))[-1]
