@@ -201,7 +201,13 @@ def resume_number(args: argparse.Namespace) -> tuple[bool, int | None]:
 
 
 def train(args: argparse.Namespace, kind: str) -> int:
-    # Heavy imports (torch, accelerate) only here, so --list-runs and --help start instantly.
+    resuming, wanted = resume_number(args)
+    overrides, set_keys = cli_overrides(args)
+    root = kind_root(args.checkpoint_root, kind)
+    if not resuming:  # a bad config is refused before torch is even imported
+        config = build_config(args.config or DEFAULT_CONFIGS[kind], overrides, TrainConfig)
+
+    # Heavy imports (torch, accelerate) only here, so --list-runs, --help and config errors are instant.
     from launch import build_accelerator, decide_on_rank0, topology
     from trainer.factory import (
         base_weights,
@@ -212,9 +218,6 @@ def train(args: argparse.Namespace, kind: str) -> int:
     )
     from trainer.loop import Trainer, plan_steps
 
-    resuming, wanted = resume_number(args)
-    overrides, set_keys = cli_overrides(args)
-    root = kind_root(args.checkpoint_root, kind)
     accelerator = build_accelerator()
     topo = topology(accelerator)
 
@@ -223,18 +226,16 @@ def train(args: argparse.Namespace, kind: str) -> int:
     if resuming:
         number = decide_on_rank0(topo, lambda: resolve_run(root, wanted))
         stored = json.loads((run_dir(root, number) / "config.json").read_text())
-        config: TrainConfig = build_config(stored, overrides)
+        config = build_config(stored, overrides, TrainConfig)
         if kind == "lora":
             base = load_stored_base(run_dir(root, number))
-    else:
-        config = build_config(args.config or DEFAULT_CONFIGS[kind], overrides, TrainConfig)
-        if kind == "lora":
-            if args.model is not None:
-                raise ConfigError("a LoRA run adapts the base checkpoint's model; drop --model")
-            path = resolve_base_checkpoint(args.base_checkpoint, args.checkpoint_root)
-            base = load_base_checkpoint(path)
-            config.model = from_dict(ModelConfig, base["config"]["model"], "model.")
-            config.base_checkpoint = str(path.resolve())
+    elif kind == "lora":
+        if args.model is not None:
+            raise ConfigError("a LoRA run adapts the base checkpoint's model; drop --model")
+        path = resolve_base_checkpoint(args.base_checkpoint, args.checkpoint_root)
+        base = load_base_checkpoint(path)
+        config.model = from_dict(ModelConfig, base["config"]["model"], "model.")
+        config.base_checkpoint = str(path.resolve())
 
     splits = load_data(config)
     resolve_model_against_data(config, splits)
