@@ -270,6 +270,10 @@ def train(args: argparse.Namespace, kind: str) -> int:
         raise
     except KeyboardInterrupt:
         run.finish("interrupted")
+        run.print(
+            f"Interrupted: run {number:03d} is marked interrupted; continue it from its last checkpoint with "
+            f"--resume {number}"
+        )
         raise
     except BaseException:
         run.finish("failed")
