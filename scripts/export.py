@@ -23,18 +23,17 @@ def main() -> int:
 
     from trainer.api import merge_lora
     from trainer.atomic import atomic_write
-    from trainer.errors import UserError
+    from trainer.errors import exit_code
 
     which = int(args.which) if args.which.isdigit() else args.which
-    try:
+
+    def export() -> None:
         payload = merge_lora(args.run, which)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda f: torch.save(payload, f))
-    print(f"Wrote {args.out} (merged from {payload['merged_from']})")
-    return 0
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out, lambda f: torch.save(payload, f))
+        print(f"Wrote {args.out} (merged from {payload['merged_from']})")
+
+    return exit_code(export)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from trainer.errors import UserError
+from trainer.errors import exit_code
 from trainer.run_report import find_run, format_diff, format_show
 
 
@@ -32,16 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def report() -> None:
         first = find_run(args.checkpoint_root, args.kind, args.run)
         if args.command == "show":
             print(format_show(first))
         else:
             print(format_diff(first, find_run(args.checkpoint_root, args.kind, args.other)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(report)
 
 
 if __name__ == "__main__":

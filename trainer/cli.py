@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from trainer.config import (
     from_dict,
     parse_override,
 )
-from trainer.errors import UserError
+from trainer.errors import UserError, exit_code
 from trainer.runs import (
     SORT_KEYS,
     RunHandle,
@@ -121,23 +120,22 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, kind: str = "base") -> int:
     args = build_parser(kind).parse_args(argv)
-    try:
-        if args.list_runs:
-            return print_runs(
-                args.checkpoint_root,
-                kind,
-                as_json=args.json,
-                sort=args.sort,
-                filters=args.filters,
-                plot=args.plot,
-            )
-        if args.sort or args.filters or args.plot:
-            raise UserError("--sort, --filter and --plot only apply to --list-runs")
-        return train(args, kind)
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    return exit_code(lambda: _dispatch(args, kind))
+
+
+def _dispatch(args: argparse.Namespace, kind: str) -> int:
+    if args.list_runs:
+        return print_runs(
+            args.checkpoint_root,
+            kind,
+            as_json=args.json,
+            sort=args.sort,
+            filters=args.filters,
+            plot=args.plot,
+        )
+    if args.sort or args.filters or args.plot:
+        raise UserError("--sort, --filter and --plot only apply to --list-runs")
+    return train(args, kind)
 
 
 def print_runs(
