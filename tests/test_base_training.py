@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.helpers import assert_same_tensors, load_ckpt, run_script, train_base
 from trainer.config import TrainConfig, from_dict
@@ -59,7 +60,9 @@ def test_base_run_has_the_documented_layout(zero2: dict) -> None:
     assert meta["dataset"] == {"name": "Digits", "num_classes": 10}
     assert meta["global_step"] == 12
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4]
-    assert (run / "logs" / "samples" / "epoch_004.png").is_file()
+    grid = Image.open(run / "logs" / "samples" / "epoch_004.png")
+    # one row per digit class, 2 samples per row (TINY_RUN), 16 px images drawn 2x with 2 px gaps
+    assert grid.format == "PNG" and grid.size[1] == 10 * (16 * 2 + 2) + 2 and grid.size[0] > 2 * 32
 
 
 def test_checkpoint_loads_weights_only_into_the_model_strictly(zero2: dict) -> None:
