@@ -111,11 +111,6 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only what fine-tuning changes: the adapters and the modules trained in full."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def base_diffit(model: nn.Module) -> DiffiT:
     """The DiffiT itself, whether ``model`` is one or a peft model wrapping one."""
     inner = model.get_base_model() if isinstance(model, PeftModel) else model

@@ -60,10 +60,6 @@ def load_shard(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
-def is_zero_checkpoint(folder: Path) -> bool:
-    return any(folder.glob("*_optim_states.pt"))
-
-
 def _optim_files(folder: Path) -> list[Path]:
     files = list(folder.glob("*_optim_states.pt"))
     ranks = []
