@@ -7,20 +7,31 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import subprocess
+from pathlib import Path
 
 import pytest
 
+TinyRuns = tuple[Path, dict[str, subprocess.CompletedProcess[str]]]
+"""(checkpoint root, {"base": its launch's result, "lora": its launch's result})."""
+
 
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory: pytest.TempPathFactory):
+def tiny_runs_launched(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
+    """The launches behind `tiny_runs`, for tests that check what a good run prints."""
+    from tests.helpers import train_base, train_lora
+
+    root = tmp_path_factory.mktemp("tiny_runs") / "checkpoints"
+    base = train_base(root, "--epochs", "1", accelerate_config=None)
+    lora = train_lora(root, "--epochs", "1", "--base-checkpoint", str(root / "base_training" / "run_001"),
+                      accelerate_config=None)  # fmt: skip
+    return root, {"base": base, "lora": lora}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_runs_launched: TinyRuns) -> Path:
     """``<tmp>/checkpoints`` with base run 001 and LoRA run 001 on it (digits 0-4), one process each.
 
     Shared by every module that only needs finished runs to read; a test that changes files works on a copy.
     """
-    from tests.helpers import train_base, train_lora
-
-    root = tmp_path_factory.mktemp("tiny_runs") / "checkpoints"
-    train_base(root, "--epochs", "1", accelerate_config=None)
-    train_lora(root, "--epochs", "1", "--base-checkpoint", str(root / "base_training" / "run_001"),
-               accelerate_config=None)  # fmt: skip
-    return root
+    return tiny_runs_launched[0]

@@ -1,11 +1,19 @@
-"""The one place tests launch the real scripts: plain `python` or `accelerate launch` with N processes."""
+"""The one place tests launch the real scripts: plain `python` or `accelerate launch` with N processes.
+
+`run_cli` is the in-process twin of a plain `python scripts/train_<kind>.py` launch, for tests that only
+check how bad input is refused: it saves a torch import and process start-up per case.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +97,78 @@ def run_script(
     return result
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` is exactly ``values`` inside the block and exactly what it was after it."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _reset_accelerate() -> None:
+    """Forget Accelerate's process-wide singletons so each call builds its Accelerator from scratch."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_cli(
+    kind: str,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> subprocess.CompletedProcess[str]:
+    """``trainer.cli.main(args, kind)`` in this process, as ``run_script(..., check=False)`` would see it.
+
+    Same environment (``child_env``), working directory and ``sys.argv`` as the plain `python` launch;
+    stdout and stderr are captured, argparse's ``SystemExit`` becomes the return code. An exception that
+    escapes ``main`` is not caught: it fails the test with its traceback, where a real launch would have
+    printed a ``Traceback`` and exited 1. Accelerate's singletons, the environment, the working directory,
+    ``sys.argv``, the warning filters and torch's global RNG are restored afterwards.
+    """
+    from trainer.cli import main
+
+    script = REPO / "scripts" / f"train_{kind}.py"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_environ(child_env(env)))
+        stack.enter_context(contextlib.chdir(cwd))
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        stack.enter_context(warnings.catch_warnings())
+        stack.callback(_reset_accelerate)
+        saved_argv = sys.argv
+        stack.callback(setattr, sys, "argv", saved_argv)
+        sys.argv = [str(script), *args]
+        _reset_accelerate()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(list(args), kind=kind)
+            except SystemExit as e:  # argparse: --help, or a flag it cannot parse
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+    return subprocess.CompletedProcess(
+        [sys.executable, str(script), *args], code, stdout.getvalue(), stderr.getvalue()
+    )
+
+
 def train_base(root: Path, *args: str, accelerate_config: str | None = "cpu_zero2", **kwargs: Any):
     """A tiny base run under ``root`` (2-process ZeRO-2 by default)."""
-    return run_script(
-        "train_base.py",
-        [*TINY_RUN, "--checkpoint-root", str(root), *args],
-        accelerate_config=accelerate_config,
-        **kwargs,
-    )
+    return run_script("train_base.py", base_argv(root, *args), accelerate_config=accelerate_config, **kwargs)
+
+
+def base_argv(root: Path, *args: str) -> list[str]:
+    """The flags of `train_base`: the tiny run under ``root``, then ``args``."""
+    return [*TINY_RUN, "--checkpoint-root", str(root), *args]
 
 
 def load_ckpt(path: Path) -> dict[str, Any]:
@@ -111,9 +183,9 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def train_lora(root: Path, *args: str, accelerate_config: str | None = "cpu_zero2", **kwargs: Any):
     """A tiny LoRA run on digits 0-4 under ``root``, on the newest completed base run there by default."""
-    return run_script(
-        "train_lora.py",
-        [*TINY_RUN[2:], "--data", "digits_0_4", "--checkpoint-root", str(root), *args],
-        accelerate_config=accelerate_config,
-        **kwargs,
-    )
+    return run_script("train_lora.py", lora_argv(root, *args), accelerate_config=accelerate_config, **kwargs)
+
+
+def lora_argv(root: Path, *args: str) -> list[str]:
+    """The flags of `train_lora`: the tiny run on digits 0-4 under ``root``, then ``args``."""
+    return [*TINY_RUN[2:], "--data", "digits_0_4", "--checkpoint-root", str(root), *args]

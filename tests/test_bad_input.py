@@ -1,9 +1,20 @@
 """Bad input ends in one clear message and exit code 2, with no stack trace and nothing on disk changed.
 
-Each test launches the real `scripts/train_base.py` (plain `python`, one process) with one mistake and checks
-the promise of the contract: `error: <what is wrong, how to fix it>` on stderr, exit code 2, no
-`Traceback`, and the checkpoint root exactly as it was (no run folder created, no run touched or deleted).
-The resume cases share one real tiny run, copied per test so a misbehaving test cannot spoil the others.
+Each test gives `scripts/train_base.py` (one process) one mistake and checks the promise of the contract:
+`error: <what is wrong, how to fix it>` on stderr, exit code 2, no `Traceback`, and the checkpoint root
+exactly as it was (no run folder created, no run touched or deleted). The resume cases share one real tiny
+run (the session's `tiny_runs`), copied per test so a misbehaving test cannot spoil the others.
+
+Real launches (`launch_tiny`: `python scripts/train_base.py` in a fresh interpreter) prove the contract end to
+end: the good run, every case refused before torch is imported (a launch of those costs ~0.2 s, so they
+stay real), and one resume refused after the Accelerator and the Trainer were built
+(`test_resume_of_a_run_without_checkpoints_...`). The other cases get past the torch import, which costs a
+launch 10-20 s, so they call the same `trainer.cli.main` in this process (`train_tiny`, through
+`tests.helpers.run_cli`): same arguments, environment, working directory and `sys.argv` as the launch, with
+stdout and stderr captured. That checks the same things: the script is only `sys.exit(main(kind="base"))`,
+so `main`'s return value is the exit code; an exception escaping `main` (which a launch would print as a
+`Traceback`, exit code 1) fails the test with its traceback; and text that prints a traceback anyway is
+still caught by `assert_refused`. The DeepSpeed-not-installed case calls `prepare_environment` directly.
 """
 
 from __future__ import annotations
@@ -15,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import train_base
+from tests.conftest import TinyRuns
+from tests.helpers import base_argv, run_cli, train_base
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +79,14 @@ def assert_unchanged(root: Path, before: Tree) -> None:
     )
 
 
-def train_tiny(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """One process, tiny-run flags, never raising on a non-zero exit."""
+def launch_tiny(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python scripts/train_base.py` with the tiny-run flags, never raising on a non-zero exit."""
     return train_base(root, *args, accelerate_config=None, check=False)
+
+
+def train_tiny(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """What `launch_tiny` would return, from `trainer.cli.main` called in this process."""
+    return run_cli("base", base_argv(root, *args))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,14 +95,13 @@ def train_tiny(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """(checkpoint root holding completed run 001, the launch's result)."""
-    root = tmp_path_factory.mktemp("finished") / "ckpt"
-    result = train_tiny(root, "--epochs", "1")
-    assert result.returncode == 0, (
-        f"the shared tiny run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
-    return root, result
+def finished_run(tiny_runs_launched: TinyRuns) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """(checkpoint root holding completed base run 001, the launch's result): the session's `tiny_runs`.
+
+    Its LoRA run 001 is under another kind folder; the base cases below never look at it.
+    """
+    root, results = tiny_runs_launched
+    return root, results["base"]
 
 
 @pytest.fixture
@@ -131,7 +147,7 @@ def test_missing_cifar_names_the_folder_and_suggests_digits_and_creates_nothing(
 def test_unknown_preset_name_lists_the_choices_and_creates_nothing(
     tmp_path: Path, flag: str, value: str, choices: list[str]
 ) -> None:
-    result = train_tiny(tmp_path / "ckpt", flag, value)
+    result = launch_tiny(tmp_path / "ckpt", flag, value)
     assert_refused(result, f"'{value}'", "choose one of", *choices)
     assert snapshot(tmp_path) == {}
 
@@ -150,7 +166,7 @@ def test_bad_config_file_names_the_file_or_key_and_creates_nothing(
     config = tmp_path / "broken.yaml"
     config.write_text(text)
     before = snapshot(tmp_path)
-    result = train_tiny(tmp_path / "ckpt", "--config", str(config))
+    result = launch_tiny(tmp_path / "ckpt", "--config", str(config))
     assert_refused(result, *phrases)
     assert_unchanged(tmp_path, before)
 
@@ -166,7 +182,7 @@ def test_bad_config_file_names_the_file_or_key_and_creates_nothing(
 def test_bad_override_names_the_key_and_creates_nothing(
     tmp_path: Path, override: str, phrases: list[str]
 ) -> None:
-    result = train_tiny(tmp_path / "ckpt", "--set", override)
+    result = launch_tiny(tmp_path / "ckpt", "--set", override)
     assert_refused(result, *phrases)
     assert snapshot(tmp_path) == {}
 
@@ -205,7 +221,8 @@ def test_resume_of_a_run_without_checkpoints_is_refused_and_touches_nothing(run_
         ckpt.unlink()
     shutil.rmtree(checkpoints / "state")
     before = snapshot(run_copy)
-    result = train_tiny(run_copy, "--resume", "1")
+    # A real launch: refused only after torch, the Accelerator and the Trainer were set up.
+    result = launch_tiny(run_copy, "--resume", "1")
     assert_refused(result, "run 001 has no complete checkpoint", "start a new run")
     assert_unchanged(run_copy, before)
 
@@ -262,7 +279,7 @@ def test_bad_resume_number_is_refused_and_touches_nothing(
     run_copy: Path, args: list[str], phrases: list[str]
 ) -> None:
     before = snapshot(run_copy)
-    result = train_tiny(run_copy, *args)
+    result = launch_tiny(run_copy, *args)
     assert_refused(result, *phrases)
     assert_unchanged(run_copy, before)
 

@@ -1,10 +1,16 @@
 """Bad input to LoRA fine-tuning ends in one clear message and exit code 2, with nothing on disk changed.
 
-Each test launches the real `scripts/train_lora.py` (plain `python`, one process) with one mistake and checks
-the contract of `tests/test_bad_input.py`: `error: <what is wrong, how to fix it>` on stderr, exit code 2, no
-`Traceback`, and the checkpoint root exactly as it was (no run folder created, no run touched or deleted).
-One tiny base run and one tiny LoRA run on it (started from the base RUN FOLDER) are shared by the module;
-every test that could write works on a private copy of that checkpoint root.
+Each test gives `scripts/train_lora.py` (one process) one mistake and checks the contract of
+`tests/test_bad_input.py`: `error: <what is wrong, how to fix it>` on stderr, exit code 2, no `Traceback`, and
+the checkpoint root exactly as it was (no run folder created, no run touched or deleted). One tiny base run
+and one tiny LoRA run on it (started from the base RUN FOLDER, both real launches: the session's `tiny_runs`)
+are shared by the module; every test that could write works on a private copy of that checkpoint root.
+
+`test_no_base_model_anywhere_...` is a real launch (`launch_lora`: `python scripts/train_lora.py` in a fresh
+interpreter), which proves the exit code and the absence of a `Traceback` end to end for this script. The
+other cases call the same `trainer.cli.main` in this process (`lora_tiny`, through `tests.helpers.run_cli`),
+saving the 10-20 s torch import and start-up of a launch each; why that checks the same things is said in
+`tests/test_bad_input.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import train_lora
+from tests.helpers import lora_argv, run_cli, train_lora
 from tests.test_bad_input import assert_refused, assert_unchanged, snapshot
 
 pytestmark = pytest.mark.slow
@@ -27,9 +33,14 @@ BASE_RUN = Path("base_training") / "run_001"
 LORA_RUN = Path("lora_finetuning") / "run_001"
 
 
-def lora_tiny(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """One process, tiny-run flags on digits 0-4, never raising on a non-zero exit."""
+def launch_lora(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python scripts/train_lora.py` with the tiny-run flags on digits 0-4, never raising on a non-zero exit."""
     return train_lora(root, *args, accelerate_config=None, check=False)
+
+
+def lora_tiny(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """What `launch_lora` would return, from `trainer.cli.main` called in this process."""
+    return run_cli("lora", lora_argv(root, *args))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,7 +71,7 @@ def test_no_base_model_anywhere_says_how_to_make_one_and_creates_nothing(tmp_pat
     root = tmp_path / "ckpt"
     root.mkdir()
     before = snapshot(tmp_path)
-    result = lora_tiny(root, "--epochs", "1")
+    result = launch_lora(root, "--epochs", "1")
     assert_refused(result, "no base model to fine-tune", "train_base.py", "--base-checkpoint")
     assert not (root / "lora_finetuning").exists()
     assert_unchanged(tmp_path, before)
