@@ -40,7 +40,11 @@ unit: $(STAMP)
 
 # Everything: the fast checks first, then the multi-process and slow suites.
 test: check
-	$(BIN)/pytest -q -m "distributed or slow" --durations=15
+	$(BIN)/pytest -q -m "(distributed or slow) and not soak" --durations=15
+
+# Random power cuts (SOAK_CUTS, default 20; SOAK_SEED) at every fault point until the run completes.
+soak: $(STAMP)
+	$(BIN)/pytest -q -s -m soak
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sample_quality.py

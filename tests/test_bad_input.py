@@ -8,7 +8,7 @@ run (the session's `tiny_runs`), copied per test so a misbehaving test cannot sp
 Real launches (`launch_tiny`: `python scripts/train_base.py` in a fresh interpreter) prove the contract end to
 end: the good run, every case refused before torch is imported (a launch of those costs ~0.2 s, so they
 stay real), and one resume refused after the Accelerator and the Trainer were built
-(`test_resume_of_a_run_without_checkpoints_...`). The other cases get past the torch import, which costs a
+(`resume_with_set_channels`). The other cases get past the torch import, which costs a
 launch 10-20 s, so they call the same `trainer.cli.main` in this process (`train_tiny`, through
 `tests.helpers.run_cli`): same arguments, environment, working directory and `sys.argv` as the launch, with
 stdout and stderr captured. That checks the same things: the script is only `sys.exit(main(kind="base"))`,
@@ -215,18 +215,6 @@ def test_resume_of_a_missing_run_is_refused_and_touches_nothing(run_copy: Path) 
     assert_unchanged(run_copy, before)
 
 
-def test_resume_of_a_run_without_checkpoints_is_refused_and_touches_nothing(run_copy: Path) -> None:
-    checkpoints = run_copy / RUN_001 / "checkpoints"
-    for ckpt in checkpoints.glob("*.ckpt"):
-        ckpt.unlink()
-    shutil.rmtree(checkpoints / "state")
-    before = snapshot(run_copy)
-    # A real launch: refused only after torch, the Accelerator and the Trainer were set up.
-    result = launch_tiny(run_copy, "--resume", "1")
-    assert_refused(result, "run 001 has no complete checkpoint", "start a new run")
-    assert_unchanged(run_copy, before)
-
-
 def test_resume_with_a_different_model_preset_names_the_differing_keys(run_copy: Path) -> None:
     before = snapshot(run_copy)
     result = train_tiny(run_copy, "--resume", "1", "--model", "diffit_demo")
@@ -246,7 +234,8 @@ def resume_with_set_channels(
     root = tmp_path_factory.mktemp("set_channels") / "ckpt"
     shutil.copytree(finished_run[0], root)
     before = snapshot(root)
-    result = train_tiny(root, "--resume", "1", "--set", "model.channels=[32,64]")
+    # A real launch: refused only when the checkpoint is loaded, after the Accelerator and Trainer exist.
+    result = launch_tiny(root, "--resume", "1", "--set", "model.channels=[32,64]")
     return root, before, result
 
 

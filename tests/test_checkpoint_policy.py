@@ -17,6 +17,7 @@ from launch import Topology
 from trainer.atomic import atomic_write, link_or_copy
 from trainer.checkpoint import CheckpointManager, epoch_name, load_checkpoint_file
 from trainer.errors import UserError
+from trainer.manifest import Manifest, read_manifests, verify, write_manifest
 
 TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
 
@@ -118,6 +119,7 @@ def test_retention_touches_only_epoch_files(tmp_path: Path) -> None:
         "notes.txt",
         "epoch_003.ckpt",
         "state",
+        "manifests",
     }
     assert (run / "logs").is_dir()
 
@@ -185,7 +187,14 @@ def test_restart_removes_tmp_leftovers_in_checkpoints_and_state_but_nothing_else
 
     manager(run, keep_last_n=2)
 
-    assert names(ckpts) == {"epoch_001.ckpt", "epoch_002.ckpt", "state", "notes.tmp", "tmp-epoch_009.ckpt"}
+    assert names(ckpts) == {
+        "epoch_001.ckpt",
+        "epoch_002.ckpt",
+        "state",
+        "manifests",
+        "notes.tmp",
+        "tmp-epoch_009.ckpt",
+    }
     assert names(state) == {"epoch_001", "epoch_002"}
     assert (state / "epoch_001" / ".tmp-inner").is_file()
     assert (run / ".tmp-not-in-checkpoints").is_file()
@@ -311,3 +320,143 @@ def test_missing_checkpoint_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="checkpoint not found") as info:
         load_checkpoint_file(path)
     assert str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests: commit record, verification, fallback, uncommitted leftovers
+# --------------------------------------------------------------------------------------------------
+
+
+def committed_run(tmp_path: Path, epochs: range) -> tuple[Path, CheckpointManager]:
+    """A fake run whose epochs are committed with real manifests (written by the manager's adoption)."""
+    run = fake_run(tmp_path, epochs)
+    return run, manager(run, keep_last_n=0)
+
+
+def test_write_manifest_then_verify_detects_missing_truncated_and_altered_files(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    (folder / "state" / "epoch_001").mkdir(parents=True)
+    files = [folder / "epoch_001.ckpt", folder / "state" / "epoch_001" / "shard.pt"]
+    for f in files:
+        f.write_bytes(b"0123456789" * 100)
+    manifest = Manifest("epoch_001", 1, 0, 3, 2, "deepspeed-zero2")
+    write_manifest(folder, manifest, files)
+    (loaded,) = read_manifests(folder)
+    assert loaded.files == manifest.files and verify(folder, loaded) is None
+    assert loaded.files["state/epoch_001/shard.pt"]["bytes"] == 1000
+
+    with open(files[1], "r+b") as f:  # same size, one byte changed
+        f.write(b"X")
+    assert "sha256" in (verify(folder, loaded) or "")
+    os.truncate(files[1], 10)
+    assert "has 10 bytes, 1000 were written" in (verify(folder, loaded) or "")
+    files[1].unlink()
+    assert verify(folder, loaded) == "state/epoch_001/shard.pt is missing"
+
+
+def test_runs_without_manifests_are_adopted_not_deleted(tmp_path: Path) -> None:
+    _run, checkpoints = committed_run(tmp_path, range(1, 4))
+    assert [m.tag for m in checkpoints.committed()] == ["epoch_001", "epoch_002", "epoch_003"]
+    assert checkpoints.epochs_on_disk() == [1, 2, 3]
+
+
+def test_restart_removes_uncommitted_checkpoints_and_keeps_committed_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = committed_run(tmp_path, range(1, 3))
+    ckpts = run / "checkpoints"
+    # A save killed after the state folder was renamed but before its manifest: never committed.
+    (ckpts / "state" / "epoch_003").mkdir()
+    (ckpts / "state" / "epoch_003" / "mp_rank_00_model_states.pt").write_bytes(b"complete but uncommitted")
+    torch.save({"state_dict": {}}, ckpts / "epoch_003.ckpt")
+    (ckpts / "state" / "step_0000010").mkdir()
+
+    manager(run, keep_last_n=0)
+
+    assert names(ckpts / "state") == {"epoch_001", "epoch_002"}
+    assert not (ckpts / "epoch_003.ckpt").exists()
+    assert "Removed an uncommitted checkpoint" in capsys.readouterr().out
+
+
+def test_resume_point_falls_back_past_damaged_checkpoints_and_moves_them_aside(tmp_path: Path) -> None:
+    run, checkpoints = committed_run(tmp_path, range(1, 4))
+    ckpts = run / "checkpoints"
+    link_or_copy(ckpts / "epoch_003.ckpt", ckpts / "last.ckpt")
+    with open(ckpts / "epoch_003.ckpt", "r+b") as f:
+        f.write(b"\0\0\0\0")
+
+    point = checkpoints.find_resume_point()
+
+    assert point.manifest is not None and point.manifest.tag == "epoch_002"
+    assert [(d["tag"], d["moved_to"]) for d in point.damaged] == [("epoch_003", "damaged/epoch_003")]
+    assert "sha256" in point.damaged[0]["reason"]
+    moved = run / "damaged" / "epoch_003"
+    assert names(moved) == {"manifests__epoch_003.json", "epoch_003.ckpt", "state__epoch_003"}
+    assert [m.tag for m in checkpoints.committed()] == ["epoch_001", "epoch_002"]
+    checkpoints.repair_links(best_epoch=1)
+    assert os.path.samefile(ckpts / "last.ckpt", ckpts / "epoch_002.ckpt")
+    assert os.path.samefile(ckpts / "best.ckpt", ckpts / "epoch_001.ckpt")
+
+
+def test_resume_point_with_nothing_intact_reports_every_damaged_checkpoint(tmp_path: Path) -> None:
+    run, checkpoints = committed_run(tmp_path, range(1, 3))
+    for epoch in (1, 2):
+        (run / "checkpoints" / "state" / epoch_name(epoch) / "trainer_state.json").unlink()
+    (run / "checkpoints" / "manifests" / "epoch_009.json").write_text("{not json")
+
+    point = checkpoints.find_resume_point()
+
+    assert point.manifest is None
+    assert [d["tag"] for d in point.damaged] == ["epoch_009", "epoch_002", "epoch_001"]
+    assert names(run / "damaged") == {"epoch_001", "epoch_002", "epoch_009"}
+
+
+def test_retention_removes_the_manifest_before_the_files(tmp_path: Path) -> None:
+    run, _ = committed_run(tmp_path, range(1, 4))
+    checkpoints = manager(run, keep_last_n=1)
+    calls: list[str] = []
+    original = checkpoints._delete_inside_run
+
+    def spy(path: Path) -> None:
+        calls.append(
+            f"{path.name} (manifest present: {(run / 'checkpoints' / 'manifests' / (path.name.removesuffix('.ckpt') + '.json')).exists()})"
+        )
+        original(path)
+
+    checkpoints._delete_inside_run = spy  # type: ignore[method-assign]
+    checkpoints.apply_retention(protect=None)
+    assert calls and all("manifest present: False" in c for c in calls)
+    assert [m.tag for m in checkpoints.committed()] == ["epoch_003"]
+
+
+def test_step_checkpoints_older_than_the_newest_checkpoint_are_dropped(tmp_path: Path) -> None:
+    run, checkpoints = committed_run(tmp_path, range(1, 2))
+    folder = run / "checkpoints"
+    for step in (4, 5):
+        state = folder / "state" / f"step_{step:07d}"
+        state.mkdir()
+        (state / "trainer_state.json").write_text("{}")
+        write_manifest(
+            folder, Manifest(state.name, 1, step - 3, step, 1, "single"), [state / "trainer_state.json"]
+        )
+    checkpoints.apply_retention(protect=None)
+    assert [m.tag for m in checkpoints.committed()] == ["epoch_001", "step_0000005"]
+    assert names(folder / "state") == {"epoch_001", "step_0000005"}
+
+
+def test_fault_spec_parsing_and_filters(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from trainer import faults
+
+    monkeypatch.setenv(faults.ENV, "enospc@write:tag=epoch_002:rank=0")
+    faults._faults.cache_clear()
+    try:
+        faults.point("write")  # no tag in context: no match
+        faults.set_context(tag="epoch_002")
+        with pytest.raises(OSError, match="No space left"):
+            faults.point("write")
+        faults.set_context(tag="epoch_003")
+        faults.point("write")
+    finally:
+        faults._context.clear()
+        monkeypatch.delenv(faults.ENV)
+        faults._faults.cache_clear()

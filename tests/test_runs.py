@@ -258,10 +258,12 @@ def test_run_handle_on_other_ranks_never_writes(tmp_path: Path, capsys: pytest.C
     run.print("only rank 0 prints")
     run.update(status="completed")
     run.record_epoch(State(), kept=[1])
-    run.record_resume(epoch=1, checkpoint="last.ckpt", state=State())
+    run.record_resume(checkpoint="epoch_001", state=State(), topo=None)
+    run.record_event("fallback", tag="epoch_002", reason="test")
+    run.warn("only rank 0 warns")
     run.finish("failed")
     assert list(path.iterdir()) == []
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr() == ("", "")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.M
     class Crashing:
         config = run = None
         state = loop.TrainingState()
+        _catch_stop_signals = loop.Trainer._catch_stop_signals
 
         def _fit_epochs(self) -> None:
             raise RuntimeError("out of memory")

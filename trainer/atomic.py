@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from trainer import faults
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -35,6 +37,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     try:
         with open(tmp, "wb") as f:
             write(f)
+            faults.point("write", path=path)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

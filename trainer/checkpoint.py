@@ -1,20 +1,24 @@
-"""Checkpoints of a base run: sharded resumable state, merged ``epoch_NNN.ckpt``, best/last, retention.
+"""Checkpoints of a run: atomic commit with a manifest, validated resume with fallback, retention.
 
-Files of one run (``run_NNN/checkpoints/``):
+A checkpoint is named by a tag: ``epoch_NNN`` after an epoch, ``step_NNNNNNN`` inside one (``checkpoint.
+save_every_n_steps`` or a preemption). Files of a base run (``run_NNN/checkpoints/``):
   ``epoch_NNN.ckpt``   merged full fp32 checkpoint: ``state_dict``, ``ema_state_dict``, ``epoch``,
                         ``global_step``, ``metrics``, ``config`` (plain data; loads with weights_only=True)
   ``best.ckpt``/``last.ckpt``  hard links to an epoch file (a copy where links are impossible)
-  ``state/epoch_NNN/`` resumable state of that epoch: DeepSpeed's own shards (``*_optim_states.pt``,
-                        ``*model_states.pt``) or, without DeepSpeed, ``model.safetensors`` + ``optimizer.pt``;
-                        plus each rank's EMA slice and RNG state and ``trainer_state.json`` (counters, history)
+  ``state/<tag>/``     resumable state: DeepSpeed's own shards (``*_optim_states.pt``, ``*model_states.pt``)
+                        or, without DeepSpeed, ``model.safetensors`` + ``optimizer.pt``; plus each rank's EMA
+                        slice and RNG state and ``trainer_state.json`` (counters, history)
+  ``manifests/<tag>.json``  size and sha256 of every file above, written last: the commit record
+A LoRA run keeps one file per tag in ``lora_weights/`` (``adapter_checkpoint.py``) with the same manifests.
 
 Rank rule, kept inside this module: ``save``/``load`` are called on every rank. The collective parts
-(DeepSpeed's save and load, which hang if one rank skips them) run everywhere; file work that must happen
-once (merge, links, retention) runs on global rank 0 only, followed by a barrier.
+(DeepSpeed's save and load, gathers) run everywhere; file work that must happen once (merge, manifest,
+links, retention, moving damaged files aside) runs on global rank 0 only, and every rank learns the outcome.
 
-Commit order, so that a crash at any point leaves the previous checkpoint whole: state is written under
-``state/.tmp-epoch_NNN`` and renamed when every rank is done; the merged file is written under a temporary
-name and renamed; then ``last``/``best`` are relinked; retention runs last. Resume trusts ``last.ckpt``.
+Commit order, so that a crash or a full disk at any point leaves every committed checkpoint whole: files are
+written under ``.tmp-`` names and renamed when complete; the manifest is written last; ``last``/``best`` are
+relinked after it; retention runs last and removes a checkpoint's manifest before its files. What has no
+manifest was never committed: a restart removes it, a resume never reads it.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch import Topology, barrier, decide_on_rank0
+from launch import Topology, all_reduce_sum, barrier, broadcast_object, decide_on_rank0
+from trainer import faults
 from trainer.atomic import (
     TMP_PREFIX,
     atomic_rename_dir,
@@ -42,13 +47,26 @@ from trainer.atomic import (
 )
 from trainer.ema import EMA, full_from_slices
 from trainer.errors import UserError
-from trainer.zero import merge_zero_shards, weights_only_loads
+from trainer.full_state import FullState, restore_rng, rng_state, scatter_full_state
+from trainer.manifest import (
+    Manifest,
+    epoch_tag,
+    is_tag,
+    manifest_path,
+    read_manifests,
+    step_tag,
+    unreadable_manifests,
+    verify,
+    write_manifest,
+)
+from trainer.zero import merge_zero_optimizer_state, merge_zero_shards, weights_only_loads
 
 CKPT_FORMAT = "diffit-trainer/checkpoint-v1"
+DAMAGED_DIR = "damaged"
 
 
 def epoch_name(epoch: int) -> str:
-    return f"epoch_{epoch:03d}"
+    return epoch_tag(epoch)
 
 
 def load_checkpoint_file(path: Path, key: str = "state_dict") -> dict[str, Any]:
@@ -82,6 +100,10 @@ class TrainingState:
     global_step: int = 0
     history: list[dict[str, Any]] | None = None
     best: dict[str, Any] | None = None
+    step_in_epoch: int = 0
+    """Steps of epoch ``epoch + 1`` already trained (a checkpoint taken inside an epoch)."""
+    epoch_loss_sum: float = 0.0
+    """Sum over all ranks of the training losses of those steps, so the epoch's mean survives a resume."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,14 +111,35 @@ class TrainingState:
             "global_step": self.global_step,
             "history": self.history or [],
             "best": self.best,
+            "step_in_epoch": self.step_in_epoch,
+            "epoch_loss_sum": self.epoch_loss_sum,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingState:
+        return cls(
+            epoch=data["epoch"],
+            global_step=data["global_step"],
+            history=data.get("history") or [],
+            best=data.get("best"),
+            step_in_epoch=data.get("step_in_epoch", 0),
+            epoch_loss_sum=data.get("epoch_loss_sum", 0.0),
+        )
 
-class EpochCheckpoints:
-    """One folder of ``epoch_NNN.ckpt`` files with ``best``/``last`` links and keep-last-N retention.
 
-    Shared by base runs (``CheckpointManager``) and LoRA runs (``AdapterCheckpointManager``); subclasses
-    say which extra paths belong to an epoch and write the files.
+@dataclass
+class ResumePoint:
+    """What a resume found: the newest intact checkpoint (None if there is none) and what was damaged."""
+
+    manifest: Manifest | None
+    damaged: list[dict[str, str]] = field(default_factory=list)
+    """One entry per damaged checkpoint: ``tag``, ``reason``, ``moved_to``."""
+
+
+class Checkpoints:
+    """The checkpoints of one run: commit protocol, retention, resume selection. Subclasses write the files.
+
+    ``roots`` lists where a tag's files live as (folder, suffix): a tag ``T`` owns ``folder/T+suffix``.
     """
 
     payload_key = "state_dict"
@@ -111,6 +154,7 @@ class EpochCheckpoints:
         keep_last_n: int,
         config: dict[str, Any],
         kind: str,
+        roots: list[tuple[Path, str]],
     ) -> None:
         self.run_dir = run_dir
         self.dir = folder
@@ -118,45 +162,190 @@ class EpochCheckpoints:
         self.keep_last_n = keep_last_n
         self.config = config
         self.kind = kind
+        self.roots = roots
         if topo.is_main:
-            # Leftovers of a writer killed mid-save; nothing without the temporary prefix is touched.
-            for path in self._leftover_folders():
-                for removed in remove_tmp_leftovers(path):
-                    print(f"Removed an incomplete checkpoint file left by a crash: {removed}")
+            self._clean_start()
         barrier(topo)
 
+    # -- the files of a tag -----------------------------------------------------------------------
+
+    def _tag_paths(self, tag: str) -> list[Path]:
+        return [folder / f"{tag}{suffix}" for folder, suffix in self.roots]
+
+    def _tag_files(self, tag: str) -> list[Path]:
+        files = []
+        for path in self._tag_paths(tag):
+            if path.is_dir():
+                files += [Path(d) / name for d, _, names in os.walk(path) for name in names]
+            elif path.is_file():
+                files.append(path)
+        return files
+
+    def _tags_on_disk(self) -> set[str]:
+        tags = set()
+        for folder, suffix in self.roots:
+            if folder.is_dir():
+                for entry in folder.iterdir():
+                    name = entry.name.removesuffix(suffix) if suffix else entry.name
+                    if (not suffix or entry.name.endswith(suffix)) and is_tag(name):
+                        tags.add(name)
+        return tags
+
+    def committed(self) -> list[Manifest]:
+        """Committed checkpoints, oldest first."""
+        return read_manifests(self.dir)
+
+    def epochs_on_disk(self) -> list[int]:
+        return sorted(m.epoch for m in self.committed() if m.is_epoch)
+
+    # -- start of a run: leftovers of a crash ------------------------------------------------------
+
     def _leftover_folders(self) -> list[Path]:
-        return [self.dir]
+        return sorted({folder for folder, _ in self.roots} | {self.dir})
 
-    def _epoch_paths(self, epoch: int) -> list[Path]:
-        """Everything that belongs to one epoch's checkpoint (deleted together by retention)."""
-        return [self.dir / f"{epoch_name(epoch)}.ckpt"]
+    def _clean_start(self) -> None:
+        """Rank 0, at every start: remove what a crashed writer left (never a committed checkpoint)."""
+        if not (self.dir / "manifests").is_dir():
+            self._adopt_unmanifested()
+        for folder in self._leftover_folders():
+            for removed in remove_tmp_leftovers(folder):
+                print(f"Removed an incomplete checkpoint file left by a crash: {removed}")
+        committed = {m.tag for m in self.committed()} | {p.stem for p in unreadable_manifests(self.dir)}
+        for tag in sorted(self._tags_on_disk() - committed):
+            for path in self._tag_paths(tag):
+                if path.exists() or path.is_symlink():
+                    self._delete_inside_run(path)
+                    print(
+                        f"Removed an uncommitted checkpoint (no manifest; its save was interrupted): {path}"
+                    )
 
-    def _is_resumable(self, epoch: int) -> bool:
+    def _adopt_unmanifested(self) -> None:
+        """A run written before manifests existed: commit its epoch checkpoints as they are."""
+        for tag in sorted(self._tags_on_disk()):
+            if tag.startswith("epoch_") and self._is_resumable(tag):
+                manifest = self._legacy_manifest(tag)
+                write_manifest(self.dir, manifest, self._tag_files(tag))
+
+    def _is_resumable(self, tag: str) -> bool:
         return True
 
-    def publish(self, ckpt: Path, *, is_best: bool, best_epoch: int | None) -> None:
-        """After ``ckpt`` is complete (rank 0): point last (and best) at it, then apply retention."""
-        link_or_copy(ckpt, self.dir / "last.ckpt")
-        if is_best:
-            link_or_copy(ckpt, self.dir / "best.ckpt")
-        self.apply_retention(protect=best_epoch)
+    def _legacy_manifest(self, tag: str) -> Manifest:
+        epoch = int(tag.removeprefix("epoch_"))
+        return Manifest(tag, epoch, 0, epoch, self.topo.world_size, self.topo.distributed)
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        *,
+        model: Any,
+        optimizer: Any,
+        ema: EMA,
+        noise_generator: torch.Generator,
+        state: TrainingState,
+        metrics: dict[str, float],
+        is_best: bool,
+    ) -> dict[str, Any]:
+        """Commit a checkpoint of ``state`` on all ranks: an epoch checkpoint when ``state.step_in_epoch`` is
+        0, else a step checkpoint. Returns {tag, file, bytes, seconds} on rank 0, or {tag, error} on every
+        rank when a write failed (nothing of this checkpoint is left; every earlier one is untouched)."""
+        start = time.perf_counter()
+        tag = epoch_tag(state.epoch) if state.step_in_epoch == 0 else step_tag(state.global_step)
+        faults.set_context(tag=tag, step=state.global_step)
+        args = dict(model=model, optimizer=optimizer, ema=ema, noise_generator=noise_generator)
+        error = self._agree(self._write_shared(tag, state=state, **args))
+        if error is None and self.topo.is_main:
+            try:
+                self._write_main(tag, state=state, metrics=metrics, **args)
+                faults.point("save.manifest")
+                manifest = Manifest(
+                    tag,
+                    state.epoch,
+                    state.step_in_epoch,
+                    state.global_step,
+                    self.topo.world_size,
+                    self.topo.distributed,
+                )
+                write_manifest(self.dir, manifest, self._tag_files(tag))
+            except OSError as e:
+                error = _describe(e)
+        error = broadcast_object(error, self.topo)
+        info: dict[str, Any] = {"tag": tag}
+        if error is not None:
+            if self.topo.is_main:
+                self._discard(tag)
+            info["error"] = error
+        elif self.topo.is_main:
+            ckpt = self.dir / f"{tag}.ckpt"
+            try:  # the checkpoint is committed: a failure from here on costs nothing already saved
+                if state.step_in_epoch == 0:
+                    link_or_copy(ckpt, self.dir / "last.ckpt")
+                    if is_best:
+                        link_or_copy(ckpt, self.dir / "best.ckpt")
+                faults.point("save.retention")
+                self.apply_retention(protect=(state.best or {}).get("epoch"))
+            except OSError as e:
+                print(f"warning: {tag} is saved, but relinking last/best or retention failed: {_describe(e)}")
+            size = sum(f.stat().st_size for f in self._tag_files(tag))
+            info.update(file=str(ckpt if ckpt.is_file() else self._tag_paths(tag)[-1]), bytes=size)
+            info["seconds"] = time.perf_counter() - start
+        faults.set_context(tag=None, step=None)
+        barrier(self.topo)
+        return info
+
+    def _write_shared(self, tag: str, **kwargs: Any) -> str | None:
+        """The part of a save every rank takes part in; returns this rank's write error, never raises one."""
+        return None
+
+    def _write_main(self, tag: str, **kwargs: Any) -> None:
+        """Rank 0's part of a save, after every rank's part succeeded; may raise OSError."""
+
+    def _agree(self, error: str | None) -> str | None:
+        """Every rank learns whether any rank failed (one collective), with the lowest failing rank's reason."""
+        if self.topo.world_size == 1:
+            return error
+        failed = all_reduce_sum([1.0 if error else 0.0], self.topo)[0]
+        if not failed:
+            return None
+        errors: list[Any] = [None] * self.topo.world_size
+        torch.distributed.all_gather_object(errors, error)
+        rank, reason = next((r, e) for r, e in enumerate(errors) if e)
+        return f"rank {rank}: {reason}"
+
+    def _discard(self, tag: str) -> None:
+        """After a failed save (rank 0): remove every file of the uncommitted ``tag`` and any temporary."""
+        if manifest_path(self.dir, tag).exists():
+            return  # committed after all; never delete a committed checkpoint
+        for path in self._tag_paths(tag):
+            if path.exists() or path.is_symlink():
+                self._delete_inside_run(path)
+        for folder in self._leftover_folders():
+            remove_tmp_leftovers(folder)
+
+    # -- retention -----------------------------------------------------------------------------------
 
     def apply_retention(self, protect: int | None) -> list[Path]:
-        """Remove epoch checkpoints beyond the newest ``keep_last_n``, never ``protect`` (the best epoch)."""
-        if self.keep_last_n == 0:
+        """Keep the newest ``keep_last_n`` epoch checkpoints and ``protect`` (the best epoch); drop step
+        checkpoints older than the newest checkpoint. A checkpoint's manifest goes first, so a crash halfway
+        leaves an uncommitted leftover, never a committed checkpoint with files missing."""
+        committed = self.committed()
+        if not committed:
             return []
-        epochs = self.epochs_on_disk()
-        keep = set(epochs[-self.keep_last_n :])
+        newest = committed[-1]
+        epochs = [m.epoch for m in committed if m.is_epoch]
+        keep = set(epochs[-self.keep_last_n :]) if self.keep_last_n else set(epochs)
         if protect is not None:
             keep.add(protect)
-        removed = []
-        for epoch in epochs:
-            if epoch in keep:
+        removed: list[Path] = []
+        for m in committed:
+            stale = m.epoch not in keep if m.is_epoch else m is not newest
+            if not stale:
                 continue
-            for path in self._epoch_paths(epoch):
-                self._delete_inside_run(path)
-                removed.append(path)
+            manifest_path(self.dir, m.tag).unlink()
+            for path in self._tag_paths(m.tag):
+                if path.exists() or path.is_symlink():
+                    self._delete_inside_run(path)
+                    removed.append(path)
         fsync_dir(self.dir)
         return removed
 
@@ -175,103 +364,141 @@ class EpochCheckpoints:
         else:
             shutil.rmtree(path)
 
-    def epochs_on_disk(self) -> list[int]:
-        epochs = []
-        for path in self.dir.glob("epoch_*.ckpt"):
-            suffix = path.stem.removeprefix("epoch_")
-            if suffix.isdigit():
-                epochs.append(int(suffix))
-        return sorted(epochs)
+    # -- resume --------------------------------------------------------------------------------------
 
-    def find_resume_point(self) -> int | None:
-        """Epoch of ``last.ckpt`` if it can be resumed from (decided on rank 0, agreed by all)."""
+    def find_resume_point(self) -> ResumePoint:
+        """The newest checkpoint whose files all match its manifest (decided on rank 0, agreed by all).
 
-        def decide() -> int | None:
-            last = self.dir / "last.ckpt"
-            if not last.is_file():
-                return None
-            epoch = int(load_checkpoint_file(last, key=self.payload_key)["epoch"])
-            return epoch if self._is_resumable(epoch) else None
+        Damaged checkpoints met on the way are moved aside to ``run/damaged/`` (never deleted) and reported.
+        """
+
+        def decide() -> ResumePoint:
+            point = ResumePoint(None)
+            for bad in unreadable_manifests(self.dir):
+                moved = self._move_aside(bad.stem, [bad])
+                point.damaged.append(
+                    {"tag": bad.stem, "reason": "its manifest is unreadable", "moved_to": moved}
+                )
+            for manifest in reversed(self.committed()):
+                reason = verify(self.dir, manifest)
+                if reason is None:
+                    point.manifest = manifest
+                    return point
+                paths = [manifest_path(self.dir, manifest.tag), *self._tag_paths(manifest.tag)]
+                moved = self._move_aside(manifest.tag, paths)
+                point.damaged.append({"tag": manifest.tag, "reason": reason, "moved_to": moved})
+            return point
 
         return decide_on_rank0(self.topo, decide)
 
+    def _move_aside(self, tag: str, paths: list[Path]) -> str:
+        """Move a damaged checkpoint's files into ``run/damaged/<tag>[-N]/`` for inspection (rank 0)."""
+        base = self.run_dir / DAMAGED_DIR / tag
+        target, n = base, 1
+        while target.exists():
+            n += 1
+            target = base.with_name(f"{tag}-{n}")
+        target.mkdir(parents=True)
+        for path in paths:
+            if path.exists() or path.is_symlink():
+                os.replace(path, target / path.relative_to(self.dir).as_posix().replace("/", "__"))
+        fsync_dir(target)
+        fsync_dir(self.dir)
+        return str(target.relative_to(self.run_dir))
 
-class CheckpointManager(EpochCheckpoints):
-    """Saves and restores the full training state of a base run, on every rank."""
+    def repair_links(self, best_epoch: int | None) -> None:
+        """Rank 0, after a resume: ``last``/``best`` point at intact epoch files (a damaged one was moved)."""
+        if not self.topo.is_main:
+            return
+        epochs = self.epochs_on_disk()
+        for name, epoch in (("last", epochs[-1] if epochs else None), ("best", best_epoch)):
+            link = self.dir / f"{name}.ckpt"
+            target = self.dir / f"{epoch_tag(epoch)}.ckpt" if epoch is not None else None
+            if target is not None and target.is_file():
+                if not (link.is_file() and os.path.samefile(link, target)):
+                    link_or_copy(target, link)
+            elif link.exists() and not (epoch is not None and epoch in epochs):
+                link.unlink()
 
-    def __init__(self, run_dir: Path, topo: Topology, *, keep_last_n: int, config: dict[str, Any]) -> None:
-        self.state_root = run_dir / "checkpoints" / "state"
-        super().__init__(
-            run_dir, run_dir / "checkpoints", topo, keep_last_n=keep_last_n, config=config, kind="base"
-        )
-
-    def _leftover_folders(self) -> list[Path]:
-        return [self.dir, self.state_root]
-
-    def _epoch_paths(self, epoch: int) -> list[Path]:
-        return [self.dir / f"{epoch_name(epoch)}.ckpt", self.state_root / epoch_name(epoch)]
-
-    def _is_resumable(self, epoch: int) -> bool:
-        return (self.state_root / epoch_name(epoch) / "trainer_state.json").is_file()
-
-    # -- saving ---------------------------------------------------------------------------------------
-
-    def save(
+    def load(
         self,
+        manifest: Manifest,
         *,
         model: Any,
         optimizer: Any,
         ema: EMA,
         noise_generator: torch.Generator,
-        state: TrainingState,
-        metrics: dict[str, float],
-        is_best: bool,
-    ) -> dict[str, Any]:
-        """Write epoch ``state.epoch``'s checkpoint on all ranks; returns {file, bytes, seconds} on rank 0."""
-        start = time.perf_counter()
-        name = epoch_name(state.epoch)
-        tmp = self.state_root / f"{TMP_PREFIX}{name}"
+        seed: int,
+    ) -> TrainingState:
+        raise NotImplementedError
+
+
+class CheckpointManager(Checkpoints):
+    """Saves and restores the full training state of a base run, on every rank."""
+
+    def __init__(self, run_dir: Path, topo: Topology, *, keep_last_n: int, config: dict[str, Any]) -> None:
+        self.state_root = run_dir / "checkpoints" / "state"
+        folder = run_dir / "checkpoints"
+        super().__init__(
+            run_dir,
+            folder,
+            topo,
+            keep_last_n=keep_last_n,
+            config=config,
+            kind="base",
+            roots=[(folder, ".ckpt"), (self.state_root, "")],
+        )
+
+    def _is_resumable(self, tag: str) -> bool:
+        return (self.state_root / tag / "trainer_state.json").is_file()
+
+    def _legacy_manifest(self, tag: str) -> Manifest:
+        manifest = super()._legacy_manifest(tag)
+        try:
+            saved = json.loads((self.state_root / tag / "trainer_state.json").read_text())
+            manifest.global_step = int(saved["global_step"])
+            manifest.world_size, manifest.distributed = int(saved["world_size"]), str(saved["distributed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return manifest
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def _write_shared(self, tag: str, **kwargs: Any) -> str | None:
+        model, ema, noise = kwargs["model"], kwargs["ema"], kwargs["noise_generator"]
+        tmp = self.state_root / f"{TMP_PREFIX}{tag}"
         if self.topo.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.topo)
-
+        errors: list[str] = []
         if self.topo.deepspeed_stage is not None:
-            model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
+            with _guarded_engine_writes(model, errors):
+                model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
         elif self.topo.is_main:
-            save_file(unwrap_model(model).state_dict(), str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        self._save_rank_files(tmp, ema, noise_generator)
-        barrier(self.topo)
-
-        info: dict[str, Any] = {}
-        if self.topo.is_main:
-            atomic_write_json(tmp / "trainer_state.json", self._trainer_state(state, ema))
-            _fsync_tree(tmp)
-            final = self.state_root / name
-            if final.exists():  # an orphan of a crash between this rename and the merged file
-                shutil.rmtree(final)
-            atomic_rename_dir(tmp, final)
-            ckpt = self.dir / f"{name}.ckpt"
-            payload = self._merged_payload(final, state, metrics)
-            atomic_write(ckpt, lambda f: torch.save(payload, f))
-            del payload
-            self.publish(ckpt, is_best=is_best, best_epoch=(state.best or {}).get("epoch"))
-            info = {"file": str(ckpt), "bytes": ckpt.stat().st_size, "seconds": time.perf_counter() - start}
-        barrier(self.topo)
-        return info
-
-    def _save_rank_files(self, folder: Path, ema: EMA, noise_generator: torch.Generator) -> None:
+            _guard(errors, save_file, unwrap_model(model).state_dict(), str(tmp / "model.safetensors"))
+            _guard(errors, torch.save, kwargs["optimizer"].state_dict(), tmp / "optimizer.pt")
         rank = self.topo.rank
         if ema.partitioned or self.topo.is_main:  # unpartitioned EMA is identical on every rank
-            save_file(
-                {k: v.contiguous() for k, v in ema.local_state().items()},
-                str(folder / f"ema_rank{rank}.safetensors"),
-            )
-        rng = {"torch": torch.get_rng_state(), "noise": noise_generator.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, folder / f"rng_rank{rank}.pt")
+            local = {k: v.contiguous() for k, v in ema.local_state().items()}
+            _guard(errors, save_file, local, str(tmp / f"ema_rank{rank}.safetensors"))
+        _guard(errors, torch.save, rng_state(noise), tmp / f"rng_rank{rank}.pt")
+        if not errors:
+            faults.point("save.shards")
+        return errors[0] if errors else None
+
+    def _write_main(self, tag: str, **kwargs: Any) -> None:
+        state: TrainingState = kwargs["state"]
+        tmp, final = self.state_root / f"{TMP_PREFIX}{tag}", self.state_root / tag
+        atomic_write_json(tmp / "trainer_state.json", self._trainer_state(state, kwargs["ema"]))
+        _fsync_tree(tmp)
+        if final.exists():  # an uncommitted orphan (its manifest was never written)
+            shutil.rmtree(final)
+        atomic_rename_dir(tmp, final)
+        if state.step_in_epoch == 0:  # epoch checkpoints also get the merged file users load
+            faults.point("save.merge")
+            payload = self._merged_payload(final, state, kwargs["metrics"])
+            atomic_write(self.dir / f"{tag}.ckpt", lambda f: torch.save(payload, f))
 
     def _trainer_state(self, state: TrainingState, ema: EMA) -> dict[str, Any]:
         return {
@@ -299,10 +526,17 @@ class CheckpointManager(EpochCheckpoints):
     # -- loading --------------------------------------------------------------------------------------
 
     def load(
-        self, epoch: int, *, model: Any, optimizer: Any, ema: EMA, noise_generator: torch.Generator
+        self,
+        manifest: Manifest,
+        *,
+        model: Any,
+        optimizer: Any,
+        ema: EMA,
+        noise_generator: torch.Generator,
+        seed: int,
     ) -> TrainingState:
-        """Restore everything saved for ``epoch`` on every rank."""
-        folder = self.state_root / epoch_name(epoch)
+        """Restore checkpoint ``manifest`` on every rank, on this launch's number of processes and stage."""
+        folder = self.state_root / manifest.tag
         saved = json.loads((folder / "trainer_state.json").read_text())
         now = {name: list(shape) for name, shape in ema.shapes().items()}
         changed = [name for name in now if saved["param_shapes"].get(name) != now[name]]
@@ -310,17 +544,18 @@ class CheckpointManager(EpochCheckpoints):
         if changed:
             name = changed[0]
             raise UserError(
-                f"the checkpoint of epoch {epoch} does not fit the model as configured now: {len(changed)} "
+                f"the checkpoint {manifest.tag} does not fit the model as configured now: {len(changed)} "
                 f"parameter(s) differ, e.g. {name} (saved {saved['param_shapes'].get(name)}, now {now.get(name)}); "
                 "drop the --set model.* override that changes the architecture"
             )
-        if saved["world_size"] != self.topo.world_size or saved["distributed"] != self.topo.distributed:
-            raise UserError(
-                f"run was saved with {saved['world_size']} process(es) ({saved['distributed']}) and is resumed "
-                f"with {self.topo.world_size} ({self.topo.distributed}); launch it with the same accelerate "
-                "config as before"
-            )
-        if self.topo.deepspeed_stage is not None:
+        same_layout = (
+            saved["world_size"] == self.topo.world_size and saved["distributed"] == self.topo.distributed
+        )
+        if not same_layout:
+            # Another number of processes or ZeRO stage: rebuild the full state from the shards.
+            scatter_full_state(model, optimizer, unwrap_model(model), read_full_state(folder), self.topo)
+            ema.from_full(read_full_ema(folder))
+        elif self.topo.deepspeed_stage is not None:
             with weights_only_loads():
                 path, _ = model.load_checkpoint(
                     str(self.state_root),
@@ -334,21 +569,38 @@ class CheckpointManager(EpochCheckpoints):
         else:
             unwrap_model(model).load_state_dict(load_file(str(folder / "model.safetensors")))
             optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        rank = self.topo.rank
-        ema_file = folder / f"ema_rank{rank if saved['ema_partitioned'] else 0}.safetensors"
-        ema.load_local_state(load_file(str(ema_file)))
-        rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        noise_generator.set_state(rng["noise"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        if same_layout:
+            rank = self.topo.rank
+            ema.load_local_state(
+                load_file(str(folder / f"ema_rank{rank if saved['ema_partitioned'] else 0}.safetensors"))
+            )
+        rng_file = folder / f"rng_rank{self.topo.rank}.pt"
+        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+        restore_rng(rng, noise_generator, seed=seed, rank=self.topo.rank, global_step=saved["global_step"])
         barrier(self.topo)
-        return TrainingState(
-            epoch=saved["epoch"],
-            global_step=saved["global_step"],
-            history=saved["history"],
-            best=saved["best"],
-        )
+        return TrainingState.from_dict(saved)
+
+
+def read_full_state(folder: Path) -> FullState:
+    """The trained parameters, Adam moments and step of one base checkpoint, by name, whatever wrote it."""
+    saved = json.loads((folder / "trainer_state.json").read_text())
+    names = list(saved["param_shapes"])
+    if (folder / "model.safetensors").is_file():
+        weights = load_file(str(folder / "model.safetensors"))
+        optim = torch.load(folder / "optimizer.pt", weights_only=True)
+        states = optim["state"]
+        moments = {
+            key: {
+                n: states[i][key] if i in states else torch.zeros_like(weights[n])
+                for i, n in enumerate(names)
+            }
+            for key in ("exp_avg", "exp_avg_sq")
+        }
+        steps = {n: float(states[i]["step"]) if i in states else 0.0 for i, n in enumerate(names)}
+        return FullState({n: weights[n].float() for n in names}, moments, steps)
+    weights = merge_zero_shards(folder)
+    moments, step = merge_zero_optimizer_state(folder)
+    return FullState({n: weights[n] for n in names}, moments, {n: step for n in names})
 
 
 def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -381,3 +633,45 @@ def _fsync_tree(folder: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(folder)
+
+
+def _describe(error: OSError) -> str:
+    where = f" writing {error.filename}" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
+def _guard(errors: list[str], write: Any, *args: Any) -> None:
+    """Run one write of a save; an OSError (full disk, lost mount) is recorded instead of raised, so the
+    ranks stay in step and agree on the failure afterwards."""
+    if errors:
+        return
+    try:
+        faults.point("write")
+        write(*args)
+    except OSError as e:
+        errors.append(_describe(e))
+
+
+class _guarded_engine_writes:
+    """Route DeepSpeed's checkpoint file writes through ``_guard`` for the duration of one save.
+
+    DeepSpeed's ``save_checkpoint`` is collective; a write error raised on one rank would leave the others
+    waiting in its barriers. Recording the error and skipping the rank's remaining writes keeps every rank
+    in the collective sequence; the failure is agreed on right after.
+    """
+
+    def __init__(self, engine: Any, errors: list[str]) -> None:
+        self.engine, self.errors = engine, errors
+
+    def __enter__(self) -> None:
+        checkpoint_engine = self.engine.checkpoint_engine
+        self.original = checkpoint_engine.save
+        errors = self.errors
+
+        def save(state_dict: Any, path: str) -> None:
+            _guard(errors, self.original, state_dict, path)
+
+        checkpoint_engine.save = save
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.checkpoint_engine.save = self.original

@@ -23,7 +23,7 @@ from trainer.config import (
     from_dict,
     parse_override,
 )
-from trainer.errors import UserError, exit_code
+from trainer.errors import Interrupted, SaveFailed, UserError, exit_code
 from trainer.runs import (
     SORT_KEYS,
     RunHandle,
@@ -266,6 +266,18 @@ def train(args: argparse.Namespace, kind: str) -> int:
         trainer.fit()
     except UserError:
         raise
+    except Interrupted as e:
+        run.finish("interrupted")
+        run.print(
+            f"Interrupted ({e}): run {number:03d} saved a resumable checkpoint and is marked interrupted; "
+            f"continue it with --resume {number}"
+        )
+        return 0
+    except SaveFailed as e:
+        run.finish("failed")
+        if topo.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         run.finish("interrupted")
         run.print(

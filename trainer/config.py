@@ -118,9 +118,16 @@ class CheckpointConfig:
     monitor: Literal["train_loss", "val_loss"] = "val_loss"
     """Metric that picks ``best``; val_loss falls back to train_loss on data without a validation split."""
     mode: Literal["min", "max"] = "min"
+    save_every_n_steps: int = 0
+    """Also save a resumable checkpoint every N optimizer steps inside an epoch (0: off); only the newest
+    one is kept."""
+    on_save_error: Literal["continue", "fail"] = "fail"
+    """When a save fails (full disk, lost mount): ``fail`` stops the run as failed; ``continue`` trains on
+    and tries again at the next save. Either way the partial files are removed and earlier checkpoints kept."""
 
     def __post_init__(self) -> None:
         _require(self.save_every_n_epochs >= 1, "checkpoint.save_every_n_epochs", "at least 1")
+        _require(self.save_every_n_steps >= 0, "checkpoint.save_every_n_steps", "0 (off) or more")
         _require(self.keep_last_n >= 0, "checkpoint.keep_last_n", "0 (keep all) or more")
 
 

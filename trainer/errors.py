@@ -9,6 +9,14 @@ class UserError(Exception):
     """Bad input from the user (config, flags, run folders). ``str(e)`` says what is wrong and how to fix it."""
 
 
+class Interrupted(Exception):
+    """A stop signal ended training after a resumable checkpoint was saved (exit code 0)."""
+
+
+class SaveFailed(Exception):
+    """A checkpoint could not be written and the config says to stop (``checkpoint.on_save_error: fail``)."""
+
+
 def exit_code(command: Callable[[], int | None]) -> int:
     """Run a command-line entry point: its exit code, or 2 after one ``error: ...`` line for a ``UserError``.
 

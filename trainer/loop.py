@@ -3,12 +3,19 @@
 The loop holds no rank logic of its own beyond "only rank 0 draws": checkpoint I/O decisions live in
 ``CheckpointManager``, metadata writes in ``RunHandle``, experiment trackers in ``Trackers``, collectives in
 ``launch``.
+
+Stopping: SIGTERM, SIGINT or SIGUSR1 on any rank sets a flag; the ranks agree on it at the next step
+boundary (one collective per step), save a resumable step checkpoint and raise ``Interrupted``, which the
+command line turns into status ``interrupted`` and exit code 0. A second signal only repeats the notice.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -20,16 +27,19 @@ from data.order import epoch_order
 from launch import Topology, all_reduce_sum, barrier, configure_deepspeed
 from model import EDMSchedule, edm_loss
 from model.lora import base_diffit
+from trainer import faults
 from trainer.adapter_checkpoint import AdapterCheckpointManager
 from trainer.atomic import TMP_PREFIX, atomic_rename_dir
 from trainer.checkpoint import CheckpointManager, TrainingState, epoch_name, load_checkpoint_file
 from trainer.config import TrainConfig
 from trainer.ema import EMA
-from trainer.errors import UserError
+from trainer.errors import Interrupted, SaveFailed, UserError
 from trainer.factory import base_weights, build_lora_model, build_model, load_trainable
 from trainer.runs import RunHandle
 from trainer.samples import sample_grid, save_grid
 from trainer.trackers import Trackers, open_trackers
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -121,30 +131,93 @@ class Trainer:
     # -- resume -----------------------------------------------------------------------------------
 
     def resume(self) -> None:
-        epoch = self.checkpoints.find_resume_point()
-        if epoch is None:
-            raise UserError(
-                f"run {self.run.number:03d} has no complete checkpoint to resume from "
-                f"({self.checkpoints.dir}); start a new run instead"
+        """Continue from the newest intact checkpoint; damaged ones are moved aside and reported, and with
+        none intact the run starts over in its own folder."""
+        point = self.checkpoints.find_resume_point()
+        for bad in point.damaged:
+            self.run.warn(
+                f"checkpoint {bad['tag']} of run {self.run.number:03d} is damaged: {bad['reason']}. "
+                f"Its files were moved to {self.run.path / bad['moved_to']}; falling back to an older checkpoint"
             )
+            self.run.record_event("fallback", **bad)
+        manifest = point.manifest
+        if manifest is None:
+            self.run.warn(
+                f"run {self.run.number:03d} has no intact checkpoint to resume from: TRAINING STARTS OVER FROM "
+                "SCRATCH in the same run folder"
+                + (" (the damaged files are kept under damaged/)" if point.damaged else "")
+            )
+            self.run.record_event("restart_from_scratch", damaged=[d["tag"] for d in point.damaged])
+            self.run.record_resume(checkpoint=None, state=self.state, topo=self.topo)
+            self.checkpoints.repair_links(best_epoch=None)
+            return
         self.state = self.checkpoints.load(
-            epoch, model=self.model, optimizer=self.optimizer, ema=self.ema, noise_generator=self.noise
+            manifest,
+            model=self.model,
+            optimizer=self.optimizer,
+            ema=self.ema,
+            noise_generator=self.noise,
+            seed=self.config.seed,
         )
-        source = self.checkpoints.dir / f"{epoch_name(epoch)}.ckpt"
-        self.run.print(f"Resuming run {self.run.number:03d} from epoch {epoch} (checkpoint {source})")
-        self.run.record_resume(epoch=epoch, checkpoint=str(source), state=self.state)
+        self.checkpoints.repair_links(best_epoch=(self.state.best or {}).get("epoch"))
+        self.run.print(
+            f"Resuming run {self.run.number:03d} from {manifest.describe()} "
+            f"(checkpoint {manifest.tag}, verified against its manifest)"
+        )
+        if (manifest.world_size, manifest.distributed) != (self.topo.world_size, self.topo.distributed):
+            self.run.print(
+                f"The checkpoint was saved by {manifest.world_size} process(es) ({manifest.distributed}); "
+                f"continuing on {self.topo.world_size} ({self.topo.distributed}) with its full optimizer state"
+            )
+            self.run.record_event(
+                "world_size_change",
+                tag=manifest.tag,
+                from_world_size=manifest.world_size,
+                from_distributed=manifest.distributed,
+                to_world_size=self.topo.world_size,
+                to_distributed=self.topo.distributed,
+            )
+        self.run.record_resume(checkpoint=manifest.tag, state=self.state, topo=self.topo)
 
     # -- training ---------------------------------------------------------------------------------
 
     def fit(self) -> None:
         """Train the remaining epochs, feeding the configured trackers; they are closed however it ends."""
         self.trackers = open_trackers(self.config, self.run, resume_step=self.state.global_step)
+        self._stop_signal: int | None = None
+        previous = self._catch_stop_signals()
         failed = True
         try:
             self._fit_epochs()
             failed = False
+        except Interrupted:
+            failed = False
+            raise
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.trackers.close(failed=failed)
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """Turn stop signals into a flag checked at step boundaries (main thread only, as Python requires)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if self._stop_signal is None:
+                self._stop_signal = signum
+                note = f"\nReceived {name}: saving a resumable checkpoint after this step, then stopping\n"
+            else:
+                note = f"\nReceived {name} again: still stopping; the checkpoint being written is completed first\n"
+            os.write(2, note.encode())  # not print(): a handler may interrupt a print in progress
+
+        return {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (one small collective, at a step boundary)."""
+        mine = 1.0 if self._stop_signal is not None else 0.0
+        return all_reduce_sum([mine], self.topo)[0] > 0
 
     def _fit_epochs(self) -> None:
         cfg = self.config
@@ -166,27 +239,18 @@ class Trainer:
                 "checkpoint": None,
             }
             is_best = self._update_best(epoch, metrics)
-            self.state.epoch = epoch
+            self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch, 0, 0.0
             assert self.state.history is not None
             self.state.history.append(entry)
-            saved: dict[str, Any] = {}  # {file, bytes, seconds} on rank 0 when a checkpoint is written
+            saved: dict[str, Any] = {}  # {tag} and, on rank 0, {file, bytes, seconds}; or {tag, error}
             if epoch % cfg.checkpoint.save_every_n_epochs == 0 or epoch == cfg.epochs:
-                entry["checkpoint"] = f"{epoch_name(epoch)}.ckpt"
-                saved = self.checkpoints.save(
-                    model=self.model,
-                    optimizer=self.optimizer,
-                    ema=self.ema,
-                    noise_generator=self.noise,
-                    state=self.state,
-                    metrics=metrics,
-                    is_best=is_best,
-                )
-                if self.kind == "lora" and is_best:
+                entry["checkpoint"] = f"{epoch_name(epoch)}.ckpt"  # part of the state being saved
+                saved = self._save(metrics, is_best)
+                if "error" in saved:
+                    entry["checkpoint"] = None
+                elif self.kind == "lora" and is_best:
                     self._export_adapter()
-                if saved:
-                    self.run.print(
-                        f"Saved {saved['file']} ({saved['bytes'] / 1e6:.1f} MB, {saved['seconds']:.2f} s)"
-                    )
+            faults.point("metadata", step=self.state.global_step)
             self.run.record_epoch(
                 self.state, kept=self.checkpoints.epochs_on_disk() if self.topo.is_main else []
             )
@@ -196,6 +260,8 @@ class Trainer:
             every = cfg.logging.sample_every_n_epochs
             if every and (epoch % every == 0 or epoch == cfg.epochs):
                 self._write_samples(epoch)
+            if self._stop_agreed():  # a signal during validation, saving or sampling
+                self._stop(saved_now=bool(saved) and "error" not in saved)
         best = self.state.best or {}
         self.run.finish("completed")
         self.run.print(
@@ -205,6 +271,7 @@ class Trainer:
         )
 
     def _train_epoch(self, epoch: int) -> float:
+        """Train epoch ``epoch`` from ``state.step_in_epoch`` on (0 unless resumed inside it); its mean loss."""
         cfg, topo = self.config, self.topo
         order = epoch_order(
             len(self.splits.train),
@@ -214,16 +281,19 @@ class Trainer:
             random_flip=cfg.data.random_flip,
         )
         self.model.train()
-        loss_sum = 0.0
+        first = self.state.step_in_epoch
+        loss_sum = 0.0  # this rank's losses of the steps run by this launch
         bar = tqdm(
             total=self.steps_per_epoch,
+            initial=first,
             desc=f"Epoch {epoch}/{cfg.epochs}",
             disable=not topo.is_main,
             leave=False,
         )
         start = time.perf_counter()
         window_loss, window_steps, window_start = 0.0, 0, start  # steps since the last tracker point
-        for step in range(self.steps_per_epoch):
+        every = cfg.checkpoint.save_every_n_steps
+        for step in range(first, self.steps_per_epoch):
             lr = lr_at(cfg, self.state.global_step, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -236,6 +306,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.global_step += 1
+            self.state.step_in_epoch = step + 1
             self.ema.update(images_seen=self.state.global_step * cfg.batch_size, batch_size=cfg.batch_size)
             value = loss.item()
             loss_sum += value
@@ -243,7 +314,7 @@ class Trainer:
             bar.update(1)
             last = step == self.steps_per_epoch - 1
             if step % cfg.logging.log_every_n_steps == 0 or last:
-                rate = (step + 1) * cfg.batch_size / (time.perf_counter() - start)
+                rate = (step + 1 - first) * cfg.batch_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
             # Tracker points on multiples of the global step, so every launch of a run logs the same steps;
             # each one averages rank 0's loss since the previous point (no collective on the hot path).
@@ -259,9 +330,57 @@ class Trainer:
                     step=self.state.global_step,
                 )
                 window_loss, window_steps, window_start = 0.0, 0, now
+            faults.point("step", step=self.state.global_step)
+            stop = self._stop_agreed()
+            if stop or (every and self.state.global_step % every == 0 and not last):
+                carried = self.state.epoch_loss_sum
+                self.state.epoch_loss_sum += all_reduce_sum([loss_sum], topo)[0] / topo.world_size
+                self._save(
+                    {"train_loss": self.state.epoch_loss_sum / self.state.step_in_epoch}, is_best=False
+                )
+                self.state.epoch_loss_sum = carried  # the running sum below still counts from ``carried``
+                if stop:
+                    bar.close()
+                    self._stop(saved_now=True)
         bar.close()
-        total, count = all_reduce_sum([loss_sum, float(self.steps_per_epoch)], topo)
-        return total / count
+        # Mean over the epoch's steps of the step loss averaged over ranks (steps before a resume included).
+        total = self.state.epoch_loss_sum + all_reduce_sum([loss_sum], topo)[0] / topo.world_size
+        return total / self.steps_per_epoch
+
+    def _save(self, metrics: dict[str, float], is_best: bool) -> dict[str, Any]:
+        """Save a checkpoint of the current state; a failed save is reported and, per config, stops the run."""
+        saved = self.checkpoints.save(
+            model=self.model,
+            optimizer=self.optimizer,
+            ema=self.ema,
+            noise_generator=self.noise,
+            state=self.state,
+            metrics=metrics,
+            is_best=is_best,
+        )
+        if "error" in saved:
+            self.run.record_event("save_failed", tag=saved["tag"], error=saved["error"])
+            message = (
+                f"checkpoint {saved['tag']} could not be written ({saved['error']}); its partial files were "
+                "removed and every earlier checkpoint is intact"
+            )
+            if self.config.checkpoint.on_save_error == "fail":
+                raise SaveFailed(
+                    f"{message}. The run stops (checkpoint.on_save_error: fail): free space or fix the folder, "
+                    f"then continue with --resume {self.run.number}"
+                )
+            self.run.warn(message + "; training continues and the next save tries again")
+        elif saved.get("file"):
+            self.run.print(f"Saved {saved['file']} ({saved['bytes'] / 1e6:.1f} MB, {saved['seconds']:.2f} s)")
+        return saved
+
+    def _stop(self, *, saved_now: bool) -> None:
+        """End training after a stop signal: make sure a resumable checkpoint of this moment exists."""
+        if not saved_now:
+            self._save({}, is_best=False)
+        name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a stop signal"
+        self.run.record_event("interrupted", signal=name, global_step=self.state.global_step)
+        raise Interrupted(f"stopped by {name} at step {self.state.global_step}")
 
     def _log_epoch(self, entry: dict[str, Any], val_loss: float | None, saved: dict[str, Any]) -> None:
         """An epoch's metrics, and its checkpoint's save time and size when one was written (rank 0)."""
@@ -272,7 +391,7 @@ class Trainer:
             "epoch/seconds": entry["seconds"],
             "epoch/images_per_sec": entry["images_per_sec"],
         }
-        if saved:
+        if "seconds" in saved:
             metrics["checkpoint/seconds"] = saved["seconds"]
             metrics["checkpoint/size_mb"] = saved["bytes"] / 1e6
         self.trackers.log(metrics, step=self.state.global_step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -397,10 +398,19 @@ class RunHandle:
         if self.is_main:
             print(message, flush=True)
 
+    def warn(self, message: str) -> None:
+        if self.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
     def update(self, **fields: Any) -> None:
+        """Merge ``fields`` into metadata.json. A failed write (a full disk) is reported, not fatal: the
+        checkpoints are the truth and a resume rewrites metadata from them."""
         if self.is_main:
             self.metadata.update(fields)
-            write_metadata(self.path, self.metadata)
+            try:
+                write_metadata(self.path, self.metadata)
+            except OSError as e:
+                self.warn(f"could not update {self.path / 'metadata.json'}: {e.strerror or e}")
 
     def record_epoch(self, state: Any, kept: list[int]) -> None:
         """After an epoch: counters, history and best from the trainer state, and the epochs on disk."""
@@ -412,17 +422,31 @@ class RunHandle:
             checkpoints=kept,
         )
 
-    def record_resume(self, *, epoch: int, checkpoint: str, state: Any) -> None:
+    def record_event(self, kind: str, **fields: Any) -> None:
+        """Append to ``events``: fallbacks, restarts, world-size changes, interruptions, failed saves."""
+        if self.is_main:
+            self.update(events=[*self.metadata.get("events", []), {"at": now(), "kind": kind, **fields}])
+
+    def record_resume(self, *, checkpoint: str | None, state: Any, topo: Any) -> None:
         if not self.is_main:
             return
         resumes = [
             *self.metadata.get("resumes", []),
-            {"at": now(), "from_epoch": epoch, "checkpoint": checkpoint},
+            {
+                "at": now(),
+                "from_epoch": state.epoch,
+                "global_step": state.global_step,
+                "checkpoint": checkpoint,
+                "world_size": topo.world_size,
+                "distributed": topo.distributed,
+            },
         ]
         # The checkpoint is the truth: metadata written after it may be behind (a crash between the two).
         self.update(
             status="running",
             resumes=resumes,
+            world_size=topo.world_size,
+            distributed=topo.distributed,
             epochs_completed=state.epoch,
             global_step=state.global_step,
             history=list(state.history or []),

@@ -83,6 +83,43 @@ def _model_file(folder: Path) -> Path:
 
 def merge_zero_shards(folder: Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict (parameters in module order, then buffers) from one ZeRO checkpoint folder."""
+    merged, model_states, stage, world_size = _merge_flat(folder, "fp32")
+    state = dict(merged)
+    _add_frozen_and_buffers(state, folder, model_states, stage, world_size)
+    for alias, target in model_states.get("shared_params", {}).items():
+        if target in state:
+            state[alias] = state[target]
+    return state
+
+
+def merge_zero_optimizer_state(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """Adam's moments by parameter name ({"exp_avg": {name: full tensor}, "exp_avg_sq": ...}) and its step.
+
+    The moments are laid out in each rank's flat partition exactly like the fp32 master weights, so the
+    same merge rebuilds them; this is what lets a run resume on a different number of processes.
+    """
+    moments = {key: _merge_flat(folder, key)[0] for key in ADAM_STATES}
+    first = load_shard(_optim_files(folder)[0])["optimizer_state_dict"]
+    states = first["base_optimizer_state" if int(first["zero_stage"]) <= 2 else "optimizer_state_dict"][
+        "state"
+    ]
+    return moments, float(states[0]["step"])
+
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def _flat_groups(opt: dict[str, Any], field: str) -> list[torch.Tensor]:
+    """One rank's flat partitions of ``field`` (``fp32`` master weights or an Adam state), per group."""
+    stage = int(opt["zero_stage"])
+    if field == "fp32":
+        return list(opt["single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"])
+    states = opt["base_optimizer_state" if stage <= 2 else "optimizer_state_dict"]["state"]
+    return [states[g][field] for g in sorted(states)]
+
+
+def _merge_flat(folder: Path, field: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int, int]:
+    """(name → full tensor of ``field`` for every trained parameter, model states, ZeRO stage, world size)."""
     optim_files = _optim_files(folder)
     world_size = len(optim_files)
     if world_size == 0:
@@ -99,20 +136,19 @@ def merge_zero_shards(folder: Path) -> dict[str, torch.Tensor]:
     starts = [0] * len(shapes)  # ZeRO-1/2: where this rank's slice begins in each flattened group
     for rank, path in enumerate(optim_files):
         opt = load_shard(path)["optimizer_state_dict"]
+        parts = _flat_groups(opt, field)
         if stage <= 2:
-            parts = opt["single_partition_of_fp32_groups"]
             _copy_zero2_slice(merged, shapes, parts, starts, paddings)
             starts = [start + part.numel() for start, part in zip(starts, parts)]
         else:
-            _copy_zero3_slice(merged, flat_shapes, opt["fp32_flat_groups"], rank, world_size)
-        del opt
-
-    state = {name: merged[name].view(shape) for name, shape in flat_shapes.items()}
-    _add_frozen_and_buffers(state, folder, model_states, stage, world_size)
-    for alias, target in model_states.get("shared_params", {}).items():
-        if target in state:
-            state[alias] = state[target]
-    return state
+            _copy_zero3_slice(merged, flat_shapes, parts, rank, world_size)
+        del opt, parts
+    return (
+        {name: merged[name].view(shape) for name, shape in flat_shapes.items()},
+        model_states,
+        stage,
+        world_size,
+    )
 
 
 def _copy_zero2_slice(

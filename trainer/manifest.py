@@ -1,0 +1,142 @@
+"""Checkpoint manifests: the last file written for a checkpoint, and the proof that it is whole.
+
+A checkpoint (``epoch_003`` or, inside an epoch, ``step_0000042``) is *committed* when its manifest exists:
+``<checkpoint folder>/manifests/<tag>.json`` lists every file of the checkpoint with its size and sha256,
+plus the counters it was taken at. Anything without a manifest is an unfinished write; readers ignore it and
+the next start of the run removes it. Before a resume loads a checkpoint, ``verify`` re-reads every listed
+file: a missing, truncated or altered file makes the whole checkpoint damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.atomic import atomic_write_json
+
+FORMAT = "diffit-trainer/manifest-v1"
+MANIFEST_DIR = "manifests"
+CHUNK = 4 << 20
+
+
+def epoch_tag(epoch: int) -> str:
+    return f"epoch_{epoch:03d}"
+
+
+def step_tag(global_step: int) -> str:
+    return f"step_{global_step:07d}"
+
+
+def is_tag(name: str) -> bool:
+    prefix, _, number = name.partition("_")
+    return prefix in ("epoch", "step") and number.isdigit()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    tag: str
+    epoch: int
+    """Epochs completed when the checkpoint was taken."""
+    step_in_epoch: int
+    """Steps of epoch ``epoch + 1`` already trained (0 for an epoch checkpoint)."""
+    global_step: int
+    world_size: int
+    distributed: str
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Path relative to the checkpoint folder → ``{"bytes": int, "sha256": str}``."""
+
+    @property
+    def is_epoch(self) -> bool:
+        return self.tag.startswith("epoch_")
+
+    def describe(self) -> str:
+        if self.is_epoch:
+            return f"epoch {self.epoch}"
+        return f"step {self.global_step} (epoch {self.epoch + 1}, step {self.step_in_epoch} of the epoch)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "tag": self.tag,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "world_size": self.world_size,
+            "distributed": self.distributed,
+            "files": self.files,
+        }
+
+
+def manifest_path(folder: Path, tag: str) -> Path:
+    return folder / MANIFEST_DIR / f"{tag}.json"
+
+
+def write_manifest(folder: Path, manifest: Manifest, files: list[Path]) -> None:
+    """Hash ``files`` (paths under ``folder``) into ``manifest`` and commit it atomically, fsynced."""
+    manifest.files = {
+        str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(files)
+    }
+    (folder / MANIFEST_DIR).mkdir(exist_ok=True)
+    atomic_write_json(manifest_path(folder, manifest.tag), manifest.to_dict())
+
+
+def read_manifests(folder: Path) -> list[Manifest]:
+    """Every readable manifest in ``folder``, oldest first (by global step). Unreadable ones are skipped:
+    an interrupted manifest write leaves only a temporary file, so a bad manifest means outside damage,
+    and ``unreadable_manifests`` reports those."""
+    found = []
+    for path in sorted((folder / MANIFEST_DIR).glob("*.json")):
+        manifest = _parse(path)
+        if manifest is not None:
+            found.append(manifest)
+    return sorted(found, key=lambda m: (m.global_step, m.is_epoch))
+
+
+def unreadable_manifests(folder: Path) -> list[Path]:
+    return [p for p in sorted((folder / MANIFEST_DIR).glob("*.json")) if _parse(p) is None]
+
+
+def _parse(path: Path) -> Manifest | None:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT or data.get("tag") != path.stem:
+            return None
+        return Manifest(
+            tag=data["tag"],
+            epoch=int(data["epoch"]),
+            step_in_epoch=int(data["step_in_epoch"]),
+            global_step=int(data["global_step"]),
+            world_size=int(data["world_size"]),
+            distributed=str(data["distributed"]),
+            files=dict(data["files"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def verify(folder: Path, manifest: Manifest) -> str | None:
+    """None if every file of the checkpoint is present with its recorded size and sha256, else why not."""
+    if not manifest.files:
+        return "its manifest lists no files"
+    for relative, expected in manifest.files.items():
+        path = folder / relative
+        if not path.is_file():
+            return f"{relative} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{relative} has {size} bytes, {expected['bytes']} were written (truncated or overwritten)"
+        if sha256_file(path) != expected["sha256"]:
+            return f"{relative} does not match the sha256 recorded when it was written (the file was altered)"
+    return None
