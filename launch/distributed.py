@@ -60,7 +60,9 @@ def build_accelerator(**kwargs: Any) -> Any:
     # DeepSpeed 0.19 calls a collective PyTorch has deprecated; the warning, once per rank and step type,
     # tells a user nothing they can act on.
     warnings.filterwarnings(
-        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+        "ignore",
+        message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+        category=FutureWarning,
     )
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:

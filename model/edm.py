@@ -30,19 +30,29 @@ def edm_loss(
     p_mean: float = -1.2,
     p_std: float = 1.2,
     sigma_data: float = 0.5,
+    share: tuple[int, int] = (0, 1),
 ) -> Tensor:
-    """EDM loss: E_σ,n [λ(σ)·mean_pixels (D(y + n; σ) − y)²] with ln σ ~ N(p_mean, p_std²), averaged over the batch."""
+    """EDM loss: E_σ,n [λ(σ)·mean_pixels (D(y + n; σ) − y)²] with ln σ ~ N(p_mean, p_std²), averaged over the batch.
+
+    ``share=(rank, world_size)``: ``images`` is this rank's contiguous share of a global batch of
+    ``len(images) × world_size``. The random draws are made for the whole global batch and cut the same way,
+    so with a generator seeded alike on every rank the training noise does not depend on the process count.
+    """
     y = images.float()  # (N, C, H, W)
     n = y.shape[0]
     device = y.device
+    rank, world_size = share
+    mine = slice(rank * n, (rank + 1) * n)
+    total = n * world_size
     # Draw order is fixed (σ, noise, dropout mask) so one generator state gives one loss.
-    sigma = (torch.randn(n, generator=generator, device=device) * p_std + p_mean).exp()  # (N,)
-    noise = torch.randn(y.shape, generator=generator, device=device) * sigma.view(-1, *[1] * (y.ndim - 1))
+    sigma = (torch.randn(total, generator=generator, device=device)[mine] * p_std + p_mean).exp()  # (N,)
+    noise = torch.randn((total, *y.shape[1:]), generator=generator, device=device)[mine]
+    noise = noise * sigma.view(-1, *[1] * (y.ndim - 1))
     if num_classes == 0:
         labels = None
     elif labels is not None:
         # Classifier-free guidance training: replace labels by the null label num_classes.
-        drop = torch.rand(n, generator=generator, device=device) < label_dropout
+        drop = torch.rand(total, generator=generator, device=device)[mine] < label_dropout
         labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
     # λ(σ) = 1/c_out² makes the effective target of F unit-variance at every σ.
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # (N,)

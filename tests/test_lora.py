@@ -1,8 +1,9 @@
 """LoRA fine-tuning under real `accelerate launch` (2 processes, DeepSpeed ZeRO-2 and ZeRO-3 on the CPU).
 
 One tiny base run (one process) is fine-tuned on digits 0-4 (5 classes, so the label embedding is resized):
-  run 001: 4 epochs straight (ZeRO-2, keep_last_n=2);  run 002: 2 epochs, then `--resume 2 --epochs 4`
-  (ZeRO-2, every epoch kept);
+  run 001: 4 epochs straight (ZeRO-2, keep_last_n=2);
+  run 002: 4 epochs, stopped by SIGTERM on rank 1 inside epoch 2, then `--resume 2` (ZeRO-2, every epoch
+  kept); a copy of the stopped run resumes on one process without DeepSpeed instead;
   run 003: 2 epochs under ZeRO-3.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,12 +31,20 @@ def lora(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("lora")
     train_base(root, "--epochs", "1", accelerate_config=None)
     straight = train_lora(root, "--epochs", "4", "--set", "checkpoint.keep_last_n=2")
-    train_lora(root, "--epochs", "2", "--set", "checkpoint.keep_last_n=0")  # keeps every epoch
+    # run 002: every epoch kept; rank 1 gets SIGTERM after step 5 (inside epoch 2); a copy is kept
+    interrupted = train_lora(root, "--epochs", "4", "--set", "checkpoint.keep_last_n=0",
+                             env={"DIFFIT_FAULTS": "signal@step:step=5:rank=1"})  # fmt: skip
+    copy = root.parent / f"{root.name}-copy"
+    shutil.copytree(root, copy, symlinks=True)
     resumed = train_lora(root, "--resume", "2", "--epochs", "4")
     train_lora(root, "--epochs", "2", accelerate_config="cpu_zero3")
+    # the copy of run 002 resumes on one process without DeepSpeed
+    single = train_lora(copy, "--resume", "2", "--epochs", "4", accelerate_config=None)
     runs = root / "lora_finetuning"
     return {"root": root, "straight": runs / "run_001", "resumed": runs / "run_002", "zero3": runs / "run_003",
-            "base": root / "base_training" / "run_001", "log": straight.stdout, "resume_log": resumed.stdout}  # fmt: skip
+            "base": root / "base_training" / "run_001", "log": straight.stdout, "resume_log": resumed.stdout,
+            "interrupted": interrupted, "single": copy / "lora_finetuning" / "run_002",
+            "single_log": single.stdout}  # fmt: skip
 
 
 def test_lora_run_has_the_documented_layout(lora: dict) -> None:
@@ -73,7 +83,24 @@ def test_lora_resume_is_bit_identical_to_an_uninterrupted_run(lora: dict) -> Non
     assert resumed["epoch"] == 4 and resumed["global_step"] == straight["global_step"]
     assert_same_tensors(straight["lora_state_dict"], resumed["lora_state_dict"])
     assert_same_tensors(straight["ema_state_dict"], resumed["ema_state_dict"])
-    assert "Resuming run 002 from epoch 2" in lora["resume_log"]
+    assert "Resuming run 002 from step 5 (epoch 2, step 2 of the epoch)" in lora["resume_log"]
+
+
+def test_lora_stop_signal_saves_an_adapter_step_checkpoint_and_exits_0(lora: dict) -> None:
+    assert lora["interrupted"].returncode == 0 and "Received SIGTERM" in lora["interrupted"].stderr
+    meta = json.loads((lora["resumed"] / "metadata.json").read_text())
+    assert [e["kind"] for e in meta["events"]] == ["interrupted"]
+    assert meta["resumes"][0]["checkpoint"] == "step_0000005"
+
+
+def test_lora_resume_on_one_process_continues_the_two_process_run(lora: dict) -> None:
+    assert "saved by 2 process(es) (deepspeed-zero2); continuing on 1 (single)" in lora["single_log"]
+    straight = load_ckpt(lora["straight"] / "lora_weights" / "last.ckpt")
+    single = load_ckpt(lora["single"] / "lora_weights" / "last.ckpt")
+    assert single["epoch"] == 4 and single["global_step"] == straight["global_step"]
+    for key in ("lora_state_dict", "ema_state_dict"):
+        for name, tensor in straight[key].items():  # equal up to the order of float sums
+            torch.testing.assert_close(single[key][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
 
 
 def test_zero3_adapters_are_real_tensors_equal_to_zero2s(lora: dict) -> None:

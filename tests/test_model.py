@@ -155,6 +155,24 @@ def test_loss_uses_only_the_given_generator() -> None:
     assert not torch.equal(loss(124), first)
 
 
+def test_loss_shares_of_a_global_batch_match_the_whole_batch() -> None:
+    """Each rank draws the noise of the whole global batch and keeps its share: the process count does not
+    change the training noise, so two half-batch losses average to the one-process loss."""
+    model = tiny()
+    randomize_zero_layers(model)
+    images, labels = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+
+    def loss(part: slice, share: tuple[int, int]) -> Tensor:
+        gen = torch.Generator().manual_seed(5)
+        kwargs = dict(num_classes=10, label_dropout=0.5, generator=gen, share=share)
+        return edm_loss(model, images[part], labels[part], **kwargs)  # type: ignore[arg-type]
+
+    whole = loss(slice(0, 8), (0, 1))
+    halves = (loss(slice(0, 4), (0, 2)) + loss(slice(4, 8), (1, 2))) / 2
+    torch.testing.assert_close(halves, whole)
+    assert not torch.allclose(loss(slice(0, 4), (0, 2)), loss(slice(0, 4), (0, 1)))  # a share is not a batch
+
+
 def test_edm_loss_decreases_on_a_fixed_batch() -> None:
     model = tiny()
     images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

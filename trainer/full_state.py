@@ -140,14 +140,17 @@ def _materialize_adam_state(model: Any) -> None:
     """
     zero_optimizer = model.optimizer
     base = zero_optimizer.optimizer
-    for group in base.param_groups:
-        for flat in group["params"]:
-            if not base.state.get(flat):
-                base.state[flat] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(flat),
-                    "exp_avg_sq": torch.zeros_like(flat),
-                }
+    # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only during a step.
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or [
+        flat for group in base.param_groups for flat in group["params"]
+    ]
+    for flat in flats:
+        if not base.state.get(flat):
+            base.state[flat] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
     if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the fragments
         zero_optimizer._hp_optimizer_states_linked = False
         zero_optimizer._lazy_init_hp_params_optimizer_state()

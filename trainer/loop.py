@@ -114,7 +114,7 @@ class Trainer:
             rank=topo.rank,
             world_size=topo.world_size,
         )
-        self.noise = torch.Generator(topo.device).manual_seed(config.seed * 1000 + topo.rank + 1)
+        self.noise = torch.Generator(topo.device)  # re-seeded from (seed, step) before every step
         manager = CheckpointManager if kind == "base" else AdapterCheckpointManager
         self.checkpoints: CheckpointManager | AdapterCheckpointManager = manager(
             run.path, topo, keep_last_n=config.checkpoint.keep_last_n, config=config.to_dict()
@@ -215,9 +215,14 @@ class Trainer:
         return {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
 
     def _stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop (one small collective, at a step boundary)."""
-        mine = 1.0 if self._stop_signal is not None else 0.0
-        return all_reduce_sum([mine], self.topo)[0] > 0
+        """Whether any rank was asked to stop (one small collective, at a step boundary); every rank then
+        knows the signal of the lowest rank that got one."""
+        signals = [0.0] * self.topo.world_size
+        signals[self.topo.rank] = float(self._stop_signal or 0)
+        received = [int(s) for s in all_reduce_sum(signals, self.topo) if s]
+        if received and self._stop_signal is None:
+            self._stop_signal = received[0]
+        return bool(received)
 
     def _fit_epochs(self) -> None:
         cfg = self.config
@@ -299,7 +304,10 @@ class Trainer:
                 group["lr"] = lr
             indices, flips = order.for_rank(step, topo.rank, topo.world_size)
             images, labels = self.splits.train.batch(indices, flips)
-            loss = self._loss(images, labels, self.noise)
+            # The step's noise is a function of (seed, step), drawn for the global batch on every rank, so
+            # it is the same on any number of processes and needs no RNG state to resume.
+            self.noise.manual_seed(cfg.seed * 1_000_003 + self.state.global_step)
+            loss = self._loss(images, labels, self.noise, share=(topo.rank, topo.world_size))
             self.accelerator.backward(loss)
             if topo.deepspeed_stage is None and cfg.grad_clip > 0:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -396,7 +404,13 @@ class Trainer:
             metrics["checkpoint/size_mb"] = saved["bytes"] / 1e6
         self.trackers.log(metrics, step=self.state.global_step)
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        share: tuple[int, int] = (0, 1),
+    ) -> torch.Tensor:
         cfg = self.config
         return edm_loss(
             self.model,
@@ -408,6 +422,7 @@ class Trainer:
             p_mean=cfg.edm.p_mean,
             p_std=cfg.edm.p_std,
             sigma_data=cfg.edm.sigma_data,
+            share=share,
         )
 
     @torch.no_grad()

@@ -1,0 +1,373 @@
+"""Fault injection: power cuts, damaged files, preemption, a full disk and a change of process count.
+
+Every case runs the real `accelerate launch` with 2 processes and DeepSpeed on the CPU, breaks the run the
+way the real fault would, resumes it with the ordinary command, and compares the result with one
+uninterrupted reference run of the same seed:
+  * power cut (SIGKILL of the launcher's process group and of every worker) in training, after the shards
+    are written, before the merged file, before the manifest, before retention and before metadata.json;
+    bit-identical after the chain of resumes;
+  * bit-flipped ``last.ckpt``, truncated shard, deleted shard: fallback to the newest intact epoch,
+    bit-identical; nothing intact at all: a loud restart from scratch, bit-identical;
+  * SIGTERM on one rank mid-epoch: both ranks save, exit 0, resume bit-identical;
+  * ENOSPC while saving: previous checkpoints intact, partial files gone; ``continue`` trains on (bit-identical),
+    ``fail`` stops as failed and resumes (bit-identical);
+  * 2 processes (ZeRO-2) → 1 process → 2 processes (ZeRO-3) inside epochs: equal to the reference up to
+    float summation order (not bit-identical: the reductions differ), and far closer than a fresh optimizer.
+Faults are placed with ``DIFFIT_FAULTS`` (``trainer/faults.py``), which pauses a process at a named point so
+the test can cut the power exactly there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import assert_same_tensors, base_argv, child_env, launch_command, load_ckpt, train_base
+from trainer.manifest import read_manifests, verify
+
+pytestmark = pytest.mark.distributed
+
+EPOCHS = ["--epochs", "4", "--set", "logging.sample_every_n_epochs=0"]
+
+
+def final_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    ckpt = load_ckpt(run / "checkpoints" / "epoch_004.ckpt")
+    assert ckpt["epoch"] == 4 and ckpt["global_step"] == 12
+    return {"state_dict": ckpt["state_dict"], "ema_state_dict": ckpt["ema_state_dict"]}
+
+
+def assert_bit_identical(run: Path, reference: dict[str, dict[str, torch.Tensor]]) -> None:
+    got = final_weights(run)
+    assert_same_tensors(reference["state_dict"], got["state_dict"])
+    assert_same_tensors(reference["ema_state_dict"], got["ema_state_dict"])
+
+
+def metadata(run: Path) -> dict:
+    return json.loads((run / "metadata.json").read_text())
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    return [e for e in metadata(run)["events"] if e["kind"] == kind]
+
+
+def assert_all_committed_intact(run: Path) -> list[str]:
+    """Every committed checkpoint verifies against its manifest; returns their tags, oldest first."""
+    folder = run / "checkpoints"
+    manifests = read_manifests(folder)
+    for m in manifests:
+        assert verify(folder, m) is None, f"committed checkpoint {m.tag} is damaged: {verify(folder, m)}"
+    return [m.tag for m in manifests]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """4 epochs × 3 steps straight (2 processes, ZeRO-2), every epoch kept."""
+    root = tmp_path_factory.mktemp("reference")
+    train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0")
+    run = root / "base_training" / "run_001"
+    return {"root": root, "run": run, "weights": final_weights(run)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Power cuts
+# --------------------------------------------------------------------------------------------------
+
+
+def power_cut_at(root: Path, fault: str, args: list[str], timeout: float = 300) -> None:
+    """Launch, wait until a process pauses at ``fault``, then SIGKILL everything of the launch."""
+    marker = root.parent / f"paused-{time.monotonic_ns()}"
+    log = root.parent / f"{marker.name}.log"
+    cmd = launch_command("train_base.py", base_argv(root, *args), accelerate_config="cpu_zero2")
+    env = child_env({"DIFFIT_FAULTS": fault, "DIFFIT_FAULT_MARKER": str(marker)})
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root.parent
+        )
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            power_off(proc, root)
+            pytest.fail(f"{fault!r} was never reached (exit {proc.returncode}):\n{log.read_text()[-5000:]}")
+        time.sleep(0.2)
+    power_off(proc, root)
+
+
+def power_off(proc: subprocess.Popen, root: Path) -> None:
+    """SIGKILL the launcher's process group and every worker (torch elastic starts them in new sessions)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    needle = str(root).encode()
+    for _ in range(50):
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmdline and int(pid) != os.getpid():
+                alive.append(int(pid))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        if not alive:
+            break
+        time.sleep(0.1)
+    proc.wait()
+
+
+def test_power_cuts_at_every_stage_then_resume_is_bit_identical(reference: dict, tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    run = root / "base_training" / "run_001"
+    policy = [*EPOCHS, "--set", "checkpoint.keep_last_n=1", "--set", "checkpoint.save_every_n_steps=2"]
+    resume = [*policy, "--resume", "1"]
+    # Steps 1-12; epoch checkpoints at steps 3, 6, 9, 12; step checkpoints at 2, 4, 8, 10.
+    cuts = [
+        ("pause@step:step=5", policy, "step_0000004"),  # training, inside epoch 2
+        ("pause@save.shards:step=6", resume, "step_0000004"),  # shards written, not renamed
+        ("pause@save.merge:step=6", resume, "step_0000004"),  # state renamed, merged file not written
+        ("pause@save.manifest:step=6", resume, "step_0000004"),  # every file written but the manifest
+        ("pause@save.retention:step=9", resume, "epoch_003"),  # committed, old checkpoints not yet removed
+        ("pause@metadata:step=12", resume, "epoch_004"),  # everything saved, metadata.json not updated
+    ]
+    for fault, args, newest in cuts:
+        power_cut_at(root, fault, args)
+        tags = assert_all_committed_intact(run)
+        assert tags[-1] == newest, f"after {fault}: committed {tags}"
+
+    result = train_base(root, *resume)
+    assert "Resuming run 001 from epoch 4" in result.stdout
+    assert_bit_identical(run, reference["weights"])
+    meta = metadata(run)
+    assert meta["status"] == "completed" and meta["epochs_completed"] == 4 and meta["global_step"] == 12
+    assert [r["checkpoint"] for r in meta["resumes"]] == [c[2] for c in cuts]
+    # Only committed checkpoints remain: keep_last_n=1 plus the best, no step checkpoint, no leftovers.
+    tags = assert_all_committed_intact(run)
+    assert tags[-1] == "epoch_004" and not any(t.startswith("step_") for t in tags)
+    assert not list(run.rglob(".tmp-*"))
+    on_disk = {p.name for p in (run / "checkpoints" / "state").iterdir() if p.is_dir()}
+    assert on_disk == set(tags)
+    assert os.path.samefile(run / "checkpoints" / "last.ckpt", run / "checkpoints" / "epoch_004.ckpt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged files
+# --------------------------------------------------------------------------------------------------
+
+
+def copy_run(reference: dict, tmp_path: Path) -> Path:
+    root = tmp_path / "checkpoints"
+    subprocess.run(["cp", "-a", str(reference["root"]), str(root)], check=True)  # -a keeps the hard links
+    return root / "base_training" / "run_001"
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_epoch(reference: dict, tmp_path: Path) -> None:
+    run = copy_run(reference, tmp_path)
+    ckpts = run / "checkpoints"
+    flip_byte(ckpts / "last.ckpt", (ckpts / "last.ckpt").stat().st_size // 2)  # = epoch_004.ckpt (hard link)
+    shard = ckpts / "state" / "epoch_003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    half = shard.stat().st_size // 2
+    os.truncate(shard, half)
+    (ckpts / "state" / "epoch_002" / "mp_rank_00_model_states.pt").unlink()
+
+    result = train_base(run.parent.parent, *EPOCHS, "--resume", "1")
+
+    for tag, reason in (
+        ("epoch_004", "does not match the sha256"),
+        ("epoch_003", "bytes"),
+        ("epoch_002", "is missing"),
+    ):
+        assert f"checkpoint {tag} of run 001 is damaged" in result.stderr
+        assert (run / "damaged" / tag).is_dir()
+        assert any(e["tag"] == tag and reason in e["reason"] for e in events(run, "fallback"))
+    assert "Resuming run 001 from epoch 1" in result.stdout
+    assert_bit_identical(run, reference["weights"])
+    # The damaged files are kept for inspection, with their damage.
+    kept = run / "damaged" / "epoch_003" / "state__epoch_003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert kept.stat().st_size == half
+    assert os.path.samefile(ckpts / "last.ckpt", ckpts / "epoch_004.ckpt")
+    assert assert_all_committed_intact(run) == ["epoch_001", "epoch_002", "epoch_003", "epoch_004"]
+
+
+def test_no_intact_checkpoint_restarts_from_scratch_loudly_and_keeps_the_damage(
+    reference: dict, tmp_path: Path
+) -> None:
+    run = copy_run(reference, tmp_path)
+    for epoch in range(1, 5):
+        flip_byte(run / "checkpoints" / f"epoch_{epoch:03d}.ckpt", 100)
+
+    result = train_base(run.parent.parent, *EPOCHS, "--resume", "1")
+
+    assert "TRAINING STARTS OVER FROM SCRATCH" in result.stderr
+    assert sorted(p.name for p in (run / "damaged").iterdir()) == [f"epoch_{e:03d}" for e in range(1, 5)]
+    assert len(events(run, "restart_from_scratch")) == 1
+    assert_bit_identical(run, reference["weights"])  # same seed, same data order: the same run again
+
+
+def test_run_killed_before_its_first_checkpoint_resumes_from_scratch(tiny_runs: Path, tmp_path: Path) -> None:
+    """A run with config and metadata but no checkpoint yet (killed in epoch 1): --resume finishes it."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(tiny_runs, root, symlinks=True)
+    run = root / "base_training" / "run_001"
+    original = load_ckpt(run / "checkpoints" / "epoch_001.ckpt")
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()
+
+    result = train_base(root, "--epochs", "1", "--resume", "1", accelerate_config=None)
+
+    assert "no intact checkpoint to resume from: TRAINING STARTS OVER FROM SCRATCH" in result.stderr
+    assert not (run / "damaged").exists()  # nothing was damaged, nothing to keep aside
+    assert metadata(run)["status"] == "completed"
+    resumed = load_ckpt(run / "checkpoints" / "epoch_001.ckpt")
+    assert_same_tensors(original["state_dict"], resumed["state_dict"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption and a change of process count
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run whose rank 1 got SIGTERM after step 5 (inside epoch 2); a pristine copy is kept."""
+    root = tmp_path_factory.mktemp("preempted") / "checkpoints"
+    result = train_base(root, *EPOCHS, env={"DIFFIT_FAULTS": "signal@step:step=5:rank=1"})
+    pristine = root.parent / "pristine"
+    shutil.copytree(root, pristine, symlinks=True)
+    return {"root": root, "pristine": pristine, "result": result}
+
+
+def test_sigterm_on_one_rank_saves_marks_interrupted_and_exits_0(preempted: dict) -> None:
+    result, run = preempted["result"], preempted["pristine"] / "base_training" / "run_001"
+    assert result.returncode == 0
+    assert "Received SIGTERM" in result.stderr
+    assert "saved a resumable checkpoint and is marked interrupted" in result.stdout
+    meta = metadata(run)
+    assert meta["status"] == "interrupted"
+    assert events(run, "interrupted")[0]["signal"] == "SIGTERM"
+    assert assert_all_committed_intact(run)[-1] == "step_0000005"
+
+
+def test_resume_after_sigterm_is_bit_identical(preempted: dict, reference: dict) -> None:
+    root = preempted["root"]
+    result = train_base(root, *EPOCHS, "--resume", "1")
+    assert "Resuming run 001 from step 5 (epoch 2, step 2 of the epoch)" in result.stdout
+    assert_bit_identical(root / "base_training" / "run_001", reference["weights"])
+
+
+def test_resume_on_one_process_then_on_two_with_zero3(
+    preempted: dict, reference: dict, tmp_path: Path
+) -> None:
+    root = tmp_path / "checkpoints"
+    shutil.copytree(preempted["pristine"], root, symlinks=True)
+    run = root / "base_training" / "run_001"
+    # 2 processes (ZeRO-2) → 1 process without DeepSpeed, stopped again inside epoch 3 ...
+    single = train_base(root, *EPOCHS, "--resume", "1", accelerate_config=None,
+                        env={"DIFFIT_FAULTS": "signal@step:step=8"})  # fmt: skip
+    assert "saved by 2 process(es) (deepspeed-zero2); continuing on 1 (single)" in single.stdout
+    assert metadata(run)["status"] == "interrupted"
+    # ... → 2 processes with ZeRO-3, to the end.
+    result = train_base(root, *EPOCHS, "--resume", "1", accelerate_config="cpu_zero3")
+    assert "saved by 1 process(es) (single); continuing on 2 (deepspeed-zero3)" in result.stdout
+
+    changes = events(run, "world_size_change")
+    assert [(c["from_world_size"], c["to_world_size"]) for c in changes] == [(2, 1), (1, 2)]
+    assert [r["world_size"] for r in metadata(run)["resumes"]] == [1, 2]
+    got, want = final_weights(run), reference["weights"]
+    for key in ("state_dict", "ema_state_dict"):
+        for name, tensor in want[key].items():
+            # Only the order of float sums differs from the reference; a lost optimizer state would not.
+            torch.testing.assert_close(got[key][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# A full disk
+# --------------------------------------------------------------------------------------------------
+
+
+def test_disk_full_with_continue_keeps_earlier_checkpoints_and_trains_on(
+    reference: dict, tmp_path: Path
+) -> None:
+    root = tmp_path / "checkpoints"
+    run = root / "base_training" / "run_001"
+    result = train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0", "--set", "checkpoint.on_save_error=continue",
+                        env={"DIFFIT_FAULTS": "enospc@write:tag=epoch_002:rank=1"})  # fmt: skip
+    assert "checkpoint epoch_002 could not be written (rank 1: No space left on device" in result.stderr
+    assert "training continues" in result.stderr
+    assert metadata(run)["status"] == "completed"
+    assert events(run, "save_failed")[0]["tag"] == "epoch_002"
+    assert assert_all_committed_intact(run) == ["epoch_001", "epoch_003", "epoch_004"]
+    assert not (run / "checkpoints" / "state" / "epoch_002").exists()
+    assert not (run / "checkpoints" / "epoch_002.ckpt").exists() and not list(run.rglob(".tmp-*"))
+    assert_bit_identical(run, reference["weights"])
+
+
+def test_disk_full_with_fail_stops_as_failed_and_resumes(reference: dict, tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    run = root / "base_training" / "run_001"
+    failed = train_base(root, *EPOCHS, env={"DIFFIT_FAULTS": "enospc@write:tag=epoch_002"}, check=False)
+    assert failed.returncode != 0
+    assert "checkpoint epoch_002 could not be written" in failed.stderr and "--resume 1" in failed.stderr
+    assert metadata(run)["status"] == "failed"
+    assert assert_all_committed_intact(run) == ["epoch_001"]
+    assert os.path.samefile(run / "checkpoints" / "last.ckpt", run / "checkpoints" / "epoch_001.ckpt")
+    assert not list(run.rglob(".tmp-*")) and not (run / "checkpoints" / "state" / "epoch_002").exists()
+
+    train_base(root, *EPOCHS, "--resume", "1")
+    assert metadata(run)["status"] == "completed"
+    assert_bit_identical(run, reference["weights"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Soak (make soak): random power cuts until the run completes
+# --------------------------------------------------------------------------------------------------
+
+POINTS = ["step", "save.shards", "save.merge", "save.manifest", "save.retention", "metadata", "write"]
+
+
+@pytest.mark.soak
+def test_soak_random_power_cuts(reference: dict, tmp_path: Path) -> None:
+    """``SOAK_CUTS`` (default 20) power cuts at random points and steps, each followed by a resume."""
+    import random
+
+    rng = random.Random(int(os.environ.get("SOAK_SEED", "0")))
+    root = tmp_path / "checkpoints"
+    run = root / "base_training" / "run_001"
+    policy = [*EPOCHS, "--set", "checkpoint.keep_last_n=1", "--set", "checkpoint.save_every_n_steps=2"]
+    for cut in range(int(os.environ.get("SOAK_CUTS", "20"))):
+        done = metadata(run)["global_step"] if run.exists() else 0
+        point = rng.choice(POINTS)
+        step = rng.randint(done + 1, 12)
+        rank = rng.randint(0, 1)
+        fault = f"pause@{point}:step={step}:rank={rank}" if point != "write" else f"pause@write:rank={rank}"
+        args = [*policy, "--resume", "1"] if run.exists() else policy
+        marker_reached = _try_power_cut(root, fault, args)
+        tags = assert_all_committed_intact(run) if run.exists() else []
+        print(f"cut {cut}: {fault} reached={marker_reached} committed={tags}")
+        if not marker_reached:  # the run finished before reaching the point
+            break
+    train_base(root, *policy, "--resume", "1")
+    assert_bit_identical(run, reference["weights"])
+
+
+def _try_power_cut(root: Path, fault: str, args: list[str]) -> bool:
+    try:
+        power_cut_at(root, fault, args)
+        return True
+    except pytest.fail.Exception:
+        return False
