@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from model.diffit import DiffiT
+
+if TYPE_CHECKING:  # peft imports transformers (~5 s): only LoRA runs pay for it
+    from peft import PeftModel
 
 LORA_LAYERS = ("qkv", "qkv_temb", "proj", "mlp.fc1", "mlp.fc2")
 _BLOCK_LINEAR = re.compile(r"^((?:encoder|decoder)\.\d+)\.blocks\.\d+\.block\.(attn\.(\w+)|mlp\.(fc\d))$")
@@ -99,6 +102,8 @@ def apply_lora(
 ) -> PeftModel:
     """Freeze ``model`` and add the adapters; the label embedding is trained in full if asked."""
     default_rank, default_alpha = next(iter(targets.values()))
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=default_rank,
         lora_alpha=default_alpha,
@@ -113,7 +118,8 @@ def apply_lora(
 
 def base_diffit(model: nn.Module) -> DiffiT:
     """The DiffiT itself, whether ``model`` is one or a peft model wrapping one."""
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    get_base_model = getattr(model, "get_base_model", None)  # a peft model (peft imported only for LoRA)
+    inner = get_base_model() if callable(get_base_model) else model
     if not isinstance(inner, DiffiT):
         raise TypeError(f"expected a DiffiT or a peft model of one, got {type(inner).__name__}")
     return inner

@@ -1,7 +1,9 @@
 """Base training under real `accelerate launch` with 2 processes and DeepSpeed on the CPU.
 
 One module-scoped set of runs serves every test here (launches are the expensive part):
-  run 001: 4 epochs straight (ZeRO-2);  run 002: 2 epochs, then `--resume 2 --epochs 4` (ZeRO-2).
+  run 001: 4 epochs straight (ZeRO-2, background saves);  run 002: 2 epochs saved synchronously, then
+  `--resume 2 --epochs 4` (ZeRO-2, background saves). Resumes from background-saved checkpoints are
+  checked bit-identical in tests/test_faults.py.
 Both use keep_last_n=2 and pick ``best`` by the *highest* val loss, so the best epoch is an early one that
 retention must keep although it is not among the last two.
 """
@@ -29,7 +31,7 @@ POLICY = ["--set", "checkpoint.keep_last_n=2", "--set", "checkpoint.mode=max"]
 def zero2(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("zero2")
     straight = train_base(root, "--epochs", "4", *POLICY)
-    first = train_base(root, "--epochs", "2", *POLICY)
+    first = train_base(root, "--epochs", "2", *POLICY, "--set", "checkpoint.async_save=false")
     resumed = train_base(root, "--resume", "2", "--epochs", "4", *POLICY)
     base = root / "base_training"
     return {"root": root, "straight": base / "run_001", "resumed": base / "run_002", "log": resumed.stdout,

@@ -457,6 +457,6 @@ def test_fault_spec_parsing_and_filters(monkeypatch: pytest.MonkeyPatch, tmp_pat
         faults.set_context(tag="epoch_003")
         faults.point("write")
     finally:
-        faults._context.clear()
+        faults._local.context = {}
         monkeypatch.delenv(faults.ENV)
         faults._faults.cache_clear()

@@ -350,3 +350,16 @@ def test_preset_folder_has_exactly_the_documented_presets() -> None:
         "cifar100_trees_only",
         "cifar100_animals_only",
     }
+
+
+def test_digits_read_without_sklearn_equal_sklearns_load_digits() -> None:
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    from data.digits import _load_raw
+
+    images, labels = _load_raw()
+    bunch = sklearn_load_digits()
+    assert torch.equal(
+        images, torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)
+    )
+    assert torch.equal(labels, torch.as_tensor(bunch.target, dtype=torch.int64))

@@ -4,11 +4,12 @@ Every case runs the real `accelerate launch` with 2 processes and DeepSpeed on t
 way the real fault would, resumes it with the ordinary command, and compares the result with one
 uninterrupted reference run of the same seed:
   * power cut (SIGKILL of the launcher's process group and of every worker) in training, after the shards
-    are written, before the merged file, before the manifest, before retention and before metadata.json;
-    bit-identical after the chain of resumes;
+    are written, before the merged file (of a synchronous and of a background save), before the manifest,
+    before retention and before metadata.json; bit-identical after the chain of resumes;
   * bit-flipped ``last.ckpt``, truncated shard, deleted shard: fallback to the newest intact epoch,
     bit-identical; nothing intact at all: a loud restart from scratch, bit-identical;
-  * SIGTERM on one rank mid-epoch: both ranks save, exit 0, resume bit-identical;
+  * SIGTERM on one rank mid-epoch: both ranks save (in the background, the default), exit 0, resume
+    bit-identical;
   * ENOSPC while saving: previous checkpoints intact, partial files gone; ``continue`` trains on (bit-identical),
     ``fail`` stops as failed and resumes (bit-identical);
   * 2 processes (ZeRO-2) → 1 process → 2 processes (ZeRO-3) inside epochs: equal to the reference up to
@@ -127,12 +128,14 @@ def test_power_cuts_at_every_stage_then_resume_is_bit_identical(reference: dict,
     root = tmp_path / "checkpoints"
     run = root / "base_training" / "run_001"
     policy = [*EPOCHS, "--set", "checkpoint.keep_last_n=1", "--set", "checkpoint.save_every_n_steps=2"]
-    resume = [*policy, "--resume", "1"]
+    sync = [*policy, "--set", "checkpoint.async_save=false"]  # the cut lands exactly where the save is
+    resume, resume_async = [*sync, "--resume", "1"], [*policy, "--resume", "1"]
     # Steps 1-12; epoch checkpoints at steps 3, 6, 9, 12; step checkpoints at 2, 4, 8, 10.
     cuts = [
-        ("pause@step:step=5", policy, "step_0000004"),  # training, inside epoch 2
+        ("pause@step:step=5", sync, "step_0000004"),  # training, inside epoch 2
         ("pause@save.shards:step=6", resume, "step_0000004"),  # shards written, not renamed
-        ("pause@save.merge:step=6", resume, "step_0000004"),  # state renamed, merged file not written
+        # A background save stopped before its merged file; the loop trains on and waits at the next save.
+        ("pause@save.merge:step=6", resume_async, "step_0000004"),
         ("pause@save.manifest:step=6", resume, "step_0000004"),  # every file written but the manifest
         ("pause@save.retention:step=9", resume, "epoch_003"),  # committed, old checkpoints not yet removed
         ("pause@metadata:step=12", resume, "epoch_004"),  # everything saved, metadata.json not updated
@@ -142,7 +145,7 @@ def test_power_cuts_at_every_stage_then_resume_is_bit_identical(reference: dict,
         tags = assert_all_committed_intact(run)
         assert tags[-1] == newest, f"after {fault}: committed {tags}"
 
-    result = train_base(root, *resume)
+    result = train_base(root, *resume_async)
     assert "Resuming run 001 from epoch 4" in result.stdout
     assert_bit_identical(run, reference["weights"])
     meta = metadata(run)

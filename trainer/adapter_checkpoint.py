@@ -24,6 +24,7 @@ from trainer.checkpoint import (
     CKPT_FORMAT,
     Checkpoints,
     TrainingState,
+    host_copy,
     load_checkpoint_file,
     unwrap_model,
 )
@@ -36,7 +37,15 @@ from trainer.manifest import Manifest
 class AdapterCheckpointManager(Checkpoints):
     payload_key = "lora_state_dict"
 
-    def __init__(self, run_dir: Path, topo: Topology, *, keep_last_n: int, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        topo: Topology,
+        *,
+        keep_last_n: int,
+        config: dict[str, Any],
+        async_save: bool = False,
+    ) -> None:
         folder = run_dir / "lora_weights"
         super().__init__(
             run_dir,
@@ -46,6 +55,7 @@ class AdapterCheckpointManager(Checkpoints):
             config=config,
             kind="lora",
             roots=[(folder, ".ckpt")],
+            async_save=async_save,
         )
 
     def _leftover_folders(self) -> list[Path]:
@@ -64,34 +74,32 @@ class AdapterCheckpointManager(Checkpoints):
             pass
         return manifest
 
-    def _write_shared(self, tag: str, **kwargs: Any) -> str | None:
-        """Gather (collective, no file written): the trained tensors, their Adam state, EMA and RNGs."""
+    def _snapshot(self, tag: str, **kwargs: Any) -> tuple[list[tuple[Path, Any, Any]], Any]:
+        """Gather (collective): the trained tensors, their Adam state, EMA and every rank's RNG; only
+        rank 0 writes, so it alone keeps them."""
         model, ema = kwargs["model"], kwargs["ema"]
         full = gather_full_state(model, kwargs["optimizer"], unwrap_model(model), self.topo)
-        ema_full = ema.full_state()
+        ema_full = host_copy(ema.full_state())
         rng = _all_rng_states(kwargs["noise_generator"], self.topo)
-        self._pending = (full, ema_full, rng)
-        return None
+        return [], ((full, ema_full, rng) if self.topo.is_main else None)
 
-    def _write_main(self, tag: str, **kwargs: Any) -> None:
-        state: TrainingState = kwargs["state"]
-        full, ema_full, rng = self._pending
-        del self._pending
-        payload = {
+    def _commit(self, tag: str, *, state: TrainingState, metrics: dict[str, float], payload: Any) -> None:
+        full, ema_full, rng = payload
+        checkpoint = {
             "format": CKPT_FORMAT,
             "kind": "lora",
             "lora_state_dict": full.params,
-            "ema_state_dict": {k: v.cpu() for k, v in ema_full.items()},
+            "ema_state_dict": ema_full,
             "optimizer": full.optimizer_dict(),
             "rng": rng,
             **state.to_dict(),
-            "metrics": dict(kwargs["metrics"]),
+            "metrics": metrics,
             "world_size": self.topo.world_size,
             "distributed": self.topo.distributed,
             "config": self.config,
         }
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / f"{tag}.ckpt", lambda f: torch.save(payload, f))
+        atomic_write(self.dir / f"{tag}.ckpt", lambda f: torch.save(checkpoint, f))
 
     def load(
         self,

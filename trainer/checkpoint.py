@@ -23,9 +23,11 @@ manifest was never committed: a restart removes it, a resume never reads it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch import Topology, all_reduce_sum, barrier, broadcast_object, decide_on_rank0
+from launch import Topology, barrier, broadcast_object, decide_on_rank0
 from trainer import faults
 from trainer.atomic import (
     TMP_PREFIX,
@@ -155,8 +157,11 @@ class Checkpoints:
         config: dict[str, Any],
         kind: str,
         roots: list[tuple[Path, str]],
+        async_save: bool = False,
     ) -> None:
         self.run_dir = run_dir
+        self.async_save = async_save
+        self._job: _Job | None = None
         self.dir = folder
         self.topo = topo
         self.keep_last_n = keep_last_n
@@ -246,17 +251,99 @@ class Checkpoints:
         metrics: dict[str, float],
         is_best: bool,
     ) -> dict[str, Any]:
-        """Commit a checkpoint of ``state`` on all ranks: an epoch checkpoint when ``state.step_in_epoch`` is
-        0, else a step checkpoint. Returns {tag, file, bytes, seconds} on rank 0, or {tag, error} on every
-        rank when a write failed (nothing of this checkpoint is left; every earlier one is untouched)."""
+        """Start a checkpoint of ``state`` on all ranks: an epoch checkpoint when ``state.step_in_epoch`` is
+        0, else a step checkpoint. Call ``wait()`` first: one save is in flight at a time.
+
+        The training loop is blocked only while the state is copied to host memory (the snapshot; a
+        collective under DeepSpeed). Writing, merging, hashing, the commit and retention then run in a
+        background thread (``async_save``) or right here; ``wait()`` returns the outcome either way.
+        Returns {tag, blocked_seconds, snapshot_bytes}.
+        """
+        assert self._job is None, "wait() for the previous save first"
         start = time.perf_counter()
+        state = TrainingState.from_dict(copy.deepcopy(state.to_dict()))  # training goes on changing its own
         tag = epoch_tag(state.epoch) if state.step_in_epoch == 0 else step_tag(state.global_step)
         faults.set_context(tag=tag, step=state.global_step)
-        args = dict(model=model, optimizer=optimizer, ema=ema, noise_generator=noise_generator)
-        error = self._agree(self._write_shared(tag, state=state, **args))
-        if error is None and self.topo.is_main:
+        items, main_payload = self._snapshot(
+            tag, model=model, optimizer=optimizer, ema=ema, noise_generator=noise_generator, state=state
+        )
+        faults.set_context(tag=None, step=None)
+        snapshot_bytes = sum(_nbytes(obj) for _, obj, _ in items) + _nbytes(main_payload)
+        blocked = time.perf_counter() - start
+        queued = {"tag": tag, "blocked_seconds": blocked, "snapshot_bytes": snapshot_bytes}
+        job = _Job(tag=tag, outcome=dict(queued))
+        args = (job, items, main_payload, state, dict(metrics), is_best, start)
+        if self.async_save:
+            job.thread = threading.Thread(target=self._run_job, args=args, name=f"save-{tag}", daemon=True)
+            job.thread.start()
+        else:
+            self._run_job(*args)
+        self._job = job
+        return queued
+
+    def wait(self) -> dict[str, Any]:
+        """Finish the save in flight (collective: call on every rank). Its outcome on every rank:
+        {} when none was in flight; {tag, error} when it failed (nothing of it is left, every earlier
+        checkpoint is whole); else {tag, blocked_seconds, snapshot_bytes, file, bytes, seconds}."""
+        job, self._job = self._job, None
+        if job is None:
+            return {}
+        if job.thread is not None:
+            job.thread.join()
+        return broadcast_object(job.outcome, self.topo)
+
+    def join(self) -> None:
+        """Let the save in flight finish on this rank, without a collective (for error paths)."""
+        if self._job is not None and self._job.thread is not None:
+            self._job.thread.join()
+        self._job = None
+
+    def _run_job(
+        self,
+        job: _Job,
+        items: list[tuple[Path, Any, Any]],
+        main_payload: Any,
+        state: TrainingState,
+        metrics: dict[str, float],
+        is_best: bool,
+        start: float,
+    ) -> None:
+        """Write this rank's files; rank 0 then waits for every rank's and commits. Never raises."""
+        faults.set_context(tag=job.tag, step=state.global_step)
+        try:
+            self._write_and_commit(job, items, main_payload, state, metrics, is_best, start)
+        finally:
+            faults.set_context(tag=None, step=None)
+
+    def _write_and_commit(
+        self,
+        job: _Job,
+        items: list[tuple[Path, Any, Any]],
+        main_payload: Any,
+        state: TrainingState,
+        metrics: dict[str, float],
+        is_best: bool,
+        start: float,
+    ) -> None:
+        tag = job.tag
+        errors: list[str] = []
+        try:
+            for path, obj, write in items:
+                _guard(errors, write, obj, path)
+        except Exception as e:  # a bug, not a full disk: still tell rank 0, so that it does not wait forever
+            errors.append(f"{type(e).__name__}: {e}")
+        items.clear()  # the snapshot's host memory goes as soon as it is written
+        if self.per_rank_files:
+            _write_marker(self._tmp_dir(tag), self.topo.rank, errors[0] if errors else None)
+        if not self.topo.is_main:
+            return
+        error = errors[0] if errors else None
+        if error is None and self.per_rank_files:
+            error = self._wait_for_ranks(tag)
+        if error is None:
             try:
-                self._write_main(tag, state=state, metrics=metrics, **args)
+                faults.point("save.shards")
+                self._commit(tag, state=state, metrics=metrics, payload=main_payload)
                 faults.point("save.manifest")
                 manifest = Manifest(
                     tag,
@@ -269,48 +356,59 @@ class Checkpoints:
                 write_manifest(self.dir, manifest, self._tag_files(tag))
             except OSError as e:
                 error = _describe(e)
-        error = broadcast_object(error, self.topo)
-        info: dict[str, Any] = {"tag": tag}
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
         if error is not None:
-            if self.topo.is_main:
-                self._discard(tag)
-            info["error"] = error
-        elif self.topo.is_main:
-            ckpt = self.dir / f"{tag}.ckpt"
-            try:  # the checkpoint is committed: a failure from here on costs nothing already saved
-                if state.step_in_epoch == 0:
-                    link_or_copy(ckpt, self.dir / "last.ckpt")
-                    if is_best:
-                        link_or_copy(ckpt, self.dir / "best.ckpt")
-                faults.point("save.retention")
-                self.apply_retention(protect=(state.best or {}).get("epoch"))
-            except OSError as e:
-                print(f"warning: {tag} is saved, but relinking last/best or retention failed: {_describe(e)}")
-            size = sum(f.stat().st_size for f in self._tag_files(tag))
-            info.update(file=str(ckpt if ckpt.is_file() else self._tag_paths(tag)[-1]), bytes=size)
-            info["seconds"] = time.perf_counter() - start
-        faults.set_context(tag=None, step=None)
-        barrier(self.topo)
-        return info
+            self._discard(tag)
+            job.outcome["error"] = error
+            return
+        ckpt = self.dir / f"{tag}.ckpt"
+        try:  # the checkpoint is committed: a failure from here on costs nothing already saved
+            if state.step_in_epoch == 0:
+                link_or_copy(ckpt, self.dir / "last.ckpt")
+                if is_best:
+                    link_or_copy(ckpt, self.dir / "best.ckpt")
+            faults.point("save.retention")
+            self.apply_retention(protect=(state.best or {}).get("epoch"))
+        except OSError as e:
+            print(f"warning: {tag} is saved, but relinking last/best or retention failed: {_describe(e)}")
+        files = self._tag_files(tag)
+        job.outcome.update(
+            file=str(ckpt if ckpt.is_file() else self._tag_paths(tag)[-1]),
+            bytes=sum(f.stat().st_size for f in files),
+            seconds=time.perf_counter() - start,
+        )
 
-    def _write_shared(self, tag: str, **kwargs: Any) -> str | None:
-        """The part of a save every rank takes part in; returns this rank's write error, never raises one."""
+    def _wait_for_ranks(self, tag: str, timeout: float = 1800.0) -> str | None:
+        """Rank 0: wait until every rank has written its files; the first failure's reason, if any."""
+        folder = self._tmp_dir(tag)
+        deadline = time.monotonic() + timeout
+        for rank in range(self.topo.world_size):
+            done, failed = folder / f".rank{rank}.done", folder / f".rank{rank}.failed"
+            while not (done.exists() or failed.exists()):
+                if time.monotonic() > deadline:
+                    return f"rank {rank} did not finish writing its files within {timeout:.0f} s"
+                time.sleep(0.02)
+            if failed.exists():
+                return f"rank {rank}: {failed.read_text() or 'a write failed'}"
+        for marker in folder.glob(".rank*"):
+            marker.unlink()
         return None
 
-    def _write_main(self, tag: str, **kwargs: Any) -> None:
-        """Rank 0's part of a save, after every rank's part succeeded; may raise OSError."""
+    per_rank_files = False
+    """Whether every rank writes files of its own (then rank 0 waits for their markers before the commit)."""
 
-    def _agree(self, error: str | None) -> str | None:
-        """Every rank learns whether any rank failed (one collective), with the lowest failing rank's reason."""
-        if self.topo.world_size == 1:
-            return error
-        failed = all_reduce_sum([1.0 if error else 0.0], self.topo)[0]
-        if not failed:
-            return None
-        errors: list[Any] = [None] * self.topo.world_size
-        torch.distributed.all_gather_object(errors, error)
-        rank, reason = next((r, e) for r, e in enumerate(errors) if e)
-        return f"rank {rank}: {reason}"
+    def _tmp_dir(self, tag: str) -> Path:
+        return self.dir / f"{TMP_PREFIX}{tag}"
+
+    def _snapshot(self, tag: str, **kwargs: Any) -> tuple[list[tuple[Path, Any, Any]], Any]:
+        """Collective: copy what this rank must write to host memory. Returns ([(path, object, writer)],
+        what rank 0's commit needs)."""
+        raise NotImplementedError
+
+    def _commit(self, tag: str, *, state: TrainingState, metrics: dict[str, float], payload: Any) -> None:
+        """Rank 0, after every rank wrote its files: put the checkpoint in place (may raise OSError)."""
+        raise NotImplementedError
 
     def _discard(self, tag: str) -> None:
         """After a failed save (rank 0): remove every file of the uncommitted ``tag`` and any temporary."""
@@ -436,7 +534,15 @@ class Checkpoints:
 class CheckpointManager(Checkpoints):
     """Saves and restores the full training state of a base run, on every rank."""
 
-    def __init__(self, run_dir: Path, topo: Topology, *, keep_last_n: int, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        topo: Topology,
+        *,
+        keep_last_n: int,
+        config: dict[str, Any],
+        async_save: bool = False,
+    ) -> None:
         self.state_root = run_dir / "checkpoints" / "state"
         folder = run_dir / "checkpoints"
         super().__init__(
@@ -447,6 +553,7 @@ class CheckpointManager(Checkpoints):
             config=config,
             kind="base",
             roots=[(folder, ".ckpt"), (self.state_root, "")],
+            async_save=async_save,
         )
 
     def _is_resumable(self, tag: str) -> bool:
@@ -464,41 +571,47 @@ class CheckpointManager(Checkpoints):
 
     # -- saving ---------------------------------------------------------------------------------------
 
-    def _write_shared(self, tag: str, **kwargs: Any) -> str | None:
+    per_rank_files = True
+
+    def _tmp_dir(self, tag: str) -> Path:
+        return self.state_root / f"{TMP_PREFIX}{tag}"
+
+    def _snapshot(self, tag: str, **kwargs: Any) -> tuple[list[tuple[Path, Any, Any]], Any]:
         model, ema, noise = kwargs["model"], kwargs["ema"], kwargs["noise_generator"]
-        tmp = self.state_root / f"{TMP_PREFIX}{tag}"
+        tmp = self._tmp_dir(tag)
         if self.topo.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.topo)
-        errors: list[str] = []
+        items: list[tuple[Path, Any, Any]] = []
         if self.topo.deepspeed_stage is not None:
-            with _guarded_engine_writes(model, errors):
+            with _captured_engine_writes(model, items):  # DeepSpeed's own save, its writes kept in memory
                 model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
         elif self.topo.is_main:
-            _guard(errors, save_file, unwrap_model(model).state_dict(), str(tmp / "model.safetensors"))
-            _guard(errors, torch.save, kwargs["optimizer"].state_dict(), tmp / "optimizer.pt")
+            items.append(
+                (tmp / "model.safetensors", host_copy(unwrap_model(model).state_dict()), _save_safetensors)
+            )
+            items.append((tmp / "optimizer.pt", host_copy(kwargs["optimizer"].state_dict()), torch.save))
         rank = self.topo.rank
         if ema.partitioned or self.topo.is_main:  # unpartitioned EMA is identical on every rank
-            local = {k: v.contiguous() for k, v in ema.local_state().items()}
-            _guard(errors, save_file, local, str(tmp / f"ema_rank{rank}.safetensors"))
-        _guard(errors, torch.save, rng_state(noise), tmp / f"rng_rank{rank}.pt")
-        if not errors:
-            faults.point("save.shards")
-        return errors[0] if errors else None
+            items.append(
+                (tmp / f"ema_rank{rank}.safetensors", host_copy(ema.local_state()), _save_safetensors)
+            )
+        items.append((tmp / f"rng_rank{rank}.pt", rng_state(noise), torch.save))
+        main = self._trainer_state(kwargs["state"], ema) if self.topo.is_main else None
+        return items, main
 
-    def _write_main(self, tag: str, **kwargs: Any) -> None:
-        state: TrainingState = kwargs["state"]
-        tmp, final = self.state_root / f"{TMP_PREFIX}{tag}", self.state_root / tag
-        atomic_write_json(tmp / "trainer_state.json", self._trainer_state(state, kwargs["ema"]))
+    def _commit(self, tag: str, *, state: TrainingState, metrics: dict[str, float], payload: Any) -> None:
+        tmp, final = self._tmp_dir(tag), self.state_root / tag
+        atomic_write_json(tmp / "trainer_state.json", payload)
         _fsync_tree(tmp)
         if final.exists():  # an uncommitted orphan (its manifest was never written)
             shutil.rmtree(final)
         atomic_rename_dir(tmp, final)
         if state.step_in_epoch == 0:  # epoch checkpoints also get the merged file users load
             faults.point("save.merge")
-            payload = self._merged_payload(final, state, kwargs["metrics"])
-            atomic_write(self.dir / f"{tag}.ckpt", lambda f: torch.save(payload, f))
+            merged = self._merged_payload(final, state, metrics)
+            atomic_write(self.dir / f"{tag}.ckpt", lambda f: torch.save(merged, f))
 
     def _trainer_state(self, state: TrainingState, ema: EMA) -> dict[str, Any]:
         return {
@@ -652,26 +765,73 @@ def _guard(errors: list[str], write: Any, *args: Any) -> None:
         errors.append(_describe(e))
 
 
-class _guarded_engine_writes:
-    """Route DeepSpeed's checkpoint file writes through ``_guard`` for the duration of one save.
+class _captured_engine_writes:
+    """For one DeepSpeed ``save_checkpoint``: each file it would write is copied to host memory instead
+    (path, snapshot, writer), to be written by the save's job. DeepSpeed's collective sequence is untouched,
+    and a write error can no longer leave one rank behind in its barriers."""
 
-    DeepSpeed's ``save_checkpoint`` is collective; a write error raised on one rank would leave the others
-    waiting in its barriers. Recording the error and skipping the rank's remaining writes keeps every rank
-    in the collective sequence; the failure is agreed on right after.
-    """
-
-    def __init__(self, engine: Any, errors: list[str]) -> None:
-        self.engine, self.errors = engine, errors
+    def __init__(self, engine: Any, items: list[tuple[Path, Any, Any]]) -> None:
+        self.engine, self.items = engine, items
 
     def __enter__(self) -> None:
         checkpoint_engine = self.engine.checkpoint_engine
         self.original = checkpoint_engine.save
-        errors = self.errors
+        items = self.items
 
         def save(state_dict: Any, path: str) -> None:
-            _guard(errors, self.original, state_dict, path)
+            items.append((Path(path), host_copy(state_dict), torch.save))
 
         checkpoint_engine.save = save
 
     def __exit__(self, *exc: object) -> None:
         self.engine.checkpoint_engine.save = self.original
+
+
+def _write_marker(folder: Path, rank: int, error: str | None) -> None:
+    """Tell rank 0 this rank's files are written (``.rankN.done``) or not (``.rankN.failed``, the reason)."""
+    marker = folder / f".rank{rank}.{'failed' if error else 'done'}"
+    try:
+        marker.write_text(error or "")
+    except OSError:  # a full disk may refuse even the reason; an empty marker still needs no data block
+        marker.touch()
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are detached host-memory copies (the snapshot of a save): training
+    may change the originals as soon as this returns."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        copied = obj.copy()  # keeps OrderedDict & co.
+        for key, value in obj.items():
+            copied[key] = host_copy(value)
+        return copied
+    if isinstance(obj, list):
+        return [host_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        values = [host_copy(v) for v in obj]
+        return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)
+    return copy.deepcopy(obj)
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+@dataclass
+class _Job:
+    """The save in flight on this rank."""
+
+    tag: str
+    outcome: dict[str, Any]
+    thread: threading.Thread | None = None

@@ -121,6 +121,9 @@ class CheckpointConfig:
     save_every_n_steps: int = 0
     """Also save a resumable checkpoint every N optimizer steps inside an epoch (0: off); only the newest
     one is kept."""
+    async_save: bool = True
+    """Training waits only while a save copies the state to host memory; files are written, merged, hashed and
+    committed in the background (one save in flight at a time). false: the loop waits for the whole save."""
     on_save_error: Literal["continue", "fail"] = "fail"
     """When a save fails (full disk, lost mount): ``fail`` stops the run as failed; ``continue`` trains on
     and tries again at the next save. Either way the partial files are removed and earlier checkpoints kept."""

@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 
 from data import DatasetError, DatasetSplits, load_dataset
 from model import DiffiT
 from model.lora import apply_lora, resize_label_embedding, resolve_targets
 from trainer.config import ConfigError, ModelConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def load_data(config: TrainConfig) -> DatasetSplits:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from functools import cache
 from pathlib import Path
@@ -28,8 +29,9 @@ ENV = "DIFFIT_FAULTS"
 MARKER_ENV = "DIFFIT_FAULT_MARKER"
 
 _fired: set[int] = set()
-_context: dict[str, str] = {}
-"""Current ``tag`` and ``step``, set by the checkpoint code so that a ``write`` point can be filtered."""
+_local = threading.local()
+"""``_local.context``: this thread's current ``tag`` and ``step``, set by the checkpoint code so that a
+``write`` point can be filtered (a save's writes run in their own thread)."""
 
 
 @cache
@@ -45,14 +47,15 @@ def _faults() -> list[tuple[str, str, dict[str, str]]]:
 
 def set_context(**values: object) -> None:
     if _faults():
-        _context.update({k: str(v) for k, v in values.items()})
+        _local.context = {**getattr(_local, "context", {}), **{k: str(v) for k, v in values.items()}}
 
 
 def point(name: str, **values: object) -> None:
     """Called at each named point; does nothing unless a configured fault matches here."""
     if not _faults():
         return
-    here = {**_context, **{k: str(v) for k, v in values.items()}, "rank": os.environ.get("RANK", "0")}
+    context = getattr(_local, "context", {})
+    here = {**context, **{k: str(v) for k, v in values.items()}, "rank": os.environ.get("RANK", "0")}
     for index, (action, where, filters) in enumerate(_faults()):
         if where != name or index in _fired or any(here.get(k) != v for k, v in filters.items()):
             continue

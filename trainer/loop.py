@@ -117,7 +117,11 @@ class Trainer:
         self.noise = torch.Generator(topo.device)  # re-seeded from (seed, step) before every step
         manager = CheckpointManager if kind == "base" else AdapterCheckpointManager
         self.checkpoints: CheckpointManager | AdapterCheckpointManager = manager(
-            run.path, topo, keep_last_n=config.checkpoint.keep_last_n, config=config.to_dict()
+            run.path,
+            topo,
+            keep_last_n=config.checkpoint.keep_last_n,
+            config=config.to_dict(),
+            async_save=config.checkpoint.async_save,
         )
         self.state = TrainingState(history=[])
         self.trackers = Trackers()  # opened by fit(), once resume() has set the step to continue from
@@ -194,6 +198,8 @@ class Trainer:
             failed = False
             raise
         finally:
+            if failed:  # let a save in flight finish (no collective: the other ranks may be elsewhere)
+                self.checkpoints.join()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.trackers.close(failed=failed)
@@ -247,26 +253,26 @@ class Trainer:
             self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch, 0, 0.0
             assert self.state.history is not None
             self.state.history.append(entry)
-            saved: dict[str, Any] = {}  # {tag} and, on rank 0, {file, bytes, seconds}; or {tag, error}
+            saved: dict[str, Any] = {}  # {tag, blocked_seconds, snapshot_bytes} when a save was started
             if epoch % cfg.checkpoint.save_every_n_epochs == 0 or epoch == cfg.epochs:
                 entry["checkpoint"] = f"{epoch_name(epoch)}.ckpt"  # part of the state being saved
                 saved = self._save(metrics, is_best)
-                if "error" in saved:
-                    entry["checkpoint"] = None
-                elif self.kind == "lora" and is_best:
+                entry["save_blocked_seconds"] = round(saved["blocked_seconds"], 4)
+                if self.kind == "lora" and is_best:
                     self._export_adapter()
             faults.point("metadata", step=self.state.global_step)
             self.run.record_epoch(
                 self.state, kept=self.checkpoints.epochs_on_disk() if self.topo.is_main else []
             )
-            self._log_epoch(entry, val_loss, saved)
+            self._log_epoch(entry, val_loss)
             line = f"Epoch {epoch}/{cfg.epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             self.run.print(line + f", {entry['images_per_sec']:.0f} img/s" + ("  (best)" if is_best else ""))
             every = cfg.logging.sample_every_n_epochs
             if every and (epoch % every == 0 or epoch == cfg.epochs):
                 self._write_samples(epoch)
             if self._stop_agreed():  # a signal during validation, saving or sampling
-                self._stop(saved_now=bool(saved) and "error" not in saved)
+                self._stop(saved_now=bool(saved))
+        self._report(self.checkpoints.wait())
         best = self.state.best or {}
         self.run.finish("completed")
         self.run.print(
@@ -356,8 +362,10 @@ class Trainer:
         return total / self.steps_per_epoch
 
     def _save(self, metrics: dict[str, float], is_best: bool) -> dict[str, Any]:
-        """Save a checkpoint of the current state; a failed save is reported and, per config, stops the run."""
-        saved = self.checkpoints.save(
+        """Start a checkpoint of the current state, after the previous one is finished and reported; with
+        ``async_save`` off, also wait for this one. Returns {tag, blocked_seconds, snapshot_bytes}."""
+        self._report(self.checkpoints.wait())
+        queued = self.checkpoints.save(
             model=self.model,
             optimizer=self.optimizer,
             ema=self.ema,
@@ -366,11 +374,29 @@ class Trainer:
             metrics=metrics,
             is_best=is_best,
         )
-        if "error" in saved:
-            self.run.record_event("save_failed", tag=saved["tag"], error=saved["error"])
+        self.trackers.log(
+            {
+                "checkpoint/blocked_seconds": queued["blocked_seconds"],
+                "checkpoint/snapshot_mb": queued["snapshot_bytes"] / 1e6,
+            },
+            step=self.state.global_step,
+        )
+        if not self.config.checkpoint.async_save:
+            self._report(self.checkpoints.wait())
+        return queued
+
+    def _report(self, outcome: dict[str, Any]) -> None:
+        """Report a finished save: its figures, or its failure, which per config stops the run."""
+        if not outcome:
+            return
+        if "error" in outcome:
+            self.run.record_event("save_failed", tag=outcome["tag"], error=outcome["error"])
+            for entry in self.state.history or []:
+                if entry.get("checkpoint") == f"{outcome['tag']}.ckpt":
+                    entry["checkpoint"] = None
             message = (
-                f"checkpoint {saved['tag']} could not be written ({saved['error']}); its partial files were "
-                "removed and every earlier checkpoint is intact"
+                f"checkpoint {outcome['tag']} could not be written ({outcome['error']}); its partial files "
+                "were removed and every earlier checkpoint is intact"
             )
             if self.config.checkpoint.on_save_error == "fail":
                 raise SaveFailed(
@@ -378,20 +404,32 @@ class Trainer:
                     f"then continue with --resume {self.run.number}"
                 )
             self.run.warn(message + "; training continues and the next save tries again")
-        elif saved.get("file"):
-            self.run.print(f"Saved {saved['file']} ({saved['bytes'] / 1e6:.1f} MB, {saved['seconds']:.2f} s)")
-        return saved
+            return
+        if "file" not in outcome:  # ranks other than 0 only learn the tag
+            return
+        mode = "in the background" if self.config.checkpoint.async_save else "while training waited"
+        self.run.print(
+            f"Saved {outcome['file']} ({outcome['bytes'] / 1e6:.1f} MB in {outcome['seconds']:.2f} s {mode}; "
+            f"training blocked {outcome['blocked_seconds']:.2f} s for a {outcome['snapshot_bytes'] / 1e6:.1f} MB "
+            "host-memory snapshot)"
+        )
+        self.trackers.log(
+            {"checkpoint/seconds": outcome["seconds"], "checkpoint/size_mb": outcome["bytes"] / 1e6},
+            step=self.state.global_step,
+        )
+        self.run.update(checkpoints=self.checkpoints.epochs_on_disk())
 
     def _stop(self, *, saved_now: bool) -> None:
         """End training after a stop signal: make sure a resumable checkpoint of this moment exists."""
         if not saved_now:
             self._save({}, is_best=False)
+        self._report(self.checkpoints.wait())
         name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a stop signal"
         self.run.record_event("interrupted", signal=name, global_step=self.state.global_step)
         raise Interrupted(f"stopped by {name} at step {self.state.global_step}")
 
-    def _log_epoch(self, entry: dict[str, Any], val_loss: float | None, saved: dict[str, Any]) -> None:
-        """An epoch's metrics, and its checkpoint's save time and size when one was written (rank 0)."""
+    def _log_epoch(self, entry: dict[str, Any], val_loss: float | None) -> None:
+        """An epoch's metrics (rank 0)."""
         metrics: dict[str, float | None] = {
             "epoch/epoch": entry["epoch"],
             "epoch/train_loss": entry["train_loss"],
@@ -399,9 +437,6 @@ class Trainer:
             "epoch/seconds": entry["seconds"],
             "epoch/images_per_sec": entry["images_per_sec"],
         }
-        if "seconds" in saved:
-            metrics["checkpoint/seconds"] = saved["seconds"]
-            metrics["checkpoint/size_mb"] = saved["bytes"] / 1e6
         self.trackers.log(metrics, step=self.state.global_step)
 
     def _loss(
