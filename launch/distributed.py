@@ -36,6 +36,7 @@ def prepare_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed's CPU communication op sizes its shared-memory segment by the local process count.
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        remove_stale_shm_segments()
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -49,6 +50,44 @@ def prepare_environment() -> None:
     ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if ds_file and ds_file != "none" and not Path(ds_file).is_file() and (PROJECT_ROOT / ds_file).is_file():
         os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(PROJECT_ROOT / ds_file)
+
+
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def remove_stale_shm_segments(shm: Path = Path("/dev/shm"), proc: Path = Path("/proc")) -> list[Path]:
+    """Delete DeepSpeed CPU all-reduce segments (``/dev/shm``) of this user that no process has open.
+
+    DeepSpeed names them by master address and port, and a process killed with SIGKILL leaves its 69 MB
+    segment behind. A later launch on the same port then maps the stale segment, whose flags can hang the
+    first all-reduce (and each one holds RAM). Every rank calls this before DeepSpeed starts; a segment in
+    use is open in some process (DeepSpeed never closes it), so it is never touched.
+    """
+    prefix = f"{SHM_PREFIX}{os.getuid()}_"
+    try:
+        candidates = {p for p in shm.iterdir() if p.name.startswith(prefix)}
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    in_use: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir(proc)):
+        try:
+            for fd in os.scandir(proc / pid / "fd"):
+                in_use.add(os.readlink(fd.path))
+            with open(proc / pid / "maps") as maps:
+                in_use.update(line.split()[-1] for line in maps if str(shm) in line)
+        except OSError:  # the process ended or is not ours to inspect
+            continue
+    removed = []
+    for path in sorted(candidates):
+        if str(path) not in in_use:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def build_accelerator(**kwargs: Any) -> Any:
