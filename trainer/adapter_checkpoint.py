@@ -1,6 +1,6 @@
-"""Checkpoints of a LoRA run: one adapter-only file per epoch, written by global rank 0 alone.
+"""Checkpoints of a LoRA run: one adapter-only file per checkpoint, written by global rank 0 alone.
 
-``lora_weights/epoch_NNN.ckpt`` holds ``lora_state_dict`` (the adapters and the modules trained in full,
+``lora_weights/epoch_NNN.ckpt`` (``step_NNNNNNN.ckpt`` for one taken inside an epoch) holds ``lora_state_dict`` (the adapters and the modules trained in full,
 never a frozen base weight), ``ema_state_dict`` of the same tensors, the optimizer state of those
 parameters, epoch and step counters, history and best, metrics, config and every rank's RNG state. The
 frozen base is stored once per run in ``base_model/base_model.ckpt``.
