@@ -292,6 +292,16 @@ class Checkpoints:
             job.thread.join()
         return broadcast_object(job.outcome, self.topo)
 
+    def poll(self) -> dict[str, Any]:
+        """``wait()`` if the save in flight has finished, else {} at once (collective: every rank calls it).
+
+        Rank 0 decides: its job ends only after every rank's files are written, so "finished on rank 0"
+        means finished everywhere. Lets the loop report a background save soon after it ends."""
+        finished = self._job is not None and (self._job.thread is None or not self._job.thread.is_alive())
+        if broadcast_object(finished, self.topo):
+            return self.wait()
+        return {}
+
     def join(self) -> None:
         """Let the save in flight finish on this rank, without a collective (for error paths)."""
         if self._job is not None and self._job.thread is not None:

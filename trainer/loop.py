@@ -236,6 +236,7 @@ class Trainer:
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
             start = time.perf_counter()
             train_loss = self._train_epoch(epoch)
+            self._report(self.checkpoints.poll())
             val_loss = self._validate()
             seconds = time.perf_counter() - start
             metrics = {"train_loss": train_loss}
@@ -270,6 +271,7 @@ class Trainer:
             every = cfg.logging.sample_every_n_epochs
             if every and (epoch % every == 0 or epoch == cfg.epochs):
                 self._write_samples(epoch)
+            self._report(self.checkpoints.poll())  # a background save that finished meanwhile
             if self._stop_agreed():  # a signal during validation, saving or sampling
                 self._stop(saved_now=bool(saved))
         self._report(self.checkpoints.wait())
