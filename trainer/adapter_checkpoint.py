@@ -24,7 +24,6 @@ from trainer.checkpoint import (
     CKPT_FORMAT,
     Checkpoints,
     TrainingState,
-    host_copy,
     load_checkpoint_file,
     unwrap_model,
 )
@@ -79,11 +78,19 @@ class AdapterCheckpointManager(Checkpoints):
         rank 0 writes, so it alone keeps them."""
         model, ema = kwargs["model"], kwargs["ema"]
         full = gather_full_state(model, kwargs["optimizer"], unwrap_model(model), self.topo)
-        ema_full = host_copy(ema.full_state())
+        ema_full = self._keep(ema.full_state())
         rng = _all_rng_states(kwargs["noise_generator"], self.topo)
         return [], ((full, ema_full, rng) if self.topo.is_main else None)
 
-    def _commit(self, tag: str, *, state: TrainingState, metrics: dict[str, float], payload: Any) -> None:
+    def _commit(
+        self,
+        tag: str,
+        *,
+        state: TrainingState,
+        metrics: dict[str, float],
+        payload: Any,
+        written: dict[str, tuple[int, str]],
+    ) -> dict[Path, tuple[int, str]]:
         full, ema_full, rng = payload
         checkpoint = {
             "format": CKPT_FORMAT,
@@ -99,7 +106,8 @@ class AdapterCheckpointManager(Checkpoints):
             "config": self.config,
         }
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / f"{tag}.ckpt", lambda f: torch.save(checkpoint, f))
+        ckpt = self.dir / f"{tag}.ckpt"
+        return {ckpt: atomic_write(ckpt, lambda f: torch.save(checkpoint, f))}
 
     def load(
         self,

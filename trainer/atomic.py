@@ -7,6 +7,7 @@ folder fsynced, so a power cut at any instant leaves one whole version. Temporar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,12 +32,34 @@ def tmp_path_for(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` through ``write(file)`` so that readers see the old or the new file, never a part."""
+class HashingWriter:
+    """A binary file wrapper that hashes (sha256) and counts what is written through it, so a checkpoint
+    file's manifest entry costs no second read of the file."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.digest.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def entry(self) -> tuple[int, str]:
+        return self.size, self.digest.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[Any], Any]) -> tuple[int, str]:
+    """Write ``path`` through ``write(file)`` so that readers see the old or the new file, never a part.
+
+    Returns the file's (bytes, sha256), computed as it was written."""
     tmp = tmp_path_for(path)
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            hashed = HashingWriter(f)
+            write(hashed)
             faults.point("write", path=path)
             f.flush()
             os.fsync(f.fileno())
@@ -45,6 +68,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return hashed.entry()
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

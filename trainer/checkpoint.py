@@ -23,6 +23,7 @@ manifest was never committed: a restart removes it, a resume never reads it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -34,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from launch import Topology, barrier, broadcast_object, decide_on_rank0
 from trainer import faults
 from trainer.atomic import (
     TMP_PREFIX,
+    HashingWriter,
     atomic_rename_dir,
     atomic_write,
     atomic_write_json,
@@ -268,18 +271,20 @@ class Checkpoints:
             tag, model=model, optimizer=optimizer, ema=ema, noise_generator=noise_generator, state=state
         )
         faults.set_context(tag=None, step=None)
-        snapshot_bytes = sum(_nbytes(obj) for _, obj, _ in items) + _nbytes(main_payload)
-        blocked = time.perf_counter() - start
-        queued = {"tag": tag, "blocked_seconds": blocked, "snapshot_bytes": snapshot_bytes}
-        job = _Job(tag=tag, outcome=dict(queued))
+        # Host memory held by the snapshot (nothing is copied when the save is written right away).
+        snapshot_bytes = (
+            sum(_nbytes(o) for _, o, _ in items) + _nbytes(main_payload) if self.async_save else 0
+        )
+        job = _Job(tag=tag, outcome={"tag": tag, "snapshot_bytes": snapshot_bytes})
         args = (job, items, main_payload, state, dict(metrics), is_best, start)
         if self.async_save:
             job.thread = threading.Thread(target=self._run_job, args=args, name=f"save-{tag}", daemon=True)
             job.thread.start()
         else:
             self._run_job(*args)
+        job.outcome["blocked_seconds"] = time.perf_counter() - start
         self._job = job
-        return queued
+        return dict(job.outcome)
 
     def wait(self) -> dict[str, Any]:
         """Finish the save in flight (collective: call on every rank). Its outcome on every rank:
@@ -337,23 +342,24 @@ class Checkpoints:
     ) -> None:
         tag = job.tag
         errors: list[str] = []
+        written: dict[str, tuple[int, str]] = {}  # file name → (bytes, sha256), hashed as it was written
         try:
             for path, obj, write in items:
-                _guard(errors, write, obj, path)
+                _guard(errors, written, path, obj, write)
         except Exception as e:  # a bug, not a full disk: still tell rank 0, so that it does not wait forever
             errors.append(f"{type(e).__name__}: {e}")
         items.clear()  # the snapshot's host memory goes as soon as it is written
         if self.per_rank_files:
-            _write_marker(self._tmp_dir(tag), self.topo.rank, errors[0] if errors else None)
+            _write_marker(self._tmp_dir(tag), self.topo.rank, errors[0] if errors else None, written)
         if not self.topo.is_main:
             return
         error = errors[0] if errors else None
         if error is None and self.per_rank_files:
-            error = self._wait_for_ranks(tag)
+            error = self._wait_for_ranks(tag, written)
         if error is None:
             try:
                 faults.point("save.shards")
-                self._commit(tag, state=state, metrics=metrics, payload=main_payload)
+                known = self._commit(tag, state=state, metrics=metrics, payload=main_payload, written=written)
                 faults.point("save.manifest")
                 manifest = Manifest(
                     tag,
@@ -363,7 +369,7 @@ class Checkpoints:
                     self.topo.world_size,
                     self.topo.distributed,
                 )
-                write_manifest(self.dir, manifest, self._tag_files(tag))
+                write_manifest(self.dir, manifest, self._tag_files(tag), known)
             except OSError as e:
                 error = _describe(e)
             except Exception as e:
@@ -389,8 +395,11 @@ class Checkpoints:
             seconds=time.perf_counter() - start,
         )
 
-    def _wait_for_ranks(self, tag: str, timeout: float = 1800.0) -> str | None:
-        """Rank 0: wait until every rank has written its files; the first failure's reason, if any."""
+    def _wait_for_ranks(
+        self, tag: str, written: dict[str, tuple[int, str]], timeout: float = 1800.0
+    ) -> str | None:
+        """Rank 0: wait until every rank has written its files (adding their hashes to ``written``); the
+        first failure's reason, if any."""
         folder = self._tmp_dir(tag)
         deadline = time.monotonic() + timeout
         for rank in range(self.topo.world_size):
@@ -398,15 +407,22 @@ class Checkpoints:
             while not (done.exists() or failed.exists()):
                 if time.monotonic() > deadline:
                     return f"rank {rank} did not finish writing its files within {timeout:.0f} s"
-                time.sleep(0.02)
+                time.sleep(0.01)
             if failed.exists():
                 return f"rank {rank}: {failed.read_text() or 'a write failed'}"
+            with contextlib.suppress(ValueError, TypeError):  # unreadable hashes: re-read for the manifest
+                written.update({name: (int(n), h) for name, (n, h) in json.loads(done.read_text()).items()})
         for marker in folder.glob(".rank*"):
             marker.unlink()
         return None
 
     per_rank_files = False
     """Whether every rank writes files of its own (then rank 0 waits for their markers before the commit)."""
+
+    def _keep(self, obj: Any) -> Any:
+        """What a snapshot holds of ``obj``: a host copy for a background save; the object itself when the
+        save is written before training goes on."""
+        return host_copy(obj) if self.async_save else obj
 
     def _tmp_dir(self, tag: str) -> Path:
         return self.dir / f"{TMP_PREFIX}{tag}"
@@ -416,8 +432,17 @@ class Checkpoints:
         what rank 0's commit needs)."""
         raise NotImplementedError
 
-    def _commit(self, tag: str, *, state: TrainingState, metrics: dict[str, float], payload: Any) -> None:
-        """Rank 0, after every rank wrote its files: put the checkpoint in place (may raise OSError)."""
+    def _commit(
+        self,
+        tag: str,
+        *,
+        state: TrainingState,
+        metrics: dict[str, float],
+        payload: Any,
+        written: dict[str, tuple[int, str]],
+    ) -> dict[Path, tuple[int, str]]:
+        """Rank 0, after every rank wrote its files: put the checkpoint in place (may raise OSError).
+        Returns (bytes, sha256) by final path of the files whose hashes are already known."""
         raise NotImplementedError
 
     def _discard(self, tag: str) -> None:
@@ -594,34 +619,41 @@ class CheckpointManager(Checkpoints):
             tmp.mkdir(parents=True)
         barrier(self.topo)
         items: list[tuple[Path, Any, Any]] = []
+        keep = self._keep
         if self.topo.deepspeed_stage is not None:
-            with _captured_engine_writes(model, items):  # DeepSpeed's own save, its writes kept in memory
+            with _captured_engine_writes(model, items, keep):  # DeepSpeed's own save, its writes held back
                 model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
         elif self.topo.is_main:
-            items.append(
-                (tmp / "model.safetensors", host_copy(unwrap_model(model).state_dict()), _save_safetensors)
-            )
-            items.append((tmp / "optimizer.pt", host_copy(kwargs["optimizer"].state_dict()), torch.save))
+            items.append((tmp / "model.safetensors", keep(unwrap_model(model).state_dict()), _safetensors))
+            items.append((tmp / "optimizer.pt", keep(kwargs["optimizer"].state_dict()), torch.save))
         rank = self.topo.rank
         if ema.partitioned or self.topo.is_main:  # unpartitioned EMA is identical on every rank
-            items.append(
-                (tmp / f"ema_rank{rank}.safetensors", host_copy(ema.local_state()), _save_safetensors)
-            )
+            items.append((tmp / f"ema_rank{rank}.safetensors", keep(ema.local_state()), _safetensors))
         items.append((tmp / f"rng_rank{rank}.pt", rng_state(noise), torch.save))
         main = self._trainer_state(kwargs["state"], ema) if self.topo.is_main else None
         return items, main
 
-    def _commit(self, tag: str, *, state: TrainingState, metrics: dict[str, float], payload: Any) -> None:
+    def _commit(
+        self,
+        tag: str,
+        *,
+        state: TrainingState,
+        metrics: dict[str, float],
+        payload: Any,
+        written: dict[str, tuple[int, str]],
+    ) -> dict[Path, tuple[int, str]]:
         tmp, final = self._tmp_dir(tag), self.state_root / tag
-        atomic_write_json(tmp / "trainer_state.json", payload)
-        _fsync_tree(tmp)
+        atomic_write_json(tmp / "trainer_state.json", payload)  # every other file was fsynced as written
         if final.exists():  # an uncommitted orphan (its manifest was never written)
             shutil.rmtree(final)
         atomic_rename_dir(tmp, final)
+        known = {final / name: entry for name, entry in written.items()}
         if state.step_in_epoch == 0:  # epoch checkpoints also get the merged file users load
             faults.point("save.merge")
             merged = self._merged_payload(final, state, metrics)
-            atomic_write(self.dir / f"{tag}.ckpt", lambda f: torch.save(merged, f))
+            ckpt = self.dir / f"{tag}.ckpt"
+            known[ckpt] = atomic_write(ckpt, lambda f: torch.save(merged, f))
+        return known
 
     def _trainer_state(self, state: TrainingState, ema: EMA) -> dict[str, Any]:
         return {
@@ -750,46 +782,43 @@ def unwrap_model(model: Any) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(folder)
-
-
 def _describe(error: OSError) -> str:
     where = f" writing {error.filename}" if error.filename else ""
     return f"{error.strerror or error}{where}"
 
 
-def _guard(errors: list[str], write: Any, *args: Any) -> None:
-    """Run one write of a save; an OSError (full disk, lost mount) is recorded instead of raised, so the
-    ranks stay in step and agree on the failure afterwards."""
+def _guard(errors: list[str], written: dict[str, tuple[int, str]], path: Path, obj: Any, write: Any) -> None:
+    """Write one file of a save through ``write(obj, file)``, fsynced and hashed as it goes. An OSError (full
+    disk, lost mount) is recorded instead of raised, and the rank's remaining files are skipped."""
     if errors:
         return
     try:
         faults.point("write")
-        write(*args)
+        with open(path, "wb") as f:
+            hashed = HashingWriter(f)
+            write(obj, hashed)
+            f.flush()
+            os.fsync(f.fileno())
+        written[path.name] = hashed.entry()
     except OSError as e:
         errors.append(_describe(e))
 
 
 class _captured_engine_writes:
-    """For one DeepSpeed ``save_checkpoint``: each file it would write is copied to host memory instead
-    (path, snapshot, writer), to be written by the save's job. DeepSpeed's collective sequence is untouched,
+    """For one DeepSpeed ``save_checkpoint``: each file it would write is held back (``keep``: copied to host
+    memory for a background save) as (path, object, writer), to be written by the save's job. DeepSpeed's collective sequence is untouched,
     and a write error can no longer leave one rank behind in its barriers."""
 
-    def __init__(self, engine: Any, items: list[tuple[Path, Any, Any]]) -> None:
-        self.engine, self.items = engine, items
+    def __init__(self, engine: Any, items: list[tuple[Path, Any, Any]], keep: Any) -> None:
+        self.engine, self.items, self.keep = engine, items, keep
 
     def __enter__(self) -> None:
         checkpoint_engine = self.engine.checkpoint_engine
         self.original = checkpoint_engine.save
-        items = self.items
+        items, keep = self.items, self.keep
 
         def save(state_dict: Any, path: str) -> None:
-            items.append((Path(path), host_copy(state_dict), torch.save))
+            items.append((Path(path), keep(state_dict), torch.save))
 
         checkpoint_engine.save = save
 
@@ -797,11 +826,12 @@ class _captured_engine_writes:
         self.engine.checkpoint_engine.save = self.original
 
 
-def _write_marker(folder: Path, rank: int, error: str | None) -> None:
-    """Tell rank 0 this rank's files are written (``.rankN.done``) or not (``.rankN.failed``, the reason)."""
+def _write_marker(folder: Path, rank: int, error: str | None, written: dict[str, tuple[int, str]]) -> None:
+    """Tell rank 0 this rank's files are written (``.rankN.done``: their hashes) or not (``.rankN.failed``:
+    the reason)."""
     marker = folder / f".rank{rank}.{'failed' if error else 'done'}"
     try:
-        marker.write_text(error or "")
+        marker.write_text(error or json.dumps(written))
     except OSError:  # a full disk may refuse even the reason; an empty marker still needs no data block
         marker.touch()
 
@@ -834,8 +864,8 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+def _safetensors(tensors: dict[str, torch.Tensor], f: Any) -> None:
+    f.write(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
 
 
 @dataclass

@@ -409,11 +409,14 @@ class Trainer:
             return
         if "file" not in outcome:  # ranks other than 0 only learn the tag
             return
-        mode = "in the background" if self.config.checkpoint.async_save else "while training waited"
+        how = (
+            f"in the background; training blocked {outcome['blocked_seconds']:.2f} s for a "
+            f"{outcome['snapshot_bytes'] / 1e6:.1f} MB host-memory snapshot"
+            if self.config.checkpoint.async_save
+            else "while training waited"
+        )
         self.run.print(
-            f"Saved {outcome['file']} ({outcome['bytes'] / 1e6:.1f} MB in {outcome['seconds']:.2f} s {mode}; "
-            f"training blocked {outcome['blocked_seconds']:.2f} s for a {outcome['snapshot_bytes'] / 1e6:.1f} MB "
-            "host-memory snapshot)"
+            f"Saved {outcome['file']} ({outcome['bytes'] / 1e6:.1f} MB in {outcome['seconds']:.2f} s {how})"
         )
         self.trackers.log(
             {"checkpoint/seconds": outcome["seconds"], "checkpoint/size_mb": outcome["bytes"] / 1e6},

@@ -82,12 +82,20 @@ def manifest_path(folder: Path, tag: str) -> Path:
     return folder / MANIFEST_DIR / f"{tag}.json"
 
 
-def write_manifest(folder: Path, manifest: Manifest, files: list[Path]) -> None:
-    """Hash ``files`` (paths under ``folder``) into ``manifest`` and commit it atomically, fsynced."""
-    manifest.files = {
-        str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        for path in sorted(files)
-    }
+def write_manifest(
+    folder: Path, manifest: Manifest, files: list[Path], known: dict[Path, tuple[int, str]] | None = None
+) -> None:
+    """Record ``files`` (paths under ``folder``) in ``manifest`` and commit it atomically, fsynced.
+
+    ``known``: (bytes, sha256) of files hashed while they were written; the others are read and hashed."""
+    known = known or {}
+    entries = {}
+    for path in sorted(files):
+        size, digest = known.get(path, (-1, ""))
+        if size != path.stat().st_size:
+            size, digest = path.stat().st_size, sha256_file(path)
+        entries[str(path.relative_to(folder))] = {"bytes": size, "sha256": digest}
+    manifest.files = entries
     (folder / MANIFEST_DIR).mkdir(exist_ok=True)
     atomic_write_json(manifest_path(folder, manifest.tag), manifest.to_dict())
 
