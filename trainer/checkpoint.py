@@ -275,7 +275,9 @@ class Checkpoints:
         snapshot_bytes = (
             sum(_nbytes(o) for _, o, _ in items) + _nbytes(main_payload) if self.async_save else 0
         )
-        job = _Job(tag=tag, outcome={"tag": tag, "snapshot_bytes": snapshot_bytes})
+        job = _Job(
+            tag=tag, outcome={"tag": tag, "global_step": state.global_step, "snapshot_bytes": snapshot_bytes}
+        )
         args = (job, items, main_payload, state, dict(metrics), is_best, start)
         if self.async_save:
             job.thread = threading.Thread(target=self._run_job, args=args, name=f"save-{tag}", daemon=True)

@@ -418,9 +418,9 @@ class Trainer:
         self.run.print(
             f"Saved {outcome['file']} ({outcome['bytes'] / 1e6:.1f} MB in {outcome['seconds']:.2f} s {how})"
         )
-        self.trackers.log(
+        self.trackers.log(  # at the step the checkpoint was taken
             {"checkpoint/seconds": outcome["seconds"], "checkpoint/size_mb": outcome["bytes"] / 1e6},
-            step=self.state.global_step,
+            step=outcome["global_step"],
         )
         self.run.update(checkpoints=self.checkpoints.epochs_on_disk())
 

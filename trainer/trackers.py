@@ -110,10 +110,16 @@ class WandbTracker:
             ) from e
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log(metrics, step=self._monotonic(step))
 
     def log_image(self, key: str, path: Path, step: int) -> None:
-        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+        self.run.log({key: self._wandb.Image(str(path))}, step=self._monotonic(step))
+
+    def _monotonic(self, step: int) -> int:
+        """wandb drops points at a step lower than one already logged; a background save's figures, reported
+        after training moved on, go to the newest step instead (TensorBoard keeps their own step)."""
+        self._last_step = max(step, getattr(self, "_last_step", step))
+        return self._last_step
 
     def close(self, *, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
