@@ -406,7 +406,7 @@ def hand_loop(data_root: Path, *, batch: int, steps: int, epochs: int, warmup_st
         )
         start = time.perf_counter()
         for step in range(steps if epoch else warmup_steps):
-            indices, flips = order.for_rank(step, rank, world)
+            indices, flips = order.for_rank(step % order.steps, rank, world)  # warm-up may wrap around
             images, labels = splits.train.batch(indices, flips)
             loss = edm_loss(model, images.to(accelerator.device), labels.to(accelerator.device),
                             num_classes=int(config.model.num_classes or 0),
@@ -587,8 +587,13 @@ def blocked_per_save(run: TrainerRun) -> tuple[list[float], str]:
         return [], "metadata.json history has no save_blocked_seconds"
     blocked = [float(h["save_blocked_seconds"]) for h in entries]
     waited = [s for s in run.saves if s["waited"]][1:]
-    if waited and len(waited) == len(blocked) and any(s["seconds"] > b for s, b in zip(waited, blocked)):
-        # A synchronous save blocks the loop for all of it; the trainer's figure counted the snapshot only.
+    # A synchronous save blocks the loop for all of it; trainers before 0418290 counted the snapshot only.
+    # (The printed duration is rounded to 0.01 s.)
+    if (
+        waited
+        and len(waited) == len(blocked)
+        and any(s["seconds"] > b + 0.01 for s, b in zip(waited, blocked))
+    ):
         blocked = [max(b, s["seconds"]) for b, s in zip(blocked, waited)]
         return blocked, "whole save durations; the trainer's save_blocked_seconds counts the snapshot only"
     return blocked, "save_blocked_seconds"
