@@ -9,6 +9,7 @@ from launch.distributed import (
     configure_deepspeed,
     decide_on_rank0,
     deepspeed_requested,
+    release_shm_segment,
     topology,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "configure_deepspeed",
     "decide_on_rank0",
     "deepspeed_requested",
+    "release_shm_segment",
     "topology",
 ]

@@ -206,7 +206,7 @@ def train(args: argparse.Namespace, kind: str) -> int:
         config = build_config(args.config or DEFAULT_CONFIGS[kind], overrides, TrainConfig)
 
     # Heavy imports (torch, accelerate) only here, so --list-runs, --help and config errors are instant.
-    from launch import build_accelerator, decide_on_rank0, topology
+    from launch import build_accelerator, decide_on_rank0, release_shm_segment, topology
     from trainer.factory import (
         base_weights,
         build_lora_model,
@@ -290,6 +290,7 @@ def train(args: argparse.Namespace, kind: str) -> int:
         raise
     finally:
         accelerator.end_training()
+        release_shm_segment()
     return 0
 
 

@@ -366,7 +366,9 @@ class Trainer:
     def _save(self, metrics: dict[str, float], is_best: bool) -> dict[str, Any]:
         """Start a checkpoint of the current state, after the previous one is finished and reported; with
         ``async_save`` off, also wait for this one. Returns {tag, blocked_seconds, snapshot_bytes}."""
-        self._report(self.checkpoints.wait())
+        start = time.perf_counter()
+        self._report(self.checkpoints.wait())  # the loop is blocked while a slow previous save finishes, too
+        waited = time.perf_counter() - start
         queued = self.checkpoints.save(
             model=self.model,
             optimizer=self.optimizer,
@@ -376,6 +378,7 @@ class Trainer:
             metrics=metrics,
             is_best=is_best,
         )
+        queued["blocked_seconds"] += waited
         self.trackers.log(
             {
                 "checkpoint/blocked_seconds": queued["blocked_seconds"],
