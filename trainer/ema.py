@@ -52,9 +52,10 @@ class EMA:
     @torch.no_grad()
     def update(self, images_seen: int, batch_size: int) -> None:
         beta = self.beta(images_seen, batch_size)
-        for name, p in self.params.items():
-            shadow = self.shadow[name]
-            shadow.copy_(_local_view(p).detach().float().lerp(shadow, beta))
+        shadows = list(self.shadow.values())
+        current = [_local_view(p).detach().float() for p in self.params.values()]
+        # shadow ← beta·shadow + (1 − beta)·param, in place and in one fused call over every tensor
+        torch._foreach_lerp_(shadows, current, 1.0 - beta)
 
     # -- checkpoint I/O ---------------------------------------------------------------------------
 
