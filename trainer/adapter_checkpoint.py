@@ -8,7 +8,7 @@ frozen base is stored once per run in ``base_model/base_model.ckpt``.
 Saving gathers exactly the trainable parameters and their Adam state by name (``full_state.py``: DeepSpeed's
 tensor-fragment API on every rank; gathering the whole model would waste memory), and rank 0 writes.
 Loading scatters them back the same way, so a LoRA run resumes on any number of processes or ZeRO stage.
-Commit, manifests, retention and fallback are ``checkpoint.Checkpoints``'.
+Commit, manifests, retention and fallback are ``commit.Checkpoints``'.
 """
 
 from __future__ import annotations
@@ -20,13 +20,8 @@ import torch
 
 from launch import Topology
 from trainer.atomic import atomic_write
-from trainer.checkpoint import (
-    CKPT_FORMAT,
-    Checkpoints,
-    TrainingState,
-    load_checkpoint_file,
-    unwrap_model,
-)
+from trainer.checkpoint import CKPT_FORMAT, load_checkpoint_file, unwrap_model
+from trainer.commit import Checkpoints, TrainingState
 from trainer.ema import EMA
 from trainer.errors import UserError
 from trainer.full_state import FullState, gather_full_state, restore_rng, rng_state, scatter_full_state

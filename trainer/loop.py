@@ -30,7 +30,8 @@ from model.lora import base_diffit
 from trainer import faults
 from trainer.adapter_checkpoint import AdapterCheckpointManager
 from trainer.atomic import TMP_PREFIX, atomic_rename_dir
-from trainer.checkpoint import CheckpointManager, TrainingState, epoch_name, load_checkpoint_file
+from trainer.checkpoint import CheckpointManager, epoch_name, load_checkpoint_file
+from trainer.commit import TrainingState
 from trainer.config import TrainConfig
 from trainer.ema import EMA
 from trainer.errors import Interrupted, SaveFailed, UserError
