@@ -87,6 +87,9 @@ EPOCHS = 6  # epoch 1 is the trainer's warm-up, epochs 2..6 the 5 repetitions
 HAND_LOOP_WARMUP_STEPS = 2  # the hand loop's warm-up (it has no start-up work to amortise)
 SYNC_STEPS_PER_EPOCH = 1  # the synchronous run measures saves, not epochs: short epochs, same saves
 REPS = 5  # repetitions after one warm-up, for everything timed
+WRITE_REPS = (
+    10  # for the write figure: disk speed on a shared machine varies by ±20% from one write to the next
+)
 LISTED_RUNS = 1000
 TARGETS = {
     "overhead": (">=", 0.97),
@@ -476,8 +479,10 @@ class Measurements:
                 "--checkpoint-root", str(root)]  # fmt: skip
         return args + list(extra)
 
-    def train(self, name: str, *, steps: int, extra: tuple[str, ...] = ()) -> TrainerRun:
-        root, epochs = self.work / name, self.setup.epochs
+    def train(
+        self, name: str, *, steps: int, epochs: int | None = None, extra: tuple[str, ...] = ()
+    ) -> TrainerRun:
+        root, epochs = self.work / name, epochs or self.setup.epochs
         args = self.trainer_args(root, steps=steps, epochs=epochs, extra=extra)
         print(f"  train_base.py '{name}': {epochs} epochs of {steps} steps ...", flush=True)
         result = launch(self.command("train_base.py", args), self.logs / f"{name}.log")
@@ -509,7 +514,8 @@ class Measurements:
     def sync_run(self) -> TrainerRun:
         """Synchronous saves every epoch; short epochs, since only the saves are measured."""
         steps = min(SYNC_STEPS_PER_EPOCH, self.setup.steps)
-        return self.train("sync", steps=steps, extra=("--set", "checkpoint.async_save=false"))
+        extra = ("--set", "checkpoint.async_save=false")
+        return self.train("sync", steps=steps, epochs=WRITE_REPS + 1, extra=extra)
 
     @cached_property
     def zero_run(self) -> Path:
@@ -539,7 +545,7 @@ class Measurements:
         saves = [s for s in self.sync_run.saves if s["file"].endswith(".ckpt")][1:]
         nbytes = median([s["bytes"] for s in saves])
         folder = self.sync_run.path / "checkpoints"
-        plain = [nbytes / plain_write_seconds(folder, int(nbytes)) for _ in range(REPS + 1)][1:]
+        plain = [nbytes / plain_write_seconds(folder, int(nbytes)) for _ in range(WRITE_REPS + 1)][1:]
         return [s["bytes"] / s["seconds"] for s in saves], plain, nbytes
 
 

@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from launch import Topology, barrier
 from trainer import faults
 from trainer.atomic import (
     TMP_PREFIX,
-    atomic_rename_dir,
+    atomic_rename,
     atomic_write,
     atomic_write_json,
 )
@@ -39,6 +38,7 @@ from trainer.manifest import (
     Manifest,
     epoch_tag,
 )
+from trainer.serialization import write_safetensors
 from trainer.zero import merge_zero_optimizer_state, merge_zero_shards, weights_only_loads
 
 CKPT_FORMAT = "diffit-trainer/checkpoint-v1"
@@ -115,8 +115,11 @@ class CheckpointManager(Checkpoints):
     def _tmp_dir(self, tag: str) -> Path:
         return self.state_root / f"{TMP_PREFIX}{tag}"
 
+    def _merged_tmp(self, tag: str) -> Path:
+        return self.dir / f"{TMP_PREFIX}{tag}.ckpt"
+
     def _snapshot(self, tag: str, **kwargs: Any) -> tuple[list[tuple[Path, Any, Any]], Any]:
-        model, ema, noise = kwargs["model"], kwargs["ema"], kwargs["noise_generator"]
+        model, ema, noise, state = kwargs["model"], kwargs["ema"], kwargs["noise_generator"], kwargs["state"]
         tmp = self._tmp_dir(tag)
         if self.topo.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -124,17 +127,24 @@ class CheckpointManager(Checkpoints):
         barrier(self.topo)
         items: list[tuple[Path, Any, Any]] = []
         keep = self._keep
+        weights = None
         if self.topo.deepspeed_stage is not None:
             with _captured_engine_writes(model, items, keep):  # DeepSpeed's own save, its writes held back
                 model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
         elif self.topo.is_main:
-            items.append((tmp / "model.safetensors", keep(unwrap_model(model).state_dict()), _safetensors))
+            weights = keep(unwrap_model(model).state_dict())
+            items.append((tmp / "model.safetensors", weights, write_safetensors))
             items.append((tmp / "optimizer.pt", keep(kwargs["optimizer"].state_dict()), torch.save))
         rank = self.topo.rank
         if ema.partitioned or self.topo.is_main:  # unpartitioned EMA is identical on every rank
-            items.append((tmp / f"ema_rank{rank}.safetensors", keep(ema.local_state()), _safetensors))
+            ema_state = keep(ema.local_state())
+            items.append((tmp / f"ema_rank{rank}.safetensors", ema_state, write_safetensors))
         items.append((tmp / f"rng_rank{rank}.pt", rng_state(noise), torch.save))
-        main = self._trainer_state(kwargs["state"], ema) if self.topo.is_main else None
+        if weights is not None and not ema.partitioned and state.step_in_epoch == 0:
+            # Every tensor of the merged file is at hand: write it with the rest, not from the files later.
+            merged = self._merged_payload(weights, ema_state, state, kwargs["metrics"])
+            items.append((self._merged_tmp(tag), merged, torch.save))
+        main = self._trainer_state(state, ema) if self.topo.is_main else None
         return items, main
 
     def _commit(
@@ -147,16 +157,21 @@ class CheckpointManager(Checkpoints):
         written: dict[str, tuple[int, str]],
     ) -> dict[Path, tuple[int, str]]:
         tmp, final = self._tmp_dir(tag), self.state_root / tag
+        merged_entry = written.pop(self._merged_tmp(tag).name, None)
         atomic_write_json(tmp / "trainer_state.json", payload)  # every other file was fsynced as written
         if final.exists():  # an uncommitted orphan (its manifest was never written)
             shutil.rmtree(final)
-        atomic_rename_dir(tmp, final)
+        atomic_rename(tmp, final)
         known = {final / name: entry for name, entry in written.items()}
         if state.step_in_epoch == 0:  # epoch checkpoints also get the merged file users load
             faults.point("save.merge")
-            merged = self._merged_payload(final, state, metrics)
             ckpt = self.dir / f"{tag}.ckpt"
-            known[ckpt] = atomic_write(ckpt, lambda f: torch.save(merged, f))
+            if merged_entry is not None:  # written with the state
+                atomic_rename(self._merged_tmp(tag), ckpt)
+                known[ckpt] = merged_entry
+            else:  # merged from the ZeRO shards (or slices) just written
+                merged = self._merged_payload(read_model_state(final), read_full_ema(final), state, metrics)
+                known[ckpt] = atomic_write(ckpt, lambda f: torch.save(merged, f))
         return known
 
     def _trainer_state(self, state: TrainingState, ema: EMA) -> dict[str, Any]:
@@ -169,13 +184,17 @@ class CheckpointManager(Checkpoints):
         }
 
     def _merged_payload(
-        self, folder: Path, state: TrainingState, metrics: dict[str, float]
+        self,
+        weights: dict[str, torch.Tensor],
+        ema: dict[str, torch.Tensor],
+        state: TrainingState,
+        metrics: dict[str, float],
     ) -> dict[str, Any]:
         return {
             "format": CKPT_FORMAT,
             "kind": self.kind,
-            "state_dict": read_model_state(folder),
-            "ema_state_dict": read_full_ema(folder),
+            "state_dict": weights,
+            "ema_state_dict": ema,
             "epoch": state.epoch,
             "global_step": state.global_step,
             "metrics": dict(metrics),
@@ -306,7 +325,3 @@ class _captured_engine_writes:
 
     def __exit__(self, *exc: object) -> None:
         self.engine.checkpoint_engine.save = self.original
-
-
-def _safetensors(tensors: dict[str, torch.Tensor], f: Any) -> None:
-    f.write(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))

@@ -35,10 +35,11 @@ from launch import Topology, barrier, broadcast_object, decide_on_rank0
 from trainer import faults
 from trainer.atomic import (
     TMP_PREFIX,
-    HashingWriter,
+    Flusher,
     fsync_dir,
     link_or_copy,
     remove_tmp_leftovers,
+    write_file,
 )
 from trainer.ema import EMA
 from trainer.manifest import (
@@ -125,6 +126,8 @@ class Checkpoints:
         self.run_dir = run_dir
         self.async_save = async_save
         self._job: _Job | None = None
+        self._purge: threading.Thread | None = None
+        """Deleting the files of checkpoints retention dropped (rank 0; see ``apply_retention``)."""
         self.dir = folder
         self.topo = topo
         self.keep_last_n = keep_last_n
@@ -228,13 +231,17 @@ class Checkpoints:
         tag = epoch_tag(state.epoch) if state.step_in_epoch == 0 else step_tag(state.global_step)
         faults.set_context(tag=tag, step=state.global_step)
         items, main_payload = self._snapshot(
-            tag, model=model, optimizer=optimizer, ema=ema, noise_generator=noise_generator, state=state
+            tag,
+            model=model,
+            optimizer=optimizer,
+            ema=ema,
+            noise_generator=noise_generator,
+            state=state,
+            metrics=metrics,
         )
         faults.set_context(tag=None, step=None)
         # Host memory held by the snapshot (nothing is copied when the save is written right away).
-        snapshot_bytes = (
-            sum(_nbytes(o) for _, o, _ in items) + _nbytes(main_payload) if self.async_save else 0
-        )
+        snapshot_bytes = _nbytes([[o for _, o, _ in items], main_payload]) if self.async_save else 0
         job = _Job(
             tag=tag, outcome={"tag": tag, "global_step": state.global_step, "snapshot_bytes": snapshot_bytes}
         )
@@ -253,10 +260,11 @@ class Checkpoints:
         {} when none was in flight; {tag, error} when it failed (nothing of it is left, every earlier
         checkpoint is whole); else {tag, blocked_seconds, snapshot_bytes, file, bytes, seconds}."""
         job, self._job = self._job, None
+        if job is not None and job.thread is not None:
+            job.thread.join()
+        self._join_purge()
         if job is None:
             return {}
-        if job.thread is not None:
-            job.thread.join()
         return broadcast_object(job.outcome, self.topo)
 
     def poll(self) -> dict[str, Any]:
@@ -274,6 +282,7 @@ class Checkpoints:
         if self._job is not None and self._job.thread is not None:
             self._job.thread.join()
         self._job = None
+        self._join_purge()
 
     def _run_job(
         self,
@@ -305,11 +314,17 @@ class Checkpoints:
         tag = job.tag
         errors: list[str] = []
         written: dict[str, tuple[int, str]] = {}  # file name → (bytes, sha256), hashed as it was written
-        try:
-            for path, obj, write in items:
-                _guard(errors, written, path, obj, write)
-        except Exception as e:  # a bug, not a full disk: still tell rank 0, so that it does not wait forever
-            errors.append(f"{type(e).__name__}: {e}")
+        with Flusher() as flusher:
+            try:
+                for path, obj, write in items:
+                    _guard(errors, written, path, obj, write, flusher)
+                flusher.wait()  # every file on disk before the marker says so
+            except OSError as e:
+                errors.append(_describe(e))
+            except (
+                Exception
+            ) as e:  # a bug, not a full disk: still tell rank 0, so that it does not wait forever
+                errors.append(f"{type(e).__name__}: {e}")
         items.clear()  # the snapshot's host memory goes as soon as it is written
         if self.per_rank_files:
             _write_marker(self._tmp_dir(tag), self.topo.rank, errors[0] if errors else None, written)
@@ -347,7 +362,7 @@ class Checkpoints:
                 if is_best:
                     link_or_copy(ckpt, self.dir / "best.ckpt")
             faults.point("save.retention")
-            self.apply_retention(protect=(state.best or {}).get("epoch"))
+            self.apply_retention(protect=(state.best or {}).get("epoch"), background=True)
         except OSError as e:
             print(f"warning: {tag} is saved, but relinking last/best or retention failed: {_describe(e)}")
         files = self._tag_files(tag)
@@ -419,10 +434,14 @@ class Checkpoints:
 
     # -- retention -----------------------------------------------------------------------------------
 
-    def apply_retention(self, protect: int | None) -> list[Path]:
+    def apply_retention(self, protect: int | None, *, background: bool = False) -> list[Path]:
         """Keep the newest ``keep_last_n`` epoch checkpoints and ``protect`` (the best epoch); drop step
-        checkpoints older than the newest checkpoint. A checkpoint's manifest goes first, so a crash halfway
-        leaves an uncommitted leftover, never a committed checkpoint with files missing."""
+        checkpoints older than the newest checkpoint. Returns the paths removed.
+
+        The stale checkpoints' manifests go first (durably), so a crash halfway leaves uncommitted leftovers
+        for the next start to remove, never a committed checkpoint with files missing. Their files are then
+        deleted here, or by a thread of their own with ``background`` (deleting hundreds of MB takes a while
+        on some file systems; torchtitan purges the same way). ``wait()`` and ``join()`` wait for it."""
         committed = self.committed()
         if not committed:
             return []
@@ -431,18 +450,37 @@ class Checkpoints:
         keep = set(epochs[-self.keep_last_n :]) if self.keep_last_n else set(epochs)
         if protect is not None:
             keep.add(protect)
-        removed: list[Path] = []
-        for m in committed:
-            stale = m.epoch not in keep if m.is_epoch else m is not newest
-            if not stale:
-                continue
-            manifest_path(self.dir, m.tag).unlink()
-            for path in self._tag_paths(m.tag):
-                if path.exists() or path.is_symlink():
-                    self._delete_inside_run(path)
-                    removed.append(path)
-        fsync_dir(self.dir)
+        stale = [m.tag for m in committed if (m.epoch not in keep if m.is_epoch else m is not newest)]
+        for tag in stale:
+            manifest_path(self.dir, tag).unlink()
+        if stale:
+            fsync_dir(manifest_path(self.dir, stale[0]).parent)
+        removed = [
+            path for tag in stale for path in self._tag_paths(tag) if path.exists() or path.is_symlink()
+        ]
+        self._join_purge()
+        if background:
+            self._purge = threading.Thread(
+                target=self._purge_files, args=(removed,), name="purge", daemon=True
+            )
+            self._purge.start()
+        else:
+            self._purge_files(removed, report=False)
         return removed
+
+    def _purge_files(self, paths: list[Path], report: bool = True) -> None:
+        try:
+            for path in paths:
+                self._delete_inside_run(path)
+        except (OSError, RuntimeError) as e:
+            if not report:
+                raise
+            print(f"warning: could not delete an old checkpoint (the next start removes it): {e}")
+
+    def _join_purge(self) -> None:
+        if self._purge is not None:
+            self._purge.join()
+            self._purge = None
 
     def _delete_inside_run(self, path: Path) -> None:
         """Delete a file or folder of this run; a link is removed itself, never what it points to."""
@@ -533,19 +571,22 @@ def _describe(error: OSError) -> str:
     return f"{error.strerror or error}{where}"
 
 
-def _guard(errors: list[str], written: dict[str, tuple[int, str]], path: Path, obj: Any, write: Any) -> None:
-    """Write one file of a save through ``write(obj, file)``, fsynced and hashed as it goes. An OSError (full
-    disk, lost mount) is recorded instead of raised, and the rank's remaining files are skipped."""
+def _guard(
+    errors: list[str],
+    written: dict[str, tuple[int, str]],
+    path: Path,
+    obj: Any,
+    write: Any,
+    flusher: Flusher,
+) -> None:
+    """Write one file of a save through ``write(obj, file)``, hashed as it goes, and hand it to ``flusher``
+    to be fsynced while the next one is written. An OSError (full disk, lost mount) is recorded instead of
+    raised, and the rank's remaining files are skipped."""
     if errors:
         return
     try:
         faults.point("write")
-        with open(path, "wb") as f:
-            hashed = HashingWriter(f)
-            write(obj, hashed)
-            f.flush()
-            os.fsync(f.fileno())
-        written[path.name] = hashed.entry()
+        written[path.name] = write_file(path, lambda f: write(obj, f), flusher)
     except OSError as e:
         errors.append(_describe(e))
 
@@ -578,13 +619,19 @@ def host_copy(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def _nbytes(obj: Any) -> int:
+def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the tensors in ``obj``, each storage counted once (a merged file shares the state's)."""
+    seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
     if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
+        return sum(_nbytes(v, seen) for v in obj.values())
     if isinstance(obj, list | tuple):
-        return sum(_nbytes(v) for v in obj)
+        return sum(_nbytes(v, seen) for v in obj)
     return 0
 
 

@@ -29,7 +29,7 @@ from model import EDMSchedule, edm_loss
 from model.lora import base_diffit
 from trainer import faults
 from trainer.adapter_checkpoint import AdapterCheckpointManager
-from trainer.atomic import TMP_PREFIX, atomic_rename_dir
+from trainer.atomic import TMP_PREFIX, atomic_rename
 from trainer.checkpoint import CheckpointManager, epoch_name, load_checkpoint_file
 from trainer.commit import TrainingState
 from trainer.config import TrainConfig
@@ -536,7 +536,7 @@ class Trainer:
             model.save_pretrained(str(tmp))  # type: ignore[operator]
             if final.exists():
                 shutil.rmtree(final)
-            atomic_rename_dir(tmp, final)
+            atomic_rename(tmp, final)
         barrier(self.topo)
 
     def _write_samples(self, epoch: int) -> None:

@@ -1,0 +1,194 @@
+"""How a checkpoint's files are written: safetensors straight from the tensors, sha256 as the bytes go out
+(large blocks on a helper thread), fsync in the background, the merged file from the snapshot, and old
+checkpoints purged in the background. In-process, one process, a tiny model: the multi-process paths are
+tests/test_faults.py's and tests/test_base_training.py's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from launch import Topology
+from trainer.atomic import HASH_ON_THREAD_BYTES, Flusher, HashingWriter, write_file
+from trainer.checkpoint import CheckpointManager, load_checkpoint_file
+from trainer.commit import TrainingState
+from trainer.ema import EMA
+from trainer.manifest import read_manifests, verify
+from trainer.serialization import write_safetensors
+
+TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
+
+
+def write_hashed(path: Path, write) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    with open(path, "wb") as f:
+        hashed = HashingWriter(f)
+        write(hashed)
+    return hashed.entry()
+
+
+def file_entry(path: Path) -> tuple[int, str]:
+    data = path.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Serialisation and hashing
+# --------------------------------------------------------------------------------------------------
+
+
+def test_safetensors_written_from_the_tensors_load_like_the_librarys(tmp_path: Path) -> None:
+    tensors = {
+        "weight": torch.randn(3, 5),
+        "transposed": torch.randn(4, 6).t(),  # not contiguous
+        "half": torch.randn(7).half(),
+        "bf16": torch.randn(2, 2).bfloat16(),
+        "steps": torch.arange(5),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3, dtype=torch.uint8),
+        "empty": torch.zeros(0, 4),
+        "large": torch.randn(HASH_ON_THREAD_BYTES // 2),  # 2 MiB: hashed on the helper thread
+    }
+    path = tmp_path / "x.safetensors"
+    entry = write_hashed(path, lambda f: write_safetensors(tensors, f))
+    assert entry == file_entry(path)  # the hash taken while writing is the file's
+    loaded = load_file(str(path))
+    library = tmp_path / "library.safetensors"
+    library.write_bytes(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
+    from_library = load_file(str(library))
+    assert loaded.keys() == tensors.keys() == from_library.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name], tensor) and torch.equal(loaded[name], from_library[name]), name
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 in this torch")
+def test_safetensors_of_other_dtypes_go_through_the_library(tmp_path: Path) -> None:
+    tensors = {"f8": torch.randn(4).to(torch.float8_e4m3fn), "w": torch.ones(2)}
+    path = tmp_path / "x.safetensors"
+    write_hashed(path, lambda f: write_safetensors(tensors, f))
+    loaded = load_file(str(path))
+    assert loaded["f8"].dtype == torch.float8_e4m3fn
+    assert torch.equal(loaded["f8"].view(torch.uint8), tensors["f8"].view(torch.uint8))
+    assert torch.equal(loaded["w"], tensors["w"])
+
+
+def test_hashing_writer_hashes_large_and_small_blocks_in_order(tmp_path: Path) -> None:
+    blocks = [b"head", os.urandom(3 * HASH_ON_THREAD_BYTES), b"middle", os.urandom(HASH_ON_THREAD_BYTES), b""]
+    path = tmp_path / "blocks.bin"
+    entry = write_hashed(path, lambda f: [f.write(memoryview(b)) for b in blocks])
+    assert entry == (sum(map(len, blocks)), hashlib.sha256(b"".join(blocks)).hexdigest())
+    assert entry == file_entry(path)
+
+
+def test_files_handed_to_the_flusher_are_on_disk_and_closed_after_wait(tmp_path: Path) -> None:
+    blocks = [os.urandom(HASH_ON_THREAD_BYTES) for _ in range(3)]
+    with Flusher() as flusher:
+        entries = [
+            write_file(tmp_path / f"{i}.bin", lambda f, b=b: f.write(b), flusher)
+            for i, b in enumerate(blocks)
+        ]
+        flusher.wait()
+    for i, block in enumerate(blocks):
+        assert (
+            entries[i] == file_entry(tmp_path / f"{i}.bin") == (len(block), hashlib.sha256(block).hexdigest())
+        )
+
+
+def test_flusher_reports_a_failed_fsync_and_still_closes_the_file() -> None:
+    read_end, write_end = os.pipe()  # fsync of a pipe fails (EINVAL), as it can on a lost network disk
+    f = os.fdopen(write_end, "wb")
+    try:
+        with Flusher() as flusher:
+            flusher.close(f)
+            with pytest.raises(OSError):
+                flusher.wait()
+        assert f.closed
+    finally:
+        os.close(read_end)
+
+
+# --------------------------------------------------------------------------------------------------
+# A real save, in this process
+# --------------------------------------------------------------------------------------------------
+
+
+def trained_model() -> tuple[torch.nn.Module, torch.optim.Optimizer, EMA]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ema = EMA(model.named_parameters(), halflife_kimg=0.001, rampup_ratio=None)
+    for _ in range(2):
+        model(torch.randn(3, 4)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(images_seen=3, batch_size=3)
+    return model, optimizer, ema
+
+
+def save(checkpoints: CheckpointManager, model, optimizer, ema, epoch: int) -> dict:  # type: ignore[no-untyped-def]
+    state = TrainingState(epoch=epoch, global_step=2 * epoch, history=[], best={"epoch": 1})
+    started = checkpoints.save(
+        model=model,
+        optimizer=optimizer,
+        ema=ema,
+        noise_generator=torch.Generator().manual_seed(1),
+        state=state,
+        metrics={"train_loss": 0.5},
+        is_best=epoch == 1,
+    )
+    outcome = checkpoints.wait()
+    assert "error" not in outcome, outcome
+    return {**started, **outcome}
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_save_writes_the_merged_file_from_the_snapshot_and_purges_old_checkpoints(
+    tmp_path: Path, async_save: bool
+) -> None:
+    model, optimizer, ema = trained_model()
+    run = tmp_path / "run_001"
+    checkpoints = CheckpointManager(run, TOPO, keep_last_n=1, config={"lr": 0.1}, async_save=async_save)
+    first = save(checkpoints, model, optimizer, ema, epoch=1)
+    folder = run / "checkpoints"
+    state = folder / "state" / "epoch_001"
+
+    merged = load_checkpoint_file(folder / "epoch_001.ckpt")
+    weights, ema_file = (
+        load_file(str(state / "model.safetensors")),
+        load_file(str(state / "ema_rank0.safetensors")),
+    )
+    assert merged["state_dict"].keys() == weights.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(merged["state_dict"][name], tensor) and torch.equal(weights[name], tensor)
+    for name, tensor in ema.local_state().items():
+        assert torch.equal(merged["ema_state_dict"][name], tensor) and torch.equal(ema_file[name], tensor)
+    assert (merged["epoch"], merged["global_step"], merged["metrics"], merged["config"]) == (
+        1, 2, {"train_loss": 0.5}, {"lr": 0.1}
+    )  # fmt: skip
+    [manifest] = read_manifests(folder)
+    assert verify(folder, manifest) is None
+    assert not [p for p in run.rglob("*") if p.name.startswith(".tmp-")]
+    assert os.path.samefile(folder / "last.ckpt", folder / "epoch_001.ckpt")
+    assert os.path.samefile(folder / "best.ckpt", folder / "epoch_001.ckpt")
+
+    # The snapshot of a background save counts every tensor once, though the merged file shares them.
+    tensors = [*model.state_dict().values(), *ema.local_state().values()]
+    tensors += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    held = sum(t.numel() * t.element_size() for t in tensors)
+    if async_save:
+        assert held <= first["snapshot_bytes"] < held + 50_000  # + the RNG states
+    else:
+        assert first["snapshot_bytes"] == 0
+
+    save(checkpoints, model, optimizer, ema, epoch=2)  # keep_last_n=1 drops epoch 1, but it is the best
+    save(checkpoints, model, optimizer, ema, epoch=3)  # drops epoch 2, in the background, waited for
+    assert [m.tag for m in read_manifests(folder)] == ["epoch_001", "epoch_003"]
+    assert sorted(p.name for p in (folder / "state").iterdir()) == ["epoch_001", "epoch_003"]
+    assert not (folder / "epoch_002.ckpt").exists()
