@@ -21,7 +21,9 @@ overhead   Wall time of one epoch of ``hand_loop`` (a minimal Accelerate loop: s
            plus EMA, progress bar, tensorboard logging, metadata, and a checkpoint every epoch: its
            snapshot, and its background writing, which competes with training for the CPU and is waited
            for at the next save). Medians over the trainer's epochs 2..M (epoch 1 and process start-up are
-           its warm-up) and over M-1 epochs of the hand loop after 2 warm-up steps.
+           its warm-up) and over the epochs of two hand-loop launches after 2 warm-up steps each, one
+           right before the trainer's run and one right after it, so that drift of the machine's speed
+           moves both sides alike.
            Both sides train only: the trainer gets an empty validation split and no sample grids.
 stall      Per save, seconds the loop was blocked (``history[i].save_blocked_seconds`` in metadata.json)
            ÷ one step (``hand_loop``'s median epoch ÷ its steps), with ``async_save`` on, over the same
@@ -490,14 +492,24 @@ class Measurements:
 
     @cached_property
     def baseline(self) -> list[float]:
-        """Seconds per epoch of the hand-written loop, as many epochs as the trainer's after its first."""
+        """Seconds per epoch of the hand-written loop: two launches, one right before the trainer's run and
+        one right after it (so a machine that speeds up or slows down meanwhile moves both sides alike),
+        each of half as many epochs as the trainer times."""
         s = self.setup
-        print(f"  hand-written loop: {s.epochs - 1} epochs of {s.steps} steps ...", flush=True)
+        half = max(1, -(-(s.epochs - 1) // 2))
         args = ["--hand-loop", str(self.data_root), "--batch-size", str(s.batch),
-                "--steps-per-epoch", str(s.steps), "--epochs", str(s.epochs - 1)]  # fmt: skip
-        result = launch(self.command("perf.py", args), self.logs / "hand_loop.log")
-        last = [line for _, line in result.lines if line.startswith('{"epoch_seconds"')][-1]
-        return json.loads(last)["epoch_seconds"]
+                "--steps-per-epoch", str(s.steps), "--epochs", str(half)]  # fmt: skip
+        seconds: list[float] = []
+        for when in ("before", "after"):
+            if when == "after":
+                self.async_run  # noqa: B018 (the trainer's run, between the two halves)
+            print(
+                f"  hand-written loop ({when} the trainer): {half} epochs of {s.steps} steps ...", flush=True
+            )
+            result = launch(self.command("perf.py", args), self.logs / f"hand_loop_{when}.log")
+            last = [line for _, line in result.lines if line.startswith('{"epoch_seconds"')][-1]
+            seconds += json.loads(last)["epoch_seconds"]
+        return seconds
 
     @cached_property
     def step_seconds(self) -> float:
@@ -571,9 +583,9 @@ def plain_write_seconds(folder: Path, nbytes: int, block: int = 16 << 20) -> flo
 
 
 def trainer_overhead(m: Measurements) -> list[Figure]:
+    loop = m.baseline  # first: it brackets the trainer's run
     trainer = m.async_run.epoch_stamps
     intervals = [b - a for a, b in itertools.pairwise(trainer)]
-    loop = m.baseline
     ratio = median(loop) / median(intervals)
     s = m.setup
     images = s.batch * s.steps
@@ -713,7 +725,7 @@ def resume_latency(m: Measurements) -> list[Figure]:
         "--resume",
         "1",
         "--epochs",
-        str(m.setup.epochs + 1),
+        str(int(newest["epoch"]) + 1),  # one more epoch than the run has done
     ]
     resume_cmd = m.command("train_base.py", resume_args)
     print(f"  {REPS + 1} fresh launches and {REPS + 1} resumes, each to its first step ...", flush=True)

@@ -39,16 +39,21 @@ class HashingWriter:
     """A binary file wrapper that hashes (sha256) and counts what is written through it, so a checkpoint
     file's manifest entry costs no second read of the file.
 
-    A large block is hashed on a helper thread while this one writes it (both release the GIL), so hashing
-    adds next to nothing to a write on a machine with a second core."""
+    With ``hash_on_thread``, a large block is hashed on a helper thread while this one writes it (both
+    release the GIL), so hashing adds next to nothing to the time of a write on a machine with a second
+    core. A save running in the background beside training passes False: there the cores are training's,
+    and one core's worth of saving costs it least."""
 
-    def __init__(self, raw: IO[bytes], flusher: Flusher | None = None) -> None:
+    def __init__(
+        self, raw: IO[bytes], flusher: Flusher | None = None, *, hash_on_thread: bool = True
+    ) -> None:
         self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
         self.flusher = flusher
+        self.hash_on_thread = hash_on_thread
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        if view.nbytes < HASH_ON_THREAD_BYTES:
+        if not self.hash_on_thread or view.nbytes < HASH_ON_THREAD_BYTES:
             self.digest.update(view)
             written = self.raw.write(view)
         else:
@@ -135,12 +140,15 @@ def _fsync_and_close(f: IO[bytes]) -> None:
         f.close()
 
 
-def write_file(path: Path, write: Callable[[Any], Any], flusher: Flusher) -> tuple[int, str]:
-    """Write ``path`` through ``write(file)``, hashed as it goes, and hand it to ``flusher`` to be made
-    durable (the disk starts on it while it is being written). Returns its (bytes, sha256)."""
+def write_file(
+    path: Path, write: Callable[[Any], Any], flusher: Flusher, *, hash_on_thread: bool = True
+) -> tuple[int, str]:
+    """Write ``path`` through ``write(file)``, hashed as it goes (see ``HashingWriter``), and hand it to
+    ``flusher`` to be made durable (the disk starts on it while it is being written). Returns its
+    (bytes, sha256)."""
     f = open(path, "wb")  # noqa: SIM115 (closed by the flusher once it is on disk)
     try:
-        hashed = HashingWriter(f, flusher)
+        hashed = HashingWriter(f, flusher, hash_on_thread=hash_on_thread)
         write(hashed)
     except BaseException:
         f.close()

@@ -295,6 +295,8 @@ class Checkpoints:
         start: float,
     ) -> None:
         """Write this rank's files; rank 0 then waits for every rank's and commits. Never raises."""
+        if self.async_save:
+            _yield_cpu_to_training()
         faults.set_context(tag=job.tag, step=state.global_step)
         try:
             self._write_and_commit(job, items, main_payload, state, metrics, is_best, start)
@@ -317,7 +319,7 @@ class Checkpoints:
         with Flusher() as flusher:
             try:
                 for path, obj, write in items:
-                    _guard(errors, written, path, obj, write, flusher)
+                    _guard(errors, written, path, obj, write, flusher, hash_on_thread=not self.async_save)
                 flusher.wait()  # every file on disk before the marker says so
             except OSError as e:
                 errors.append(_describe(e))
@@ -578,6 +580,8 @@ def _guard(
     obj: Any,
     write: Any,
     flusher: Flusher,
+    *,
+    hash_on_thread: bool,
 ) -> None:
     """Write one file of a save through ``write(obj, file)``, hashed as it goes, and hand it to ``flusher``
     to be fsynced while the next one is written. An OSError (full disk, lost mount) is recorded instead of
@@ -586,9 +590,19 @@ def _guard(
         return
     try:
         faults.point("write")
-        written[path.name] = write_file(path, lambda f: write(obj, f), flusher)
+        written[path.name] = write_file(path, lambda f: write(obj, f), flusher, hash_on_thread=hash_on_thread)
     except OSError as e:
         errors.append(_describe(e))
+
+
+BACKGROUND_NICENESS = 10
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower the calling thread's CPU priority (Linux: niceness is per thread, and the threads it starts
+    inherit it), so that a background save takes the cores training leaves idle rather than training's."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
 
 
 def _write_marker(folder: Path, rank: int, error: str | None, written: dict[str, tuple[int, str]]) -> None:
