@@ -32,7 +32,8 @@ stall      Per save, seconds the loop was blocked (``history[i].save_blocked_sec
 write      Checkpoint bytes (every file of the save, as the trainer reports them) ÷ the duration of a
            synchronous save (snapshot, serialisation, writes, fsyncs, merged file, sha256 manifest,
            last/best links, retention), over the bytes/s of writing as many bytes to one plain file in the
-           same folder and fsyncing it (``dd conv=fsync``-like, 16 MiB blocks from memory).
+           same folder and fsyncing it (``dd conv=fsync``-like, 16 MiB blocks from memory). Medians of 10
+           saves and 10 plain writes: a shared disk's speed varies by ±20% from one write to the next.
 merge      ``trainer.zero.merge_zero_shards`` on the ZeRO-2 shards of a real 2-process DeepSpeed run
            ÷ DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` on the same shards (same process,
            alternated, files in the page cache; the results are checked to be equal).

@@ -13,6 +13,7 @@ Commit, manifests, retention and fallback are ``commit.Checkpoints``'.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ class AdapterCheckpointManager(Checkpoints):
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.dir / f"{tag}.ckpt"
-        return {ckpt: atomic_write(ckpt, lambda f: torch.save(checkpoint, f))}
+        return {ckpt: atomic_write(ckpt, partial(torch.save, checkpoint), hash_on_thread=not self.async_save)}
 
     def load(
         self,

@@ -3,6 +3,9 @@
 Every write goes to a temporary name in the same folder, is fsynced, renamed over the target and the
 folder fsynced, so a power cut at any instant leaves one whole version. Temporary names start with
 ``.tmp-`` so a later start can recognise and remove leftovers.
+
+Checkpoint files are also hashed (sha256, for the manifest) as they are written, and made durable by a
+helper thread (``Flusher``) while the next file is written, so a save runs at about the disk's speed.
 """
 
 from __future__ import annotations
@@ -157,10 +160,10 @@ def write_file(
     return hashed.entry()
 
 
-def atomic_write(path: Path, write: Callable[[Any], Any]) -> tuple[int, str]:
+def atomic_write(path: Path, write: Callable[[Any], Any], *, hash_on_thread: bool = True) -> tuple[int, str]:
     """Write ``path`` through ``write(file)`` so that readers see the old or the new file, never a part.
 
-    Returns the file's (bytes, sha256), computed as it was written."""
+    Returns the file's (bytes, sha256), computed as it was written (``hash_on_thread``: ``HashingWriter``)."""
     tmp = tmp_path_for(path)
 
     def write_then_fault(f: Any) -> None:
@@ -169,7 +172,7 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> tuple[int, str]:
 
     try:
         with Flusher() as flusher:
-            entry = write_file(tmp, write_then_fault, flusher)
+            entry = write_file(tmp, write_then_fault, flusher, hash_on_thread=hash_on_thread)
             flusher.wait()
         os.replace(tmp, path)
     except BaseException:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,9 @@ class CheckpointManager(Checkpoints):
                 known[ckpt] = merged_entry
             else:  # merged from the ZeRO shards (or slices) just written
                 merged = self._merged_payload(read_model_state(final), read_full_ema(final), state, metrics)
-                known[ckpt] = atomic_write(ckpt, lambda f: torch.save(merged, f))
+                known[ckpt] = atomic_write(
+                    ckpt, partial(torch.save, merged), hash_on_thread=not self.async_save
+                )
         return known
 
     def _trainer_state(self, state: TrainingState, ema: EMA) -> dict[str, Any]:
