@@ -323,9 +323,8 @@ class Checkpoints:
                 flusher.wait()  # every file on disk before the marker says so
             except OSError as e:
                 errors.append(_describe(e))
-            except (
-                Exception
-            ) as e:  # a bug, not a full disk: still tell rank 0, so that it does not wait forever
+            # A bug, not a full disk: still tell rank 0, so that it does not wait forever.
+            except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
         items.clear()  # the snapshot's host memory goes as soon as it is written
         if self.per_rank_files:
