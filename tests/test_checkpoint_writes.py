@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,28 @@ def test_hashing_writer_hashes_large_and_small_blocks_in_order(tmp_path: Path) -
     entry = write_hashed(path, lambda f: [f.write(memoryview(b)) for b in blocks])
     assert entry == (sum(map(len, blocks)), hashlib.sha256(b"".join(blocks)).hexdigest())
     assert entry == file_entry(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_hashing_on_a_thread_works_in_a_forked_child(tmp_path: Path) -> None:
+    block = os.urandom(2 * HASH_ON_THREAD_BYTES)
+    write_hashed(tmp_path / "parent.bin", lambda f: f.write(block))  # the parent's helper thread exists now
+    pid = os.fork()
+    if pid == 0:  # the child: a helper thread of its own, or this write would wait forever
+        try:
+            ok = write_hashed(tmp_path / "child.bin", lambda f: f.write(block)) == file_entry(
+                tmp_path / "parent.bin"
+            )
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("hashing in the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_files_handed_to_the_flusher_are_on_disk_and_closed_after_wait(tmp_path: Path) -> None:

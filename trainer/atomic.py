@@ -92,6 +92,16 @@ def _hash_thread() -> ThreadPoolExecutor:
         return _hasher
 
 
+def _forget_hash_thread() -> None:
+    """In a forked child: the parent's helper thread does not exist there, so start a new one when needed."""
+    global _hasher, _hasher_lock
+    _hasher, _hasher_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_hash_thread)
+
+
 class Flusher:
     """Makes written files durable in the background, so that the disk flushes one file while the next one
     is serialised (the CPU and the disk work at the same time instead of in turn).
