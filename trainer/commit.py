@@ -143,6 +143,10 @@ class Checkpoints:
     def _tag_paths(self, tag: str) -> list[Path]:
         return [folder / f"{tag}{suffix}" for folder, suffix in self.roots]
 
+    def _existing_tag_paths(self, tag: str) -> list[Path]:
+        """The files and folders of ``tag`` that are there (a link counts, even a dangling one)."""
+        return [path for path in self._tag_paths(tag) if path.exists() or path.is_symlink()]
+
     def _tag_files(self, tag: str) -> list[Path]:
         files = []
         for path in self._tag_paths(tag):
@@ -183,12 +187,9 @@ class Checkpoints:
                 print(f"Removed an incomplete checkpoint file left by a crash: {removed}")
         committed = {m.tag for m in self.committed()} | {p.stem for p in unreadable_manifests(self.dir)}
         for tag in sorted(self._tags_on_disk() - committed):
-            for path in self._tag_paths(tag):
-                if path.exists() or path.is_symlink():
-                    self._delete_inside_run(path)
-                    print(
-                        f"Removed an uncommitted checkpoint (no manifest; its save was interrupted): {path}"
-                    )
+            for path in self._existing_tag_paths(tag):
+                self._delete_inside_run(path)
+                print(f"Removed an uncommitted checkpoint (no manifest; its save was interrupted): {path}")
 
     def _adopt_unmanifested(self) -> None:
         """A run written before manifests existed: commit its epoch checkpoints as they are."""
@@ -243,14 +244,20 @@ class Checkpoints:
         # Host memory held by the snapshot (nothing is copied when the save is written right away).
         snapshot_bytes = _nbytes([[o for _, o, _ in items], main_payload]) if self.async_save else 0
         job = _Job(
-            tag=tag, outcome={"tag": tag, "global_step": state.global_step, "snapshot_bytes": snapshot_bytes}
+            tag=tag,
+            outcome={"tag": tag, "global_step": state.global_step, "snapshot_bytes": snapshot_bytes},
+            items=items,
+            payload=main_payload,
+            state=state,
+            metrics=dict(metrics),
+            is_best=is_best,
+            start=start,
         )
-        args = (job, items, main_payload, state, dict(metrics), is_best, start)
         if self.async_save:
-            job.thread = threading.Thread(target=self._run_job, args=args, name=f"save-{tag}", daemon=True)
+            job.thread = threading.Thread(target=self._run_job, args=(job,), name=f"save-{tag}", daemon=True)
             job.thread.start()
         else:
-            self._run_job(*args)
+            self._run_job(job)
         job.outcome["blocked_seconds"] = time.perf_counter() - start
         self._job = job
         return dict(job.outcome)
@@ -284,36 +291,19 @@ class Checkpoints:
         self._job = None
         self._join_purge()
 
-    def _run_job(
-        self,
-        job: _Job,
-        items: list[tuple[Path, Any, Any]],
-        main_payload: Any,
-        state: TrainingState,
-        metrics: dict[str, float],
-        is_best: bool,
-        start: float,
-    ) -> None:
+    def _run_job(self, job: _Job) -> None:
         """Write this rank's files; rank 0 then waits for every rank's and commits. Never raises."""
         if self.async_save:
             _yield_cpu_to_training()
-        faults.set_context(tag=job.tag, step=state.global_step)
+        faults.set_context(tag=job.tag, step=job.state.global_step)
         try:
-            self._write_and_commit(job, items, main_payload, state, metrics, is_best, start)
+            self._write_and_commit(job)
         finally:
             faults.set_context(tag=None, step=None)
+            job.items, job.payload = [], None  # the snapshot's host memory goes with the job's end
 
-    def _write_and_commit(
-        self,
-        job: _Job,
-        items: list[tuple[Path, Any, Any]],
-        main_payload: Any,
-        state: TrainingState,
-        metrics: dict[str, float],
-        is_best: bool,
-        start: float,
-    ) -> None:
-        tag = job.tag
+    def _write_and_commit(self, job: _Job) -> None:
+        tag, items, state, metrics = job.tag, job.items, job.state, job.metrics
         errors: list[str] = []
         written: dict[str, tuple[int, str]] = {}  # file name → (bytes, sha256), hashed as it was written
         with Flusher() as flusher:
@@ -326,7 +316,7 @@ class Checkpoints:
             # A bug, not a full disk: still tell rank 0, so that it does not wait forever.
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
-        items.clear()  # the snapshot's host memory goes as soon as it is written
+        items.clear()  # the snapshot's host memory goes as soon as it is written, before the commit
         if self.per_rank_files:
             _write_marker(self._tmp_dir(tag), self.topo.rank, errors[0] if errors else None, written)
         if not self.topo.is_main:
@@ -337,7 +327,7 @@ class Checkpoints:
         if error is None:
             try:
                 faults.point("save.shards")
-                known = self._commit(tag, state=state, metrics=metrics, payload=main_payload, written=written)
+                known = self._commit(tag, state=state, metrics=metrics, payload=job.payload, written=written)
                 faults.point("save.manifest")
                 manifest = Manifest(
                     tag,
@@ -360,7 +350,7 @@ class Checkpoints:
         try:  # the checkpoint is committed: a failure from here on costs nothing already saved
             if state.step_in_epoch == 0:
                 link_or_copy(ckpt, self.dir / "last.ckpt")
-                if is_best:
+                if job.is_best:
                     link_or_copy(ckpt, self.dir / "best.ckpt")
             faults.point("save.retention")
             self.apply_retention(protect=(state.best or {}).get("epoch"), background=True)
@@ -370,7 +360,7 @@ class Checkpoints:
         job.outcome.update(
             file=str(ckpt if ckpt.is_file() else self._tag_paths(tag)[-1]),
             bytes=sum(f.stat().st_size for f in files),
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - job.start,
         )
 
     def _wait_for_ranks(
@@ -427,9 +417,8 @@ class Checkpoints:
         """After a failed save (rank 0): remove every file of the uncommitted ``tag`` and any temporary."""
         if manifest_path(self.dir, tag).exists():
             return  # committed after all; never delete a committed checkpoint
-        for path in self._tag_paths(tag):
-            if path.exists() or path.is_symlink():
-                self._delete_inside_run(path)
+        for path in self._existing_tag_paths(tag):
+            self._delete_inside_run(path)
         for folder in self._leftover_folders():
             remove_tmp_leftovers(folder)
 
@@ -456,9 +445,7 @@ class Checkpoints:
             manifest_path(self.dir, tag).unlink()
         if stale:
             fsync_dir(manifest_path(self.dir, stale[0]).parent)
-        removed = [
-            path for tag in stale for path in self._tag_paths(tag) if path.exists() or path.is_symlink()
-        ]
+        removed = [path for tag in stale for path in self._existing_tag_paths(tag)]
         self._join_purge()
         if background:
             self._purge = threading.Thread(
@@ -650,8 +637,17 @@ def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
 
 @dataclass
 class _Job:
-    """The save in flight on this rank."""
+    """The save in flight on this rank: what it writes, and how it ended (``outcome``)."""
 
     tag: str
     outcome: dict[str, Any]
+    items: list[tuple[Path, Any, Any]]
+    """(path, object, writer) of each file this rank writes: the snapshot."""
+    payload: Any
+    """What rank 0's commit needs (``_snapshot``'s second result)."""
+    state: TrainingState
+    metrics: dict[str, float]
+    is_best: bool
+    start: float
+    """``time.perf_counter()`` when the save began (the outcome's seconds count from it)."""
     thread: threading.Thread | None = None
