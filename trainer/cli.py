@@ -215,7 +215,9 @@ def train(args: argparse.Namespace, kind: str) -> int:
         resolve_model_against_data,
     )
     from trainer.loop import Trainer, plan_steps
+    from trainer.staging import retain_freed_heap
 
+    retain_freed_heap()  # before training's allocations: its steps then page-fault no memory back in
     accelerator = build_accelerator()
     topo = topology(accelerator)
 

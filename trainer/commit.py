@@ -53,6 +53,7 @@ from trainer.manifest import (
     verify,
     write_manifest,
 )
+from trainer.staging import HostStaging
 
 DAMAGED_DIR = "damaged"
 
@@ -126,6 +127,8 @@ class Checkpoints:
         self.run_dir = run_dir
         self.async_save = async_save
         self._job: _Job | None = None
+        self._staging = HostStaging()
+        """A background save's snapshot buffers, reused by the next save (``trainer/staging.py``)."""
         self._purge: threading.Thread | None = None
         """Deleting the files of checkpoints retention dropped (rank 0; see ``apply_retention``)."""
         self.dir = folder
@@ -231,6 +234,7 @@ class Checkpoints:
         state = TrainingState.from_dict(copy.deepcopy(state.to_dict()))  # training goes on changing its own
         tag = epoch_tag(state.epoch) if state.step_in_epoch == 0 else step_tag(state.global_step)
         faults.set_context(tag=tag, step=state.global_step)
+        self._staging.begin()
         items, main_payload = self._snapshot(
             tag,
             model=model,
@@ -240,6 +244,7 @@ class Checkpoints:
             state=state,
             metrics=metrics,
         )
+        self._staging.end()
         faults.set_context(tag=None, step=None)
         # Host memory held by the snapshot (nothing is copied when the save is written right away).
         snapshot_bytes = _nbytes([[o for _, o, _ in items], main_payload]) if self.async_save else 0
@@ -390,7 +395,7 @@ class Checkpoints:
     def _keep(self, obj: Any) -> Any:
         """What a snapshot holds of ``obj``: a host copy for a background save; the object itself when the
         save is written before training goes on."""
-        return host_copy(obj) if self.async_save else obj
+        return self._staging.copy(obj) if self.async_save else obj
 
     def _tmp_dir(self, tag: str) -> Path:
         return self.dir / f"{TMP_PREFIX}{tag}"
@@ -599,24 +604,6 @@ def _write_marker(folder: Path, rank: int, error: str | None, written: dict[str,
         marker.write_text(error or json.dumps(written))
     except OSError:  # a full disk may refuse even the reason; an empty marker still needs no data block
         marker.touch()
-
-
-def host_copy(obj: Any) -> Any:
-    """A copy of ``obj`` whose tensors are detached host-memory copies (the snapshot of a save): training
-    may change the originals as soon as this returns."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        copied = obj.copy()  # keeps OrderedDict & co.
-        for key, value in obj.items():
-            copied[key] = host_copy(value)
-        return copied
-    if isinstance(obj, list):
-        return [host_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        values = [host_copy(v) for v in obj]
-        return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)
-    return copy.deepcopy(obj)
 
 
 def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
