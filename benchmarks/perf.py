@@ -20,10 +20,10 @@ overhead   Wall time of one epoch of ``hand_loop`` (a minimal Accelerate loop: s
            ÷ the time between consecutive "Epoch N/M" lines of ``scripts/train_base.py`` (the same steps
            plus EMA, progress bar, tensorboard logging, metadata, and a checkpoint every epoch: its
            snapshot, and its background writing, which competes with training for the CPU and is waited
-           for at the next save). Medians over the trainer's epochs 2..M (epoch 1 and process start-up are
-           its warm-up) and over the epochs of two hand-loop launches after 2 warm-up steps each, one
-           right before the trainer's run and one right after it, so that drift of the machine's speed
-           moves both sides alike.
+           for at the next save). The sides alternate, so that drift of the machine's speed moves both
+           alike: hand loop, trainer, hand loop, trainer, hand loop (``--rounds`` trainer launches). Medians
+           over the trainer launches' epochs 2..M (epoch 1 and process start-up are their warm-up) and over
+           the epochs of the hand-loop launches (as many in all, each launch after 2 warm-up steps).
            Both sides train only: the trainer gets an empty validation split and no sample grids.
 stall      Per save, seconds the loop was blocked (``history[i].save_blocked_seconds`` in metadata.json)
            ÷ one step (``hand_loop``'s median epoch ÷ its steps), with ``async_save`` on, over the same
@@ -86,7 +86,8 @@ MODEL = "diffit_cifar"
 BATCH = 4  # global batch; one diffit_cifar step at batch 4 takes ~2.6 s on one CPU core
 STEPS_PER_EPOCH = 10  # ~27 s epochs, each ending in a ~370 MB checkpoint (a far heavier save load than a
 #                       real run's: a CIFAR-10 epoch is 390 steps at batch 128)
-EPOCHS = 6  # epoch 1 is the trainer's warm-up, epochs 2..6 the 5 repetitions
+EPOCHS = 4  # per trainer launch of the overhead figure: epoch 1 is the warm-up, epochs 2..4 repetitions
+ROUNDS = 2  # trainer launches of the overhead figure, each between two hand-loop launches (6 repetitions)
 HAND_LOOP_WARMUP_STEPS = 2  # the hand loop's warm-up (it has no start-up work to amortise)
 SYNC_STEPS_PER_EPOCH = 1  # the synchronous run measures saves, not epochs: short epochs, same saves
 REPS = 5  # repetitions after one warm-up, for everything timed
@@ -217,6 +218,8 @@ class Setup:
     """accelerate launch --num_processes (overrides the config's)."""
     zero_config: str = "cpu_zero2"
     """The ZeRO-2 config of the merge run (always launched with 2 processes)."""
+    rounds: int = ROUNDS
+    """Trainer launches of the overhead figure (``epochs`` each), alternating with hand-loop launches."""
 
     def describe(self) -> str:
         if self.accelerate_config is None:
@@ -492,36 +495,43 @@ class Measurements:
         return parse_trainer_run(result, root / "base_training" / "run_001")
 
     @cached_property
-    def baseline(self) -> list[float]:
-        """Seconds per epoch of the hand-written loop: two launches, one right before the trainer's run and
-        one right after it (so a machine that speeds up or slows down meanwhile moves both sides alike),
-        each of half as many epochs as the trainer times."""
+    def alternation(self) -> tuple[list[float], list[TrainerRun]]:
+        """The overhead figure's launches, alternating so that a machine that speeds up or slows down
+        meanwhile moves both sides alike: hand loop, then ``rounds`` times (trainer, hand loop).
+
+        Returns (seconds per epoch of the hand-written loop, the trainer's runs). The hand-loop launches
+        time as many epochs in all as the trainer's runs do after their warm-up epoch."""
         s = self.setup
-        half = max(1, -(-(s.epochs - 1) // 2))
+        per_launch = max(1, -(-s.rounds * (s.epochs - 1) // (s.rounds + 1)))
         args = ["--hand-loop", str(self.data_root), "--batch-size", str(s.batch),
-                "--steps-per-epoch", str(s.steps), "--epochs", str(half)]  # fmt: skip
+                "--steps-per-epoch", str(s.steps), "--epochs", str(per_launch)]  # fmt: skip
         seconds: list[float] = []
-        for when in ("before", "after"):
-            if when == "after":
-                self.async_run  # noqa: B018 (the trainer's run, between the two halves)
-            print(
-                f"  hand-written loop ({when} the trainer): {half} epochs of {s.steps} steps ...", flush=True
-            )
-            result = launch(self.command("perf.py", args), self.logs / f"hand_loop_{when}.log")
+        runs: list[TrainerRun] = []
+        for i in range(s.rounds + 1):
+            if i:
+                extra = ("--set", "checkpoint.async_save=true", "--set", "logging.trackers=[tensorboard]")
+                runs.append(self.train(f"async{i}", steps=s.steps, extra=extra))
+            print(f"  hand-written loop ({i + 1}/{s.rounds + 1}): {per_launch} epochs of {s.steps} steps ...",
+                  flush=True)  # fmt: skip
+            result = launch(self.command("perf.py", args), self.logs / f"hand_loop_{i + 1}.log")
             last = [line for _, line in result.lines if line.startswith('{"epoch_seconds"')][-1]
             seconds += json.loads(last)["epoch_seconds"]
-        return seconds
+        return seconds, runs
+
+    @property
+    def baseline(self) -> list[float]:
+        """Seconds per epoch of the hand-written loop."""
+        return self.alternation[0]
+
+    @property
+    def async_runs(self) -> list[TrainerRun]:
+        """The trainer as users run it: async saves every epoch, progress bar, tensorboard logging."""
+        return self.alternation[1]
 
     @cached_property
     def step_seconds(self) -> float:
         """One training step: the hand loop's median epoch over its steps."""
         return median(self.baseline) / self.setup.steps
-
-    @cached_property
-    def async_run(self) -> TrainerRun:
-        """The trainer as users run it: async saves every epoch, progress bar, tensorboard logging."""
-        extra = ("--set", "checkpoint.async_save=true", "--set", "logging.trackers=[tensorboard]")
-        return self.train("async", steps=self.setup.steps, extra=extra)
 
     @cached_property
     def sync_run(self) -> TrainerRun:
@@ -584,17 +594,17 @@ def plain_write_seconds(folder: Path, nbytes: int, block: int = 16 << 20) -> flo
 
 
 def trainer_overhead(m: Measurements) -> list[Figure]:
-    loop = m.baseline  # first: it brackets the trainer's run
-    trainer = m.async_run.epoch_stamps
-    intervals = [b - a for a, b in itertools.pairwise(trainer)]
+    loop = m.baseline
+    intervals = [b - a for run in m.async_runs for a, b in itertools.pairwise(run.epoch_stamps)]
     ratio = median(loop) / median(intervals)
     s = m.setup
     images = s.batch * s.steps
     detail = (
         f"epoch of {s.steps} steps x {s.batch} images: hand loop {spread(loop)} "
         f"({images / median(loop):.2f} img/s) vs train_base.py {spread(intervals)} "
-        f"({images / median(intervals):.2f} img/s) with a ~{m.async_run.saves[0]['bytes'] / 1e6:.0f} MB async "
-        f"save each epoch; {s.describe()}"
+        f"({images / median(intervals):.2f} img/s) with a ~{m.async_runs[0].saves[0]['bytes'] / 1e6:.0f} MB "
+        f"async save each epoch; {s.rounds} trainer launches between {s.rounds + 1} hand-loop launches; "
+        f"{s.describe()}"
     )
     return [figure("overhead", "trainer overhead (img/s trainer / hand loop)", ratio, detail)]
 
@@ -620,7 +630,9 @@ def blocked_per_save(run: TrainerRun) -> tuple[list[float], str]:
 
 def checkpoint_stall(m: Measurements) -> list[Figure]:
     step = m.step_seconds
-    (sync, sync_note), (asyn, async_note) = blocked_per_save(m.sync_run), blocked_per_save(m.async_run)
+    sync, sync_note = blocked_per_save(m.sync_run)
+    per_run = [blocked_per_save(run) for run in m.async_runs]
+    asyn, async_note = [b for blocked, _ in per_run for b in blocked], per_run[0][1]
     if not sync or not asyn:
         return [
             figure("stall", "checkpoint stall (async / sync)", None, sync_note if not sync else async_note)
@@ -877,9 +889,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=BATCH, help=f"global batch (default {BATCH})")
     parser.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH,
                         help=f"steps per epoch of the overhead runs (default {STEPS_PER_EPOCH})")  # fmt: skip
-    parser.add_argument(
-        "--epochs", type=int, default=EPOCHS, help=f"epochs per run, the first a warm-up (default {EPOCHS})"
-    )
+    parser.add_argument("--epochs", type=int, default=EPOCHS,
+                        help=f"epochs per trainer launch of the overhead figure, the first a warm-up (default {EPOCHS})")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="trainer launches of the overhead figure, "
+                        f"each between two hand-loop launches (default {ROUNDS})")  # fmt: skip
     parser.add_argument(
         "--flops", action="store_true", help="print the model's training FLOPs per image and exit"
     )
@@ -905,8 +918,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: unknown figure(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
     if args.epochs < 2:
         raise SystemExit("error: --epochs must be at least 2 (the first is a warm-up)")
+    if args.rounds < 1:
+        raise SystemExit("error: --rounds must be at least 1")
     setup = Setup(args.batch_size, args.steps_per_epoch, args.epochs, args.accelerate_config, args.num_processes,
-                  args.zero_config)  # fmt: skip
+                  args.zero_config, args.rounds)  # fmt: skip
     import torch
 
     if not torch.cuda.is_available():
