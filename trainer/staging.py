@@ -11,8 +11,8 @@ The cost is that the snapshot's host memory stays held between saves (``HostStag
 
 Reused buffers alone do not stop the trims: any large free at the top of the heap still returns training's
 free activation memory with it. ``retain_freed_heap`` (called once when training starts) tells glibc to keep
-freed memory for reuse instead. Measured together (two runs of each, three saves after the first per run):
-the extra time of the step that follows a save fell from ~0.8 s to ~0.2 s, and training's steps page-fault
+freed memory for reuse instead. Measured (three saves after the first per run; two runs before, six after):
+the extra time of the step that follows a save fell from ~0.8 s to ~0.3 s, and training's steps page-fault
 no memory back in.
 """
 
