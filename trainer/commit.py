@@ -305,7 +305,8 @@ class Checkpoints:
             self._write_and_commit(job)
         finally:
             faults.set_context(tag=None, step=None)
-            job.items, job.payload = [], None  # the snapshot's host memory goes with the job's end
+            # The job's references go; what is not staging's buffers (kept for the next save) is freed.
+            job.items, job.payload = [], None
 
     def _write_and_commit(self, job: _Job) -> None:
         tag, items, state, metrics = job.tag, job.items, job.state, job.metrics
@@ -321,7 +322,7 @@ class Checkpoints:
             # A bug, not a full disk: still tell rank 0, so that it does not wait forever.
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
-        items.clear()  # the snapshot's host memory goes as soon as it is written, before the commit
+        items.clear()  # written: drop the job's references before the commit (staging keeps its buffers)
         if self.per_rank_files:
             _write_marker(self._tmp_dir(tag), self.topo.rank, errors[0] if errors else None, written)
         if not self.topo.is_main:
