@@ -10,25 +10,30 @@ Every figure is a ratio of two things measured in this run on this machine, each
 the listing time, which is bounded by reading metadata. The model is ``diffit_cifar`` (15.3 M parameters,
 61 MB of fp32 weights; a checkpoint with EMA, Adam moments and the merged file is 367 MB), so checkpoint
 I/O is far above noise. Data: a fake CIFAR-10 folder of random images in the official pickle format,
-written here (no download). The sides of a ratio run one after the other, so run it on a quiet machine:
-other load during one side only moves the figure (the overhead figure most).
+written here (no download). Except in the overhead figure, the sides of a ratio run one after the other,
+so run it on a quiet machine: other load during one side only moves the figure.
 
 What each side of each figure is (``Measurements`` below makes the runs; one function per figure):
 
-overhead   Wall time of one epoch of ``hand_loop`` (a minimal Accelerate loop: same model, data order,
-           global batch, process count, AdamW, ``model.edm_loss``, grad clipping; no EMA, no saves)
-           ÷ the time between consecutive "Epoch N/M" lines of ``scripts/train_base.py`` (the same steps
-           plus EMA, progress bar, tensorboard logging, metadata, and a checkpoint every epoch: its
-           snapshot, and its background writing, which competes with training for the CPU and is waited
-           for at the next save). The sides alternate, so that drift of the machine's speed moves both
-           alike: hand loop, trainer, hand loop, trainer, hand loop (``--rounds`` trainer launches). Medians
+overhead   Time of one epoch of ``hand_loop`` (a minimal Accelerate loop: same model, data order, global
+           batch, process count, AdamW, ``model.edm_loss``, grad clipping; no EMA, no saves) ÷ the time
+           between consecutive "Epoch N/M" lines of ``scripts/train_base.py`` (the same steps plus EMA,
+           progress bar, tensorboard logging, metadata, and a checkpoint every epoch: its snapshot, and its
+           background writing, which competes with training for the CPU and is waited for at the next
+           save). ``--rounds`` trainer launches and as many hand-loop launches run at once but take turns
+           (``time_sliced``: 1 s each, the others stopped meanwhile), and each is timed on its own running
+           clock, so that both sides see the same machine: on a shared machine, speed drifts by ±10% within
+           a minute, so two programs run one after the other differ by that much whatever they do. Medians
            over the trainer launches' epochs 2..M (epoch 1 and process start-up are their warm-up) and over
-           the epochs of the hand-loop launches (as many in all, each launch after 2 warm-up steps).
+           the hand-loop launches' epochs (after 2 warm-up steps; they run until the trainer runs end).
            Both sides train only: the trainer gets an empty validation split and no sample grids.
 stall      Per save, seconds the loop was blocked (``history[i].save_blocked_seconds`` in metadata.json)
            ÷ one step (``hand_loop``'s median epoch ÷ its steps), with ``async_save`` on, over the same
            with it off. A synchronous save blocks the loop for the whole save, so in that mode the save's
-           duration counts when the trainer's own figure is smaller.
+           duration counts when the trainer's own figure is smaller. Both runs save every epoch; the
+           async run's epochs (2 steps) are long enough for a background save to end before the next save,
+           whose wait would count, as it should. (The overhead figure's trainer runs take turns with other
+           processes, so their wall-clock timings are not used.)
 write      Checkpoint bytes (every file of the save, as the trainer reports them) ÷ the duration of a
            synchronous save (snapshot, serialisation, writes, fsyncs, merged file, sha256 manifest,
            last/best links, retention), over the bytes/s of writing as many bytes to one plain file in the
@@ -71,7 +76,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -79,7 +84,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 RESULTS = REPO / "benchmarks" / "results.md"
 
 # --------------------------------------------------------------------------------------------------
-# Settings: sized so that `make bench` takes ~10 minutes on 2 CPU cores (measured; see results.md)
+# Settings: sized so that `make bench` takes ~11 minutes on 2 CPU cores (measured; see results.md)
 # --------------------------------------------------------------------------------------------------
 
 MODEL = "diffit_cifar"
@@ -87,9 +92,11 @@ BATCH = 4  # global batch; one diffit_cifar step at batch 4 takes ~2.6 s on one 
 STEPS_PER_EPOCH = 10  # ~27 s epochs, each ending in a ~370 MB checkpoint (a far heavier save load than a
 #                       real run's: a CIFAR-10 epoch is 390 steps at batch 128)
 EPOCHS = 4  # per trainer launch of the overhead figure: epoch 1 is the warm-up, epochs 2..4 repetitions
-ROUNDS = 2  # trainer launches of the overhead figure, each between two hand-loop launches (6 repetitions)
+ROUNDS = 2  # trainer launches of the overhead figure (6 repetitions), each run beside a hand-loop launch
+SLICE_SECONDS = 1.0  # the overhead figure's processes take turns of this long (``time_sliced``)
 HAND_LOOP_WARMUP_STEPS = 2  # the hand loop's warm-up (it has no start-up work to amortise)
 SYNC_STEPS_PER_EPOCH = 1  # the synchronous run measures saves, not epochs: short epochs, same saves
+ASYNC_STEPS_PER_EPOCH = 2  # the stall figure's background run: epochs just long enough for a save to end
 REPS = 5  # repetitions after one warm-up, for everything timed
 WRITE_REPS = (
     10  # for the write figure: disk speed on a shared machine varies by ±20% from one write to the next
@@ -219,7 +226,9 @@ class Setup:
     zero_config: str = "cpu_zero2"
     """The ZeRO-2 config of the merge run (always launched with 2 processes)."""
     rounds: int = ROUNDS
-    """Trainer launches of the overhead figure (``epochs`` each), alternating with hand-loop launches."""
+    """Trainer launches of the overhead figure (``epochs`` each), and as many hand-loop launches."""
+    slice_seconds: float = SLICE_SECONDS
+    """How long each of the overhead figure's processes runs at a turn."""
 
     def describe(self) -> str:
         if self.accelerate_config is None:
@@ -260,10 +269,13 @@ def remove_deepspeed_shm(cmd: list[str]) -> None:
 
 @dataclass
 class Launch:
-    """A finished launch: its stdout lines, each with the seconds since ``Popen`` when it arrived."""
+    """A finished launch: its stdout lines, each with the seconds since ``Popen`` when it arrived (for
+    ``time_sliced``, the seconds its process had run by then)."""
 
     lines: list[tuple[float, str]]
     log: Path
+    turns: list[tuple[float, float]] = field(default_factory=list)
+    """For ``time_sliced``: when the process was let run (``perf_counter`` pairs); its stamps count only these."""
 
 
 def launch(cmd: list[str], log: Path, *, timeout: float = 900, env: dict[str, str] | None = None) -> Launch:
@@ -290,6 +302,97 @@ def launch(cmd: list[str], log: Path, *, timeout: float = 900, env: dict[str, st
     if proc.returncode != 0:
         raise BenchError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; see {log}")
     return Launch(lines, log)
+
+
+class Job(NamedTuple):
+    """One process of ``time_sliced``."""
+
+    cmd: list[str]
+    log: Path
+    finite: bool
+    """True: it must exit 0 by itself. False: it runs until every finite job has ended, then it is killed."""
+
+
+def time_sliced(jobs: list[Job], *, slice_seconds: float, timeout: float = 1800) -> list[Launch]:
+    """Run ``jobs`` at once but never two at a time: they take turns of ``slice_seconds`` in list order,
+    every other process group stopped (SIGSTOP) meanwhile. Each stdout line is stamped with the seconds its
+    process had been allowed to run until then: its own running clock, not wall time.
+
+    On a shared machine, speed drifts by ±10% within a minute. Run one after the other, two programs'
+    timings differ by that much whatever they do; taking turns of a second, they see the same machine.
+    The processes' start-up is sliced too. When the last finite job has ended, the others are killed.
+    ``Launch.turns`` has the (start, end) ``perf_counter`` pairs when each process was let run.
+    """
+    procs: list[subprocess.Popen[str]] = []
+    received: list[list[tuple[float, str]]] = [[] for _ in jobs]
+    turns: list[list[tuple[float, float]]] = [[] for _ in jobs]
+    readers: list[threading.Thread] = []
+
+    def read(i: int) -> None:
+        stdout = procs[i].stdout
+        assert stdout is not None
+        for line in stdout:  # text mode: tqdm's \r also ends a line
+            received[i].append((time.perf_counter(), line.rstrip("\n")))
+
+    def failure() -> str | None:
+        """Any job that has exited with an error (before the killing, which only ends the loop below)."""
+        for job, proc in zip(jobs, procs):
+            if proc.poll() not in (None, 0):
+                return f"{' '.join(job.cmd[:4])} ... exited {proc.returncode}; see {job.log}"
+        return None
+
+    try:
+        for i, job in enumerate(jobs):
+            with open(job.log, "w") as err:
+                err.write("$ " + " ".join(job.cmd) + "\n")
+                err.flush()
+                procs.append(subprocess.Popen(job.cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                              env=child_env(), cwd=REPO, stdin=subprocess.DEVNULL,
+                                              start_new_session=True))  # fmt: skip
+            os.killpg(procs[i].pid, signal.SIGSTOP)
+            readers.append(threading.Thread(target=read, args=(i,), daemon=True))
+            readers[-1].start()
+        deadline = time.perf_counter() + timeout
+        i = 0
+        while any(job.finite and proc.poll() is None for job, proc in zip(jobs, procs)):
+            if failure():
+                break
+            if time.perf_counter() > deadline:
+                raise BenchError(f"time-sliced jobs not done within {timeout:.0f} s; see {jobs[0].log}")
+            proc = procs[i]
+            if proc.poll() is None:
+                start = time.perf_counter()
+                os.killpg(proc.pid, signal.SIGCONT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(slice_seconds)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGSTOP)
+                turns[i].append((start, time.perf_counter()))
+            i = (i + 1) % len(jobs)
+        error = failure()
+        if error:
+            raise BenchError(error)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # also ends a stopped group, and any orphaned workers
+            proc.wait()
+        for reader in readers:
+            reader.join()
+        for job in jobs:
+            remove_deepspeed_shm(job.cmd)
+
+    def running_clock(i: int, t: float) -> float:
+        return sum(max(0.0, min(end, t) - start) for start, end in turns[i])
+
+    launches = []
+    for i, job in enumerate(jobs):
+        lines = [(running_clock(i, t), text) for t, text in received[i]]
+        with open(job.log, "a") as f:
+            f.write("--- stdout (seconds of running clock) ---\n")
+            f.write("\n".join(f"[{t:8.3f}] {text}" for t, text in lines) + "\n")
+        launches.append(Launch(lines, job.log, turns[i]))
+    return launches
 
 
 def seconds_to_step(cmd: list[str], step: int, log: Path, *, timeout: float = 300) -> float:
@@ -377,9 +480,10 @@ def bench_overrides(data_root: Path, *, batch: int, steps: int, epochs: int) -> 
             ("max_steps_per_epoch", steps), ("epochs", epochs)]  # fmt: skip
 
 
-def hand_loop(data_root: Path, *, batch: int, steps: int, epochs: int, warmup_steps: int) -> list[float]:
-    """Seconds per epoch of ``epochs`` epochs of the simplest loop that trains the same model on the same
-    batches, after ``warmup_steps`` untimed steps.
+def hand_loop(data_root: Path, *, batch: int, steps: int, epochs: int, warmup_steps: int) -> None:
+    """The simplest loop that trains the same model on the same batches: ``warmup_steps`` steps, then
+    ``epochs`` epochs of ``steps`` steps. Rank 0 prints "Epoch 0/N: warm-up" after the warm-up and
+    "Epoch K/N: hand loop" after each epoch, for whoever launched it to time (``time_sliced``).
 
     Run as its own process (``--hand-loop``), plain or under ``accelerate launch``, like the trainer.
     """
@@ -408,12 +512,10 @@ def hand_loop(data_root: Path, *, batch: int, steps: int, epochs: int, warmup_st
     deepspeed = accelerator.state.deepspeed_plugin is not None
     model.train()
     generator = torch.Generator(accelerator.device).manual_seed(config.seed)
-    times = []
     for epoch in range(epochs + 1):  # "epoch" 0: the warm-up steps
         order = epoch_order(
             len(splits.train), batch, seed=config.seed, epoch=epoch, random_flip=config.data.random_flip
         )
-        start = time.perf_counter()
         for step in range(steps if epoch else warmup_steps):
             indices, flips = order.for_rank(step % order.steps, rank, world)  # warm-up may wrap around
             images, labels = splits.train.batch(indices, flips)
@@ -428,9 +530,9 @@ def hand_loop(data_root: Path, *, batch: int, steps: int, epochs: int, warmup_st
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()  # what any loop logs; also waits for the step on a GPU
-        times.append(time.perf_counter() - start)
+        if rank == 0:
+            print(f"Epoch {epoch}/{epochs}: {'hand loop' if epoch else 'warm-up'}", flush=True)
     accelerator.end_training()
-    return times[1:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,8 +554,13 @@ class TrainerRun:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def epoch_stamps(result: Launch) -> list[float]:
+    """When each "Epoch N/M: " line of the launch's stdout arrived."""
+    return [t for t, line in result.lines if EPOCH_LINE.match(line)]
+
+
 def parse_trainer_run(result: Launch, path: Path) -> TrainerRun:
-    stamps = [t for t, line in result.lines if EPOCH_LINE.match(line)]
+    stamps = epoch_stamps(result)
     saves = []
     for _, line in result.lines:
         m = SAVED_LINE.match(line)
@@ -495,43 +602,52 @@ class Measurements:
         return parse_trainer_run(result, root / "base_training" / "run_001")
 
     @cached_property
-    def alternation(self) -> tuple[list[float], list[TrainerRun]]:
-        """The overhead figure's launches, alternating so that a machine that speeds up or slows down
-        meanwhile moves both sides alike: hand loop, then ``rounds`` times (trainer, hand loop).
+    def interleaved(self) -> tuple[list[float], list[TrainerRun]]:
+        """The overhead figure's launches: ``rounds`` trainer runs and as many hand loops, all at once,
+        taking turns (``time_sliced``), so that a machine that speeds up or slows down meanwhile moves
+        both sides alike.
 
-        Returns (seconds per epoch of the hand-written loop, the trainer's runs). The hand-loop launches
-        time as many epochs in all as the trainer's runs do after their warm-up epoch."""
+        Returns (seconds per epoch of the hand-written loops, the trainer's runs), in running clock. The
+        hand loops have no epoch limit that they reach: they run until the trainer runs have ended."""
         s = self.setup
-        per_launch = max(1, -(-s.rounds * (s.epochs - 1) // (s.rounds + 1)))
-        args = ["--hand-loop", str(self.data_root), "--batch-size", str(s.batch),
-                "--steps-per-epoch", str(s.steps), "--epochs", str(per_launch)]  # fmt: skip
-        seconds: list[float] = []
-        runs: list[TrainerRun] = []
-        for i in range(s.rounds + 1):
-            if i:
-                extra = ("--set", "checkpoint.async_save=true", "--set", "logging.trackers=[tensorboard]")
-                runs.append(self.train(f"async{i}", steps=s.steps, extra=extra))
-            print(f"  hand-written loop ({i + 1}/{s.rounds + 1}): {per_launch} epochs of {s.steps} steps ...",
-                  flush=True)  # fmt: skip
-            result = launch(self.command("perf.py", args), self.logs / f"hand_loop_{i + 1}.log")
-            last = [line for _, line in result.lines if line.startswith('{"epoch_seconds"')][-1]
-            seconds += json.loads(last)["epoch_seconds"]
+        extra = ("--set", "checkpoint.async_save=true", "--set", "logging.trackers=[tensorboard]")
+        hand = ["--hand-loop", str(self.data_root), "--batch-size", str(s.batch),
+                "--steps-per-epoch", str(s.steps), "--epochs", str(10 * s.epochs)]  # fmt: skip
+        jobs, roots = [], []
+        for i in range(1, s.rounds + 1):
+            roots.append(self.work / f"async{i}")
+            args = self.trainer_args(roots[-1], steps=s.steps, epochs=s.epochs, extra=extra)
+            jobs.append(Job(self.command("train_base.py", args), self.logs / f"async{i}.log", finite=True))
+            jobs.append(Job(self.command("perf.py", hand), self.logs / f"hand_loop_{i}.log", finite=False))
+        print(f"  {s.rounds} x train_base.py ({s.epochs} epochs of {s.steps} steps) and {s.rounds} hand-written "
+              f"loops, taking turns of {s.slice_seconds:g} s ...", flush=True)  # fmt: skip
+        launches = time_sliced(jobs, slice_seconds=s.slice_seconds)
+        runs = [parse_trainer_run(launch, root / "base_training" / "run_001")
+                for launch, root in zip(launches[0::2], roots)]  # fmt: skip
+        seconds = [b - a for launch in launches[1::2] for a, b in itertools.pairwise(epoch_stamps(launch))]
         return seconds, runs
 
     @property
     def baseline(self) -> list[float]:
         """Seconds per epoch of the hand-written loop."""
-        return self.alternation[0]
+        return self.interleaved[0]
 
     @property
     def async_runs(self) -> list[TrainerRun]:
         """The trainer as users run it: async saves every epoch, progress bar, tensorboard logging."""
-        return self.alternation[1]
+        return self.interleaved[1]
 
     @cached_property
     def step_seconds(self) -> float:
         """One training step: the hand loop's median epoch over its steps."""
         return median(self.baseline) / self.setup.steps
+
+    @cached_property
+    def async_run(self) -> TrainerRun:
+        """Background saves every epoch, on the wall clock (the overhead figure's runs take turns)."""
+        steps = min(ASYNC_STEPS_PER_EPOCH, self.setup.steps)
+        extra = ("--set", "checkpoint.async_save=true")
+        return self.train("async", steps=steps, epochs=REPS + 2, extra=extra)
 
     @cached_property
     def sync_run(self) -> TrainerRun:
@@ -603,7 +719,8 @@ def trainer_overhead(m: Measurements) -> list[Figure]:
         f"epoch of {s.steps} steps x {s.batch} images: hand loop {spread(loop)} "
         f"({images / median(loop):.2f} img/s) vs train_base.py {spread(intervals)} "
         f"({images / median(intervals):.2f} img/s) with a ~{m.async_runs[0].saves[0]['bytes'] / 1e6:.0f} MB "
-        f"async save each epoch; {s.rounds} trainer launches between {s.rounds + 1} hand-loop launches; "
+        f"async save each epoch; {s.rounds} trainer and {s.rounds} hand-loop launches taking turns of "
+        f"{s.slice_seconds:g} s, timed on their own running clocks; "
         f"{s.describe()}"
     )
     return [figure("overhead", "trainer overhead (img/s trainer / hand loop)", ratio, detail)]
@@ -631,8 +748,7 @@ def blocked_per_save(run: TrainerRun) -> tuple[list[float], str]:
 def checkpoint_stall(m: Measurements) -> list[Figure]:
     step = m.step_seconds
     sync, sync_note = blocked_per_save(m.sync_run)
-    per_run = [blocked_per_save(run) for run in m.async_runs]
-    asyn, async_note = [b for blocked, _ in per_run for b in blocked], per_run[0][1]
+    asyn, async_note = blocked_per_save(m.async_run)
     if not sync or not asyn:
         return [
             figure("stall", "checkpoint stall (async / sync)", None, sync_note if not sync else async_note)
@@ -892,7 +1008,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=EPOCHS,
                         help=f"epochs per trainer launch of the overhead figure, the first a warm-up (default {EPOCHS})")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="trainer launches of the overhead figure, "
-                        f"each between two hand-loop launches (default {ROUNDS})")  # fmt: skip
+                        f"run beside as many hand-loop launches (default {ROUNDS})")  # fmt: skip
+    parser.add_argument("--slice-seconds", type=float, default=SLICE_SECONDS, help="the overhead figure's "
+                        f"processes take turns of this many seconds (default {SLICE_SECONDS:g})")  # fmt: skip
     parser.add_argument(
         "--flops", action="store_true", help="print the model's training FLOPs per image and exit"
     )
@@ -903,10 +1021,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.hand_loop is not None:  # the baseline's own process
-        times = hand_loop(args.hand_loop, batch=args.batch_size, steps=args.steps_per_epoch, epochs=args.epochs,
-                          warmup_steps=HAND_LOOP_WARMUP_STEPS)  # fmt: skip
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps({"epoch_seconds": times}), flush=True)
+        hand_loop(args.hand_loop, batch=args.batch_size, steps=args.steps_per_epoch, epochs=args.epochs,
+                  warmup_steps=HAND_LOOP_WARMUP_STEPS)  # fmt: skip
         return 0
     if args.flops:
         flops = training_flops_per_image()
@@ -920,8 +1036,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --epochs must be at least 2 (the first is a warm-up)")
     if args.rounds < 1:
         raise SystemExit("error: --rounds must be at least 1")
+    if args.slice_seconds <= 0:
+        raise SystemExit("error: --slice-seconds must be positive")
     setup = Setup(args.batch_size, args.steps_per_epoch, args.epochs, args.accelerate_config, args.num_processes,
-                  args.zero_config, args.rounds)  # fmt: skip
+                  args.zero_config, args.rounds, args.slice_seconds)  # fmt: skip
     import torch
 
     if not torch.cuda.is_available():
