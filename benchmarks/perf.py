@@ -633,8 +633,9 @@ class Measurements:
         return self.interleaved[0]
 
     @property
-    def async_runs(self) -> list[TrainerRun]:
-        """The trainer as users run it: async saves every epoch, progress bar, tensorboard logging."""
+    def trainer_runs(self) -> list[TrainerRun]:
+        """The trainer as users run it (async saves every epoch, progress bar, tensorboard logging), timed
+        in running clock: the overhead figure's runs."""
         return self.interleaved[1]
 
     @cached_property
@@ -711,14 +712,14 @@ def plain_write_seconds(folder: Path, nbytes: int, block: int = 16 << 20) -> flo
 
 def trainer_overhead(m: Measurements) -> list[Figure]:
     loop = m.baseline
-    intervals = [b - a for run in m.async_runs for a, b in itertools.pairwise(run.epoch_stamps)]
+    intervals = [b - a for run in m.trainer_runs for a, b in itertools.pairwise(run.epoch_stamps)]
     ratio = median(loop) / median(intervals)
     s = m.setup
     images = s.batch * s.steps
     detail = (
         f"epoch of {s.steps} steps x {s.batch} images: hand loop {spread(loop)} "
         f"({images / median(loop):.2f} img/s) vs train_base.py {spread(intervals)} "
-        f"({images / median(intervals):.2f} img/s) with a ~{m.async_runs[0].saves[0]['bytes'] / 1e6:.0f} MB "
+        f"({images / median(intervals):.2f} img/s) with a ~{m.trainer_runs[0].saves[0]['bytes'] / 1e6:.0f} MB "
         f"async save each epoch; {s.rounds} trainer and {s.rounds} hand-loop launches taking turns of "
         f"{s.slice_seconds:g} s, timed on their own running clocks; "
         f"{s.describe()}"
