@@ -49,7 +49,7 @@ soak: $(STAMP)
 
 # Performance as side-by-side ratios (trainer vs hand-written loop, async vs sync saves, ...): prints a
 # table with targets and PASS/FAIL, writes benchmarks/results.md, exits 1 if a figure misses its target;
-# ~10 min on 2 CPU cores (benchmarks/perf.py; benchmarks/gpu.md for GPUs).
+# ~12 min on 2 CPU cores (benchmarks/perf.py; benchmarks/gpu.md for GPUs).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perf.py
 
