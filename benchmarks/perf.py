@@ -84,7 +84,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 RESULTS = REPO / "benchmarks" / "results.md"
 
 # --------------------------------------------------------------------------------------------------
-# Settings: sized so that `make bench` takes ~11 minutes on 2 CPU cores (measured; see results.md)
+# Settings: sized so that `make bench` takes ~12 minutes on 2 CPU cores (measured; see results.md)
 # --------------------------------------------------------------------------------------------------
 
 MODEL = "diffit_cifar"
@@ -278,29 +278,43 @@ class Launch:
     """For ``time_sliced``: when the process was let run (``perf_counter`` pairs); its stamps count only these."""
 
 
-def launch(cmd: list[str], log: Path, *, timeout: float = 900, env: dict[str, str] | None = None) -> Launch:
-    """Run ``cmd`` to completion, timestamping its stdout lines as they arrive; stderr goes to ``log``."""
-    lines: list[tuple[float, str]] = []
+def start_process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``cmd`` in its own session (so that its whole process group can be signalled), stdout piped to
+    the caller, stderr to ``log`` after a line naming the command."""
     with open(log, "w") as err:
         err.write("$ " + " ".join(cmd) + "\n")
         err.flush()
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env(env),
-                                cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-        watchdog.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:  # text mode: tqdm's \r also ends a line
-                lines.append((time.perf_counter() - start, line.rstrip("\n")))
-            proc.wait()
-        finally:
-            watchdog.cancel()
-            remove_deepspeed_shm(cmd)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env(env), cwd=REPO,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+
+def append_stdout(log: Path, lines: list[tuple[float, str]], clock: str) -> None:
     with open(log, "a") as f:
-        f.write("--- stdout ---\n" + "\n".join(f"[{t:8.3f}] {text}" for t, text in lines) + "\n")
+        f.write(f"--- stdout ({clock}) ---\n" + "\n".join(f"[{t:8.3f}] {text}" for t, text in lines) + "\n")
+
+
+def exited(cmd: list[str], code: int, log: Path) -> str:
+    return f"{' '.join(cmd[:4])} ... exited {code}; see {log}"
+
+
+def launch(cmd: list[str], log: Path, *, timeout: float = 900, env: dict[str, str] | None = None) -> Launch:
+    """Run ``cmd`` to completion, timestamping its stdout lines as they arrive; stderr goes to ``log``."""
+    lines: list[tuple[float, str]] = []
+    begin = time.perf_counter()
+    proc = start_process(cmd, log, env)
+    watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # text mode: tqdm's \r also ends a line
+            lines.append((time.perf_counter() - begin, line.rstrip("\n")))
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        remove_deepspeed_shm(cmd)
+    append_stdout(log, lines, "seconds since launch")
     if proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; see {log}")
+        raise BenchError(exited(cmd, proc.returncode, log))
     return Launch(lines, log)
 
 
@@ -338,17 +352,12 @@ def time_sliced(jobs: list[Job], *, slice_seconds: float, timeout: float = 1800)
         """Any job that has exited with an error (before the killing, which only ends the loop below)."""
         for job, proc in zip(jobs, procs):
             if proc.poll() not in (None, 0):
-                return f"{' '.join(job.cmd[:4])} ... exited {proc.returncode}; see {job.log}"
+                return exited(job.cmd, proc.returncode, job.log)
         return None
 
     try:
         for i, job in enumerate(jobs):
-            with open(job.log, "w") as err:
-                err.write("$ " + " ".join(job.cmd) + "\n")
-                err.flush()
-                procs.append(subprocess.Popen(job.cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                              env=child_env(), cwd=REPO, stdin=subprocess.DEVNULL,
-                                              start_new_session=True))  # fmt: skip
+            procs.append(start_process(job.cmd, job.log))
             os.killpg(procs[i].pid, signal.SIGSTOP)
             readers.append(threading.Thread(target=read, args=(i,), daemon=True))
             readers[-1].start()
@@ -388,9 +397,7 @@ def time_sliced(jobs: list[Job], *, slice_seconds: float, timeout: float = 1800)
     launches = []
     for i, job in enumerate(jobs):
         lines = [(running_clock(i, t), text) for t, text in received[i]]
-        with open(job.log, "a") as f:
-            f.write("--- stdout (seconds of running clock) ---\n")
-            f.write("\n".join(f"[{t:8.3f}] {text}" for t, text in lines) + "\n")
+        append_stdout(job.log, lines, "seconds of running clock")
         launches.append(Launch(lines, job.log, turns[i]))
     return launches
 
