@@ -39,7 +39,7 @@ write      Checkpoint bytes (every file of the save, as the trainer reports them
            last/best links, retention), over the bytes/s of writing as many bytes to one plain file in the
            same folder and fsyncing it (``dd conv=fsync``-like, 16 MiB blocks from memory). Medians of 10
            saves and 10 plain writes: a shared disk's speed varies by ±20% from one write to the next.
-merge      ``trainer.zero.merge_zero_shards`` on the ZeRO-2 shards of a real 2-process DeepSpeed run
+merge      ``trainer.checkpoint.sharding.zero_merge.merge_zero_shards`` on the ZeRO-2 shards of a real 2-process DeepSpeed run
            ÷ DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` on the same shards (same process,
            alternated, files in the page cache; the results are checked to be equal).
 adapter    Bytes of a LoRA run's epoch checkpoint (default blockwise config, CIFAR-100 trees) ÷ the bytes
@@ -790,7 +790,7 @@ def merge_cost(m: Measurements) -> list[Figure]:
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from trainer.zero import merge_zero_shards
+    from trainer.checkpoint.sharding.zero_merge import merge_zero_shards
 
     folder = m.zero_run
 
@@ -926,7 +926,7 @@ def listing(m: Measurements) -> list[Figure]:
 
 def write_synthetic_runs(root: Path, count: int) -> None:
     """``count`` finished runs whose metadata.json looks like the trainer's after 20 epochs."""
-    from trainer.runs import kind_root, new_metadata, run_dir
+    from trainer.runs.store import kind_root, new_metadata, run_dir
 
     folder = kind_root(root, "base")
     for number in range(1, count + 1):

@@ -22,7 +22,7 @@ def main() -> int:
     import torch
 
     from trainer.api import merge_lora
-    from trainer.atomic import atomic_write
+    from trainer.checkpoint.io.atomic import atomic_write
     from trainer.errors import exit_code
 
     which = int(args.which) if args.which.isdigit() else args.which

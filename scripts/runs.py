@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from trainer.errors import exit_code
-from trainer.run_report import find_run, format_diff, format_show
+from trainer.runs.report import find_run, format_diff, format_show
 
 
 def build_parser() -> argparse.ArgumentParser:

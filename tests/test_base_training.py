@@ -155,7 +155,7 @@ def zero3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_zero3_really_shards_the_parameters(zero3: Path) -> None:
-    from trainer.zero import load_shard
+    from trainer.checkpoint.sharding.zero_merge import load_shard
 
     states = load_shard(
         zero3 / "checkpoints" / "state" / "epoch_002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from launch import Topology
-from trainer.atomic import atomic_write, link_or_copy
-from trainer.checkpoint import CheckpointManager, epoch_name, load_checkpoint_file
+from trainer.checkpoint.formats.base import CheckpointManager, epoch_name, load_checkpoint_file
+from trainer.checkpoint.io.atomic import atomic_write, link_or_copy
+from trainer.checkpoint.manifest import Manifest, read_manifests, verify, write_manifest
 from trainer.errors import UserError
-from trainer.manifest import Manifest, read_manifests, verify, write_manifest
 
 TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
 

@@ -18,12 +18,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from launch import Topology
-from trainer.atomic import HASH_ON_THREAD_BYTES, Flusher, HashingWriter, write_file
-from trainer.checkpoint import CheckpointManager, load_checkpoint_file
-from trainer.commit import TrainingState
+from trainer.checkpoint.formats.base import CheckpointManager, load_checkpoint_file
+from trainer.checkpoint.io.atomic import HASH_ON_THREAD_BYTES, Flusher, HashingWriter, write_file
+from trainer.checkpoint.io.serialization import write_safetensors
+from trainer.checkpoint.manifest import read_manifests, verify
+from trainer.checkpoint.protocol import TrainingState
 from trainer.ema import EMA
-from trainer.manifest import read_manifests, verify
-from trainer.serialization import write_safetensors
 
 TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
 

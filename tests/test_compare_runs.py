@@ -17,10 +17,10 @@ import pytest
 
 from tests.helpers import REPO, child_env
 from tests.test_runs import make_run_with_metadata
-from trainer.atomic import atomic_write_json
+from trainer.checkpoint.io.atomic import atomic_write_json
 from trainer.cli import build_parser, main
-from trainer.plots import metric_figure
-from trainer.runs import SORT_KEYS, RunError, filter_keys, filter_runs, kind_root, list_runs, sort_runs
+from trainer.runs.plots import metric_figure
+from trainer.runs.store import SORT_KEYS, RunError, filter_keys, filter_runs, kind_root, list_runs, sort_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_same_tensors, base_argv, child_env, launch_command, load_ckpt, train_base
-from trainer.manifest import read_manifests, verify
+from trainer.checkpoint.manifest import read_manifests, verify
 
 pytestmark = pytest.mark.distributed
 

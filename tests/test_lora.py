@@ -19,7 +19,7 @@ import torch
 
 from tests.helpers import assert_same_tensors, load_ckpt, run_script, train_base, train_lora
 from trainer import load_model
-from trainer.checkpoint import load_checkpoint_file
+from trainer.checkpoint.formats.base import load_checkpoint_file
 from trainer.config import TrainConfig, build_config, from_dict
 from trainer.factory import base_weights, build_lora_model, build_model, load_weights
 

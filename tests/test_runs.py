@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from trainer.runs import (
+from trainer.runs.store import (
     RunError,
     RunHandle,
     allocate_run,
@@ -133,7 +133,7 @@ def test_allocation_leaves_no_probe_file_behind(tmp_path: Path) -> None:
 ALLOCATE_WHEN_STARTED = """
 import sys, time
 from pathlib import Path
-from trainer.runs import allocate_run
+from trainer.runs.store import allocate_run
 root, start = Path(sys.argv[1]), Path(sys.argv[2])
 deadline = time.monotonic() + 60
 while not start.exists():

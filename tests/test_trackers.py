@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import REPO, child_env, train_base
 from trainer.config import CONFIG_DIR, ConfigError, TrainConfig, build_config
-from trainer.runs import RunHandle
+from trainer.runs.store import RunHandle
 from trainer.trackers import TENSORBOARD_DIR, Trackers, open_trackers, wandb_mode
 
 BASE_YAML = CONFIG_DIR / "training" / "base_training.yaml"
@@ -136,7 +136,7 @@ def test_without_trackers_neither_library_is_imported(tmp_path: Path) -> None:
     code = (
         "import sys, json; from pathlib import Path\n"
         "from trainer.config import build_config, CONFIG_DIR\n"
-        "from trainer.runs import RunHandle\n"
+        "from trainer.runs.store import RunHandle\n"
         "from trainer.trackers import open_trackers\n"
         f"run = Path({str(tmp_path)!r}); (run / 'metadata.json').write_text('{{}}')\n"
         "config = build_config(CONFIG_DIR / 'training' / 'base_training.yaml')\n"

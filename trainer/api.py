@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from model.lora import base_diffit
-from trainer.checkpoint import epoch_name, load_checkpoint_file
+from trainer.checkpoint.formats.base import epoch_name, load_checkpoint_file
 from trainer.config import TrainConfig, from_dict
 from trainer.errors import UserError
 from trainer.factory import base_weights, build_lora_model, build_model, load_trainable, load_weights
-from trainer.runs import RunSummary, kind_root
-from trainer.runs import list_runs as _list_runs
+from trainer.runs.store import RunSummary, kind_root
+from trainer.runs.store import list_runs as _list_runs
 
 
 def checkpoint_path(path: str | Path, which: str | int = "best") -> Path:

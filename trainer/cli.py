@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.atomic import atomic_write_json
+from trainer.checkpoint.io.atomic import atomic_write_json
 from trainer.config import (
     CONFIG_DIR,
     ConfigError,
@@ -24,7 +24,7 @@ from trainer.config import (
     parse_override,
 )
 from trainer.errors import Interrupted, SaveFailed, UserError, exit_code
-from trainer.runs import (
+from trainer.runs.store import (
     SORT_KEYS,
     RunHandle,
     allocate_run,
@@ -153,7 +153,7 @@ def print_runs(
     rows = mark_best(sort_runs(rows, sort or "run"))
     title = f"{TITLES[kind]} in {root}"
     if plot is not None:
-        from trainer.plots import metric_figure, save_figure  # matplotlib only when a chart is asked for
+        from trainer.runs.plots import metric_figure, save_figure  # matplotlib only when a chart is asked for
 
         save_figure(metric_figure(rows, title=TITLES[kind]), plot)
     if as_json:
@@ -207,6 +207,7 @@ def train(args: argparse.Namespace, kind: str) -> int:
 
     # Heavy imports (torch, accelerate) only here, so --list-runs, --help and config errors are instant.
     from launch import build_accelerator, decide_on_rank0, release_shm_segment, topology
+    from trainer.checkpoint.io.staging import retain_freed_heap
     from trainer.factory import (
         base_weights,
         build_lora_model,
@@ -215,7 +216,6 @@ def train(args: argparse.Namespace, kind: str) -> int:
         resolve_model_against_data,
     )
     from trainer.loop import Trainer, plan_steps
-    from trainer.staging import retain_freed_heap
 
     retain_freed_heap()  # before training's allocations: its steps then page-fault no memory back in
     accelerator = build_accelerator()
@@ -316,7 +316,7 @@ def _create_run(
     (path / "logs").mkdir()
     base_record = None
     if kind == "lora":
-        from trainer.atomic import link_or_copy
+        from trainer.checkpoint.io.atomic import link_or_copy
         from trainer.factory import sha256_of
 
         assert config.base_checkpoint is not None
@@ -377,7 +377,7 @@ def resolve_base_checkpoint(given: str | None, checkpoint_root: Path) -> Path:
 
 
 def load_base_checkpoint(path: Path) -> dict[str, Any]:
-    from trainer.checkpoint import load_checkpoint_file
+    from trainer.checkpoint.formats.base import load_checkpoint_file
 
     try:
         ckpt = load_checkpoint_file(path)
@@ -395,7 +395,7 @@ def load_base_checkpoint(path: Path) -> dict[str, Any]:
 def load_stored_base(run: Path) -> dict[str, Any]:
     """The base a LoRA run was started from, checked against the sha256 its metadata recorded."""
     from trainer.factory import sha256_of
-    from trainer.runs import read_metadata
+    from trainer.runs.store import read_metadata
 
     stored = run / "base_model" / "base_model.ckpt"
     record = read_metadata(run).get("base_checkpoint") or {}

@@ -28,15 +28,15 @@ from launch import Topology, all_reduce_sum, barrier, configure_deepspeed
 from model import EDMSchedule, edm_loss
 from model.lora import base_diffit
 from trainer import faults
-from trainer.adapter_checkpoint import AdapterCheckpointManager
-from trainer.atomic import TMP_PREFIX, atomic_rename
-from trainer.checkpoint import CheckpointManager, epoch_name, load_checkpoint_file
-from trainer.commit import TrainingState
+from trainer.checkpoint.formats.base import CheckpointManager, epoch_name, load_checkpoint_file
+from trainer.checkpoint.formats.lora import AdapterCheckpointManager
+from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename
+from trainer.checkpoint.protocol import TrainingState
 from trainer.config import TrainConfig
 from trainer.ema import EMA
 from trainer.errors import Interrupted, SaveFailed, UserError
 from trainer.factory import base_weights, build_lora_model, build_model, load_trainable
-from trainer.runs import RunHandle
+from trainer.runs.store import RunHandle
 from trainer.samples import sample_grid, save_grid
 from trainer.trackers import Trackers, open_trackers
 

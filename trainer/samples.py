@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from model import EDMSchedule, edm_sample
 from model.lora import base_diffit
-from trainer.atomic import atomic_write
+from trainer.checkpoint.io.atomic import atomic_write
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from trainer.errors import UserError
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
-    from trainer.runs import RunHandle
+    from trainer.runs.store import RunHandle
 
 TENSORBOARD_DIR = "tensorboard"
 """TensorBoard's folder under the run's ``logs/``."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.atomic import atomic_write_json
+from trainer.checkpoint.io.atomic import atomic_write_json
 
 FORMAT = "diffit-trainer/manifest-v1"
 MANIFEST_DIR = "manifests"

@@ -33,7 +33,7 @@ import torch
 
 from launch import Topology, barrier, broadcast_object, decide_on_rank0
 from trainer import faults
-from trainer.atomic import (
+from trainer.checkpoint.io.atomic import (
     TMP_PREFIX,
     Flusher,
     fsync_dir,
@@ -41,8 +41,8 @@ from trainer.atomic import (
     remove_tmp_leftovers,
     write_file,
 )
-from trainer.ema import EMA
-from trainer.manifest import (
+from trainer.checkpoint.io.staging import HostStaging
+from trainer.checkpoint.manifest import (
     Manifest,
     epoch_tag,
     is_tag,
@@ -53,7 +53,7 @@ from trainer.manifest import (
     verify,
     write_manifest,
 )
-from trainer.staging import HostStaging
+from trainer.ema import EMA
 
 DAMAGED_DIR = "damaged"
 

@@ -12,9 +12,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from trainer.atomic import atomic_write
+from trainer.checkpoint.io.atomic import atomic_write
 from trainer.errors import UserError
-from trainer.runs import RunSummary, monitored_series
+from trainer.runs.store import RunSummary, monitored_series
 
 
 def run_label(row: RunSummary) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import diff_keys
-from trainer.runs import RunError, kind_root, read_metadata, resolve_run, run_dir
+from trainer.runs.store import RunError, kind_root, read_metadata, resolve_run, run_dir
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "lr", "seconds", "checkpoint"]
 _ABSENT = "(absent)"

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trainer.atomic import atomic_write_json
+from trainer.checkpoint.io.atomic import atomic_write_json
 from trainer.errors import UserError
 
 KIND_FOLDERS = {"base": "base_training", "lora": "lora_finetuning"}

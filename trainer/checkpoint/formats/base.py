@@ -25,22 +25,26 @@ from safetensors.torch import load_file
 
 from launch import Topology, barrier
 from trainer import faults
-from trainer.atomic import (
+from trainer.checkpoint.io.atomic import (
     TMP_PREFIX,
     atomic_rename,
     atomic_write,
     atomic_write_json,
 )
-from trainer.commit import Checkpoints, TrainingState
-from trainer.ema import EMA, full_from_slices
-from trainer.errors import UserError
-from trainer.full_state import FullState, restore_rng, rng_state, scatter_full_state
-from trainer.manifest import (
+from trainer.checkpoint.io.serialization import write_safetensors
+from trainer.checkpoint.manifest import (
     Manifest,
     epoch_tag,
 )
-from trainer.serialization import write_safetensors
-from trainer.zero import merge_zero_optimizer_state, merge_zero_shards, weights_only_loads
+from trainer.checkpoint.protocol import Checkpoints, TrainingState
+from trainer.checkpoint.sharding.full_state import FullState, restore_rng, rng_state, scatter_full_state
+from trainer.checkpoint.sharding.zero_merge import (
+    merge_zero_optimizer_state,
+    merge_zero_shards,
+    weights_only_loads,
+)
+from trainer.ema import EMA, full_from_slices
+from trainer.errors import UserError
 
 CKPT_FORMAT = "diffit-trainer/checkpoint-v1"
 

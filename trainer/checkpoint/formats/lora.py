@@ -20,13 +20,19 @@ from typing import Any
 import torch
 
 from launch import Topology
-from trainer.atomic import atomic_write
-from trainer.checkpoint import CKPT_FORMAT, load_checkpoint_file, unwrap_model
-from trainer.commit import Checkpoints, TrainingState
+from trainer.checkpoint.formats.base import CKPT_FORMAT, load_checkpoint_file, unwrap_model
+from trainer.checkpoint.io.atomic import atomic_write
+from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.protocol import Checkpoints, TrainingState
+from trainer.checkpoint.sharding.full_state import (
+    FullState,
+    gather_full_state,
+    restore_rng,
+    rng_state,
+    scatter_full_state,
+)
 from trainer.ema import EMA
 from trainer.errors import UserError
-from trainer.full_state import FullState, gather_full_state, restore_rng, rng_state, scatter_full_state
-from trainer.manifest import Manifest
 
 
 class AdapterCheckpointManager(Checkpoints):
