@@ -35,3 +35,11 @@ def tiny_runs(tiny_runs_launched: TinyRuns) -> Path:
     Shared by every module that only needs finished runs to read; a test that changes files works on a copy.
     """
     return tiny_runs_launched[0]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the shared tiny runs launches real training processes (the fixture does), so it is
+    ``distributed`` whatever its module says."""
+    for item in items:
+        if "tiny_runs_launched" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.distributed)

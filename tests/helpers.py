@@ -40,8 +40,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None, *, cpu_only: bool = True) -> dict[str, str]:
+    """The environment of a launched script: this one's, with one OpenMP thread, DeepSpeed on the CPU,
+    unbuffered output and offline wandb, then ``extra``.
+
+    ``cpu_only=False`` (the benchmarks, which also run on GPUs): the caller's ``OMP_NUM_THREADS``,
+    ``DS_ACCELERATOR`` and ``WANDB_MODE`` are kept where set, and ``DS_ACCELERATOR=cpu`` is added only when
+    CUDA is not available.
+    """
     env = dict(os.environ)
+    if not cpu_only:
+        defaults = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+        if not torch.cuda.is_available():
+            defaults["DS_ACCELERATOR"] = "cpu"
+        return {**defaults, **env, "PYTHONUNBUFFERED": "1", **(extra or {})}
     env.update(
         {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     )
@@ -159,6 +171,15 @@ def run_cli(
     return subprocess.CompletedProcess(
         [sys.executable, str(script), *args], code, stdout.getvalue(), stderr.getvalue()
     )
+
+
+def machine_command(script: str, args: list[str], *, machine: int, port: int) -> list[str]:
+    """One of two launchers on loopback, one process each, as two machines (``--num_machines 2``) running
+    ``script`` with 2-process ZeRO-2 between them."""
+    launch = ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine),
+              "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+              "--deepspeed_multinode_launcher", "standard"]  # fmt: skip
+    return launch_command(script, args, accelerate_config="cpu_zero2", launch_args=launch)
 
 
 def train_base(root: Path, *args: str, accelerate_config: str | None = "cpu_zero2", **kwargs: Any):

@@ -144,6 +144,7 @@ def test_missing_cifar_names_the_folder_and_suggests_digits_and_creates_nothing(
         ("--model", "huge", ["diffit_cifar", "diffit_demo", "diffit_tiny"]),
     ],
 )
+@pytest.mark.distributed  # launches the script
 def test_unknown_preset_name_lists_the_choices_and_creates_nothing(
     tmp_path: Path, flag: str, value: str, choices: list[str]
 ) -> None:
@@ -160,6 +161,7 @@ def test_unknown_preset_name_lists_the_choices_and_creates_nothing(
     ],
     ids=["invalid-yaml", "unknown-key"],
 )
+@pytest.mark.distributed  # launches the script
 def test_bad_config_file_names_the_file_or_key_and_creates_nothing(
     tmp_path: Path, text: str, phrases: list[str]
 ) -> None:
@@ -179,6 +181,7 @@ def test_bad_config_file_names_the_file_or_key_and_creates_nothing(
     ],
     ids=["unknown-key", "wrong-type"],
 )
+@pytest.mark.distributed  # launches the script
 def test_bad_override_names_the_key_and_creates_nothing(
     tmp_path: Path, override: str, phrases: list[str]
 ) -> None:
@@ -288,14 +291,14 @@ def test_new_run_with_the_number_of_an_existing_run_is_refused_and_suggests_resu
 def test_deepspeed_config_without_deepspeed_suggests_the_single_process_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from launch.distributed import prepare_environment
-    from trainer.errors import UserError
+    from launch.accelerator import prepare_environment
+    from launch.errors import LaunchError
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     # prepare_environment setdefaults these; set them here so monkeypatch restores them afterwards.
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("LOCAL_SIZE", "1")
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises ImportError
-    with pytest.raises(UserError, match=r"DeepSpeed is not installed") as info:
+    with pytest.raises(LaunchError, match=r"DeepSpeed is not installed") as info:
         prepare_environment()
     assert "configs/accelerate/single_process.yaml" in str(info.value)

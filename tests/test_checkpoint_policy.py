@@ -14,10 +14,16 @@ import pytest
 import torch
 
 from launch import Topology
-from trainer.checkpoint.formats.base import CheckpointManager, epoch_name, load_checkpoint_file
-from trainer.checkpoint.io.atomic import atomic_write, link_or_copy
+from trainer.checkpoint.formats import load_checkpoint_file
+from trainer.checkpoint.formats.base import BaseFormat
+from trainer.checkpoint.io.atomic import atomic_write, delete_inside, link_or_copy
 from trainer.checkpoint.manifest import Manifest, read_manifests, verify, write_manifest
+from trainer.checkpoint.protocol import CommitProtocol
+from trainer.checkpoint.retention import RetentionPolicy
 from trainer.errors import UserError
+from trainer.faults import Faults
+from trainer.runs.layout import RunLayout
+from trainer.runs.layout import epoch_tag as epoch_name
 
 TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
 
@@ -42,8 +48,17 @@ def fake_run(tmp_path: Path, epochs: range) -> Path:
     return run
 
 
-def manager(run: Path, keep_last_n: int) -> CheckpointManager:
-    return CheckpointManager(run, TOPO, keep_last_n=keep_last_n, config={})
+def manager(run: Path, keep_last_n: int) -> CommitProtocol:
+    """The commit protocol of a base run, after the clean start every resume begins with (which commits the
+    checkpoints of a run written before manifests existed, as these fake runs are)."""
+    layout = RunLayout(run, "base")
+    fmt = BaseFormat(layout, TOPO, config={})
+    protocol = CommitProtocol(
+        layout, fmt.roots, fmt.leftover_folders, RetentionPolicy(keep_last_n=keep_last_n)
+    )
+    for note in protocol.clean_start(fmt.adopt):
+        print(note)
+    return protocol
 
 
 def epochs_with_state(run: Path) -> list[int]:
@@ -65,7 +80,7 @@ def test_retention_keeps_last_n_and_never_deletes_best(tmp_path: Path) -> None:
     link_or_copy(ckpts / "epoch_002.ckpt", ckpts / "best.ckpt")
     link_or_copy(ckpts / "epoch_006.ckpt", ckpts / "last.ckpt")
     checkpoints = manager(run, keep_last_n=2)
-    removed = checkpoints.apply_retention(protect=2)
+    removed = checkpoints.retire(best_epoch=2)
     assert checkpoints.epochs_on_disk() == [2, 5, 6]
     assert epochs_with_state(run) == [2, 5, 6]
     assert {p.name for p in removed} == {f"{epoch_name(e)}{s}" for e in (1, 3, 4) for s in (".ckpt", "")}
@@ -76,7 +91,7 @@ def test_retention_keeps_last_n_and_never_deletes_best(tmp_path: Path) -> None:
 def test_retention_when_best_is_among_the_newest_keeps_exactly_n(tmp_path: Path) -> None:
     run = fake_run(tmp_path, range(1, 6))
     checkpoints = manager(run, keep_last_n=2)
-    checkpoints.apply_retention(protect=5)
+    checkpoints.retire(best_epoch=5)
     assert checkpoints.epochs_on_disk() == [4, 5]
     assert epochs_with_state(run) == [4, 5]
 
@@ -84,7 +99,7 @@ def test_retention_when_best_is_among_the_newest_keeps_exactly_n(tmp_path: Path)
 def test_retention_without_a_best_epoch_keeps_the_newest_n(tmp_path: Path) -> None:
     run = fake_run(tmp_path, range(1, 5))
     checkpoints = manager(run, keep_last_n=1)
-    checkpoints.apply_retention(protect=None)
+    checkpoints.retire(best_epoch=None)
     assert checkpoints.epochs_on_disk() == [4]
     assert epochs_with_state(run) == [4]
 
@@ -92,7 +107,7 @@ def test_retention_without_a_best_epoch_keeps_the_newest_n(tmp_path: Path) -> No
 def test_retention_with_keep_last_n_0_keeps_every_epoch(tmp_path: Path) -> None:
     run = fake_run(tmp_path, range(1, 6))
     checkpoints = manager(run, keep_last_n=0)
-    assert checkpoints.apply_retention(protect=None) == []
+    assert checkpoints.retire(best_epoch=None) == []
     assert checkpoints.epochs_on_disk() == [1, 2, 3, 4, 5]
     assert epochs_with_state(run) == [1, 2, 3, 4, 5]
 
@@ -100,7 +115,7 @@ def test_retention_with_keep_last_n_0_keeps_every_epoch(tmp_path: Path) -> None:
 def test_retention_orders_epochs_as_numbers_past_999(tmp_path: Path) -> None:
     run = fake_run(tmp_path, range(998, 1002))
     checkpoints = manager(run, keep_last_n=2)
-    checkpoints.apply_retention(protect=None)
+    checkpoints.retire(best_epoch=None)
     assert checkpoints.epochs_on_disk() == [1000, 1001]
     assert names(run / "checkpoints" / "state") == {"epoch_1000", "epoch_1001"}
 
@@ -111,7 +126,7 @@ def test_retention_touches_only_epoch_files(tmp_path: Path) -> None:
     for other in ("best.ckpt", "last.ckpt", "epoch_final.ckpt", "notes.txt"):
         (ckpts / other).write_text("keep me")
     (run / "logs").mkdir()
-    manager(run, keep_last_n=1).apply_retention(protect=None)
+    manager(run, keep_last_n=1).retire(best_epoch=None)
     assert names(ckpts) == {
         "best.ckpt",
         "last.ckpt",
@@ -142,7 +157,7 @@ def test_retention_never_deletes_outside_the_run(tmp_path: Path, linked: str) ->
 
     checkpoints = manager(run, keep_last_n=2)
     try:
-        checkpoints.apply_retention(protect=None)
+        checkpoints.retire(best_epoch=None)
     except RuntimeError as e:  # the current refusal; deleting only the link would be as good
         assert "outside run folder" in str(e)
 
@@ -155,10 +170,10 @@ def test_retention_never_deletes_outside_the_run(tmp_path: Path, linked: str) ->
 def test_delete_inside_run_refuses_the_run_folder_itself_and_paths_outside(tmp_path: Path) -> None:
     run = fake_run(tmp_path, range(1, 2))
     (tmp_path / "sibling").mkdir()
-    checkpoints = manager(run, keep_last_n=1)
+    manager(run, keep_last_n=1)
     for path in (run, run / "checkpoints" / ".." / "..", tmp_path / "sibling", run / ".." / "sibling"):
         with pytest.raises(RuntimeError, match="outside run folder"):
-            checkpoints._delete_inside_run(path)
+            delete_inside(path, run)
     assert run.is_dir()
     assert (tmp_path / "sibling").is_dir()
 
@@ -181,6 +196,9 @@ def test_restart_removes_tmp_leftovers_in_checkpoints_and_state_but_nothing_else
     (state / ".tmp-epoch_004").symlink_to(outside, target_is_directory=True)
     # Not leftovers of a checkpoint writer: other folders, nested files, names merely containing "tmp".
     (run / ".tmp-not-in-checkpoints").write_text("keep")
+    (run / ".tmp-metadata.json.1234").write_text(
+        '{"half": '
+    )  # a metadata write cut short: kept here (a resume clears it)
     (state / "epoch_001" / ".tmp-inner").write_text("keep")
     (ckpts / "notes.tmp").write_text("keep")
     (ckpts / "tmp-epoch_009.ckpt").write_text("keep")
@@ -199,14 +217,6 @@ def test_restart_removes_tmp_leftovers_in_checkpoints_and_state_but_nothing_else
     assert (state / "epoch_001" / ".tmp-inner").is_file()
     assert (run / ".tmp-not-in-checkpoints").is_file()
     assert (outside / "keep").read_text() == "keep"
-
-
-def test_manager_creates_nothing_before_the_first_save(tmp_path: Path) -> None:
-    """A resume that is refused after the manager exists must leave the run folder as it was."""
-    run = tmp_path / "run_001"
-    (run / "checkpoints").mkdir(parents=True)
-    manager(run, keep_last_n=2)
-    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +337,7 @@ def test_missing_checkpoint_file_is_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def committed_run(tmp_path: Path, epochs: range) -> tuple[Path, CheckpointManager]:
+def committed_run(tmp_path: Path, epochs: range) -> tuple[Path, CommitProtocol]:
     """A fake run whose epochs are committed with real manifests (written by the manager's adoption)."""
     run = fake_run(tmp_path, epochs)
     return run, manager(run, keep_last_n=0)
@@ -411,20 +421,20 @@ def test_resume_point_with_nothing_intact_reports_every_damaged_checkpoint(tmp_p
     assert names(run / "damaged") == {"epoch_001", "epoch_002", "epoch_009"}
 
 
-def test_retention_removes_the_manifest_before_the_files(tmp_path: Path) -> None:
+def test_retention_removes_the_manifest_before_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run, _ = committed_run(tmp_path, range(1, 4))
     checkpoints = manager(run, keep_last_n=1)
     calls: list[str] = []
-    original = checkpoints._delete_inside_run
 
-    def spy(path: Path) -> None:
-        calls.append(
-            f"{path.name} (manifest present: {(run / 'checkpoints' / 'manifests' / (path.name.removesuffix('.ckpt') + '.json')).exists()})"
-        )
-        original(path)
+    def spy(path: Path, root: Path) -> None:
+        manifest = run / "checkpoints" / "manifests" / (path.name.removesuffix(".ckpt") + ".json")
+        calls.append(f"{path.name} (manifest present: {manifest.exists()})")
+        delete_inside(path, root)
 
-    checkpoints._delete_inside_run = spy  # type: ignore[method-assign]
-    checkpoints.apply_retention(protect=None)
+    monkeypatch.setattr("trainer.checkpoint.protocol.delete_inside", spy)
+    checkpoints.retire(best_epoch=None)
     assert calls and all("manifest present: False" in c for c in calls)
     assert [m.tag for m in checkpoints.committed()] == ["epoch_003"]
 
@@ -439,24 +449,29 @@ def test_step_checkpoints_older_than_the_newest_checkpoint_are_dropped(tmp_path:
         write_manifest(
             folder, Manifest(state.name, 1, step - 3, step, 1, "single"), [state / "trainer_state.json"]
         )
-    checkpoints.apply_retention(protect=None)
+    checkpoints.retire(best_epoch=None)
     assert [m.tag for m in checkpoints.committed()] == ["epoch_001", "step_0000005"]
     assert names(folder / "state") == {"epoch_001", "step_0000005"}
 
 
-def test_fault_spec_parsing_and_filters(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from trainer import faults
+def test_fault_spec_parsing_and_filters(tmp_path: Path) -> None:
+    faults = Faults("enospc@write:tag=epoch_002:rank=0;signal@step:step=5:rank=1", rank=0)
+    faults.point("write")  # no tag given: no match
+    with pytest.raises(OSError, match="No space left"):
+        faults.point("write", tag="epoch_002", step=3)
+    with pytest.raises(OSError, match="No space left"):  # a full disk stays full for that checkpoint
+        faults.point("write", tag="epoch_002", step=3)
+    faults.point("write", tag="epoch_003")
+    faults.point("step", step=5)  # the signal is for rank 1
+    assert not Faults().enabled and faults.enabled
+    with pytest.raises(ValueError, match="bad fault"):
+        Faults("explode@write")
 
-    monkeypatch.setenv(faults.ENV, "enospc@write:tag=epoch_002:rank=0")
-    faults._faults.cache_clear()
-    try:
-        faults.point("write")  # no tag in context: no match
-        faults.set_context(tag="epoch_002")
-        with pytest.raises(OSError, match="No space left"):
-            faults.point("write")
-        faults.set_context(tag="epoch_003")
+
+def test_fault_hook_comes_from_the_environment_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DIFFIT_FAULTS", "enospc@write")
+    faults = Faults.from_environment(rank=0)
+    monkeypatch.delenv("DIFFIT_FAULTS")
+    with pytest.raises(OSError):  # read when the launch started, not at each point
         faults.point("write")
-    finally:
-        faults._local.context = {}
-        monkeypatch.delenv(faults.ENV)
-        faults._faults.cache_clear()
+    assert not Faults.from_environment(rank=0).enabled

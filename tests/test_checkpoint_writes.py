@@ -7,6 +7,7 @@ tests/test_faults.py's and tests/test_base_training.py's.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -18,19 +19,19 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from launch import Topology
-from trainer.checkpoint.formats.base import CheckpointManager, load_checkpoint_file
+from tests.fake_world import end_epoch, new_run, tiny_manager, tiny_states
+from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.checkpoint.io.atomic import HASH_ON_THREAD_BYTES, Flusher, HashingWriter, write_file
 from trainer.checkpoint.io.serialization import write_safetensors
 from trainer.checkpoint.manifest import read_manifests, verify
-from trainer.checkpoint.protocol import TrainingState
-from trainer.ema import EMA
 
 TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
 
 
 def write_hashed(path: Path, write) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-    with open(path, "wb") as f:
-        hashed = HashingWriter(f)
+    """Through ``HashingWriter`` with a save's helper threads: large blocks are hashed on one of them."""
+    with open(path, "wb") as f, Flusher() as flusher:
+        hashed = HashingWriter(f, flusher)
         write(hashed)
     return hashed.entry()
 
@@ -92,7 +93,7 @@ def test_hashing_writer_hashes_large_and_small_blocks_in_order(tmp_path: Path) -
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_hashing_on_a_thread_works_in_a_forked_child(tmp_path: Path) -> None:
     block = os.urandom(2 * HASH_ON_THREAD_BYTES)
-    write_hashed(tmp_path / "parent.bin", lambda f: f.write(block))  # the parent's helper thread exists now
+    write_hashed(tmp_path / "parent.bin", lambda f: f.write(block))  # the parent has used helper threads
     pid = os.fork()
     if pid == 0:  # the child: a helper thread of its own, or this write would wait forever
         try:
@@ -143,43 +144,28 @@ def test_flusher_reports_a_failed_fsync_and_still_closes_the_file() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def trained_model() -> tuple[torch.nn.Module, torch.optim.Optimizer, EMA]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    ema = EMA(model.named_parameters(), halflife_kimg=0.001, rampup_ratio=None)
-    for _ in range(2):
-        model(torch.randn(3, 4)).square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.update(images_seen=3, batch_size=3)
-    return model, optimizer, ema
-
-
-def save(checkpoints: CheckpointManager, model, optimizer, ema, epoch: int) -> dict:  # type: ignore[no-untyped-def]
-    state = TrainingState(epoch=epoch, global_step=2 * epoch, history=[], best={"epoch": 1})
-    started = checkpoints.save(
-        model=model,
-        optimizer=optimizer,
-        ema=ema,
-        noise_generator=torch.Generator().manual_seed(1),
-        state=state,
-        metrics={"train_loss": 0.5},
-        is_best=epoch == 1,
-    )
-    outcome = checkpoints.wait()
-    assert "error" not in outcome, outcome
-    return {**started, **outcome}
+def save(checkpoints, states, epoch: int) -> dict:  # type: ignore[no-untyped-def]
+    """One epoch-end save (epoch 1 is the best), waited for; its record from logs/events.jsonl."""
+    if epoch == 1:
+        states.progress.best = {"epoch": 1, "metric": "val_loss", "value": 0.5, "mode": "min"}
+    end_epoch(states, epoch)
+    boundary = checkpoints.maybe_save("epoch", metrics={"train_loss": 0.5}, is_best=epoch == 1)
+    assert boundary.saved == f"epoch_{epoch:03d}"
+    checkpoints.close()
+    events = (checkpoints.layout.events).read_text().splitlines()
+    return json.loads(events[-1])
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_a_save_writes_the_merged_file_from_the_snapshot_and_purges_old_checkpoints(
     tmp_path: Path, async_save: bool
 ) -> None:
-    model, optimizer, ema = trained_model()
-    run = tmp_path / "run_001"
-    checkpoints = CheckpointManager(run, TOPO, keep_last_n=1, config={"lr": 0.1}, async_save=async_save)
-    first = save(checkpoints, model, optimizer, ema, epoch=1)
+    states = tiny_states()
+    model, optimizer, ema = states.model, states.optimizer, states.ema
+    layout = new_run(tmp_path / "run_001")
+    run = layout.path
+    checkpoints = tiny_manager(layout, TOPO, states, keep_last_n=1, async_save=async_save)
+    first = save(checkpoints, states, epoch=1)
     folder = run / "checkpoints"
     state = folder / "state" / "epoch_001"
 
@@ -191,7 +177,7 @@ def test_a_save_writes_the_merged_file_from_the_snapshot_and_purges_old_checkpoi
     assert merged["state_dict"].keys() == weights.keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
         assert torch.equal(merged["state_dict"][name], tensor) and torch.equal(weights[name], tensor)
-    for name, tensor in ema.local_state().items():
+    for name, tensor in ema.state_dict().items():
         assert torch.equal(merged["ema_state_dict"][name], tensor) and torch.equal(ema_file[name], tensor)
     assert (merged["epoch"], merged["global_step"], merged["metrics"], merged["config"]) == (
         1, 2, {"train_loss": 0.5}, {"lr": 0.1}
@@ -201,9 +187,11 @@ def test_a_save_writes_the_merged_file_from_the_snapshot_and_purges_old_checkpoi
     assert not [p for p in run.rglob("*") if p.name.startswith(".tmp-")]
     assert os.path.samefile(folder / "last.ckpt", folder / "epoch_001.ckpt")
     assert os.path.samefile(folder / "best.ckpt", folder / "epoch_001.ckpt")
+    assert first["tag"] == "epoch_001" and first["bytes"] == sum(e["bytes"] for e in manifest.files.values())
+    assert first["write_seconds"] > 0 and first["blocked_seconds"] >= 0 and first["background"] == async_save
 
     # The snapshot of a background save counts every tensor once, though the merged file shares them.
-    tensors = [*model.state_dict().values(), *ema.local_state().values()]
+    tensors = [*model.state_dict().values(), *ema.state_dict().values()]
     tensors += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     held = sum(t.numel() * t.element_size() for t in tensors)
     if async_save:
@@ -211,8 +199,8 @@ def test_a_save_writes_the_merged_file_from_the_snapshot_and_purges_old_checkpoi
     else:
         assert first["snapshot_bytes"] == 0
 
-    save(checkpoints, model, optimizer, ema, epoch=2)  # keep_last_n=1 drops epoch 1, but it is the best
-    save(checkpoints, model, optimizer, ema, epoch=3)  # drops epoch 2, in the background, waited for
+    save(checkpoints, states, epoch=2)  # keep_last_n=1 drops epoch 1, but it is the best
+    save(checkpoints, states, epoch=3)  # drops epoch 2, in the background, waited for
     assert [m.tag for m in read_manifests(folder)] == ["epoch_001", "epoch_003"]
     assert sorted(p.name for p in (folder / "state").iterdir()) == ["epoch_001", "epoch_003"]
     assert not (folder / "epoch_002.ckpt").exists()

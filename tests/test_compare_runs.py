@@ -19,8 +19,11 @@ from tests.helpers import REPO, child_env
 from tests.test_runs import make_run_with_metadata
 from trainer.checkpoint.io.atomic import atomic_write_json
 from trainer.cli import build_parser, main
+from trainer.kinds import run_kind
+from trainer.runs.layout import kind_root
+from trainer.runs.listing import SORT_KEYS, filter_keys, filter_runs, list_runs, sort_runs
 from trainer.runs.plots import metric_figure
-from trainer.runs.store import SORT_KEYS, RunError, filter_keys, filter_runs, kind_root, list_runs, sort_runs
+from trainer.runs.store import RunError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,7 +95,7 @@ def test_sort_by_best_puts_the_highest_first_for_a_max_metric(tmp_path: Path) ->
 
 
 def test_every_sort_key_is_documented_in_help() -> None:
-    text = " ".join(build_parser("base").format_help().split())
+    text = " ".join(build_parser(run_kind("base")).format_help().split())
     for key in SORT_KEYS:
         assert f"{key}:" in text
 

@@ -20,9 +20,11 @@ from trainer.config import (
     DataConfig,
     ModelConfig,
     TrainConfig,
+    from_dict,
+)
+from trainer.config_files import (
     build_config,
     diff_keys,
-    from_dict,
     load_yaml,
     parse_override,
     preset_names,

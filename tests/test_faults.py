@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import assert_same_tensors, base_argv, child_env, launch_command, load_ckpt, train_base
+from tests.helpers import (
+    REPO,
+    assert_same_tensors,
+    base_argv,
+    child_env,
+    free_port,
+    launch_command,
+    load_ckpt,
+    machine_command,
+    train_base,
+)
 from trainer.checkpoint.manifest import read_manifests, verify
 
 pytestmark = pytest.mark.distributed
@@ -83,8 +94,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def power_cut_at(root: Path, fault: str, args: list[str], timeout: float = 300) -> None:
-    """Launch, wait until a process pauses at ``fault``, then SIGKILL everything of the launch."""
+def power_cut_at(
+    root: Path, fault: str, args: list[str], timeout: float = 300, *, may_finish: bool = False
+) -> bool:
+    """Launch, wait until a process pauses at ``fault``, then SIGKILL everything of the launch. Returns
+    whether the point was reached; a launch that ends first fails the test, unless it ends well (exit 0)
+    and ``may_finish`` says the run may complete before the point."""
     marker = root.parent / f"paused-{time.monotonic_ns()}"
     log = root.parent / f"{marker.name}.log"
     cmd = launch_command("train_base.py", base_argv(root, *args), accelerate_config="cpu_zero2")
@@ -95,11 +110,16 @@ def power_cut_at(root: Path, fault: str, args: list[str], timeout: float = 300) 
         )
     deadline = time.monotonic() + timeout
     while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
+        ended = proc.poll() is not None
+        if ended or time.monotonic() > deadline:
             power_off(proc, root)
-            pytest.fail(f"{fault!r} was never reached (exit {proc.returncode}):\n{log.read_text()[-5000:]}")
+            if ended and proc.returncode == 0 and may_finish:
+                return False
+            what = f"exit {proc.returncode}" if ended else f"still running after {timeout:.0f} s"
+            pytest.fail(f"{fault!r} was never reached ({what}):\n{log.read_text()[-5000:]}")
         time.sleep(0.2)
     power_off(proc, root)
+    return True
 
 
 def power_off(proc: subprocess.Popen, root: Path) -> None:
@@ -240,6 +260,21 @@ def test_run_killed_before_its_first_checkpoint_resumes_from_scratch(tiny_runs: 
     assert_same_tensors(original["state_dict"], resumed["state_dict"])
 
 
+def test_a_run_written_before_the_checkpoint_package_resumes_bit_identically(
+    reference: dict, tmp_path: Path
+) -> None:
+    """tests/fixtures/before_checkpoint_package: written by the trainer as it was before checkpointing became
+    a package (2 processes, ZeRO-2, SIGTERM on rank 1 after step 5)."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(REPO / "tests" / "fixtures" / "before_checkpoint_package" / "base_training",
+                    root / "base_training")  # fmt: skip
+    result = train_base(root, *EPOCHS, "--resume", "1")
+    assert "Resuming run 001 from step 5 (epoch 2, step 2 of the epoch)" in result.stdout
+    run = root / "base_training" / "run_001"
+    assert_bit_identical(run, reference["weights"])
+    assert metadata(run)["status"] == "completed"
+
+
 # --------------------------------------------------------------------------------------------------
 # Preemption and a change of process count
 # --------------------------------------------------------------------------------------------------
@@ -296,6 +331,70 @@ def test_resume_on_one_process_then_on_two_with_zero3(
         for name, tensor in want[key].items():
             # Only the order of float sums differs from the reference; a lost optimizer state would not.
             torch.testing.assert_close(got[key][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# A machine that dies
+# --------------------------------------------------------------------------------------------------
+
+TIMEOUT_MINUTES = 0.5
+"""``distributed.timeout_minutes`` of the dying-machine tests: the bound every survivor must exit within."""
+
+
+@pytest.mark.parametrize(
+    ("when", "fault", "waited_for"),
+    [
+        ("in training", "pause@step:step=4:rank=1", "the stop check at step 4"),
+        # machine 0 meets the death wherever it next waits for machine 1 (a step's collectives, validation,
+        # the save's rendezvous), and names that place; the save in flight is given up
+        ("in a background save", "pause@save.rendezvous:tag=epoch_002:rank=1", ".+"),
+    ],
+    ids=["training", "background-save"],
+)
+def test_a_dying_machine_ends_the_survivors_within_the_timeout_and_resume_is_bit_identical(
+    reference: dict, tmp_path: Path, when: str, fault: str, waited_for: str
+) -> None:
+    """Two machines (two launchers on loopback, one process each); machine 1's worker is SIGKILLed while it
+    is held at ``fault``. Machine 0 must exit non-zero within the timeout, saying what it waited for."""
+    root, marker, port = tmp_path / "checkpoints", tmp_path / "paused", free_port()
+    args = base_argv(root, *EPOCHS, "--set", f"distributed.timeout_minutes={TIMEOUT_MINUTES}")
+    env = child_env({"DIFFIT_FAULTS": fault, "DIFFIT_FAULT_MARKER": str(marker)})
+    logs = [tmp_path / f"machine{m}.log" for m in (0, 1)]
+    procs = []
+    for machine, log in enumerate(logs):
+        with open(log, "w") as out:
+            cmd = machine_command("train_base.py", args, machine=machine, port=port)
+            procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True, cwd=tmp_path))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[
+                -3000:
+            ]
+            time.sleep(0.2)
+        time.sleep(0.5)  # the marker is written before the pause begins
+        os.kill(int(marker.read_text().split("pid=")[1]), signal.SIGKILL)  # machine 1's worker dies
+        killed = time.monotonic()
+        code = procs[0].wait(timeout=TIMEOUT_MINUTES * 60 + 60)
+        survived = time.monotonic() - killed
+    finally:
+        for proc in procs:
+            power_off(proc, root)
+    out = logs[0].read_text()
+    assert code != 0, out[-3000:]
+    assert survived < TIMEOUT_MINUTES * 60 + 20, f"machine 0 took {survived:.0f} s to give up"
+    died = f"another process of this launch died or did not answer within {TIMEOUT_MINUTES:g} min"
+    assert re.search(f"error: rank 0: {waited_for}: {died}", out), out[-3000:]
+    if "save" in when:  # rank 0's half of the save in flight was discarded, and said so
+        assert "warning: rank 0: checkpoint epoch_002 was not saved" in out, out[-3000:]
+    assert "Traceback" not in out.split("error: rank 0:")[0]
+    run = root / "base_training" / "run_001"
+    assert metadata(run)["status"] == "failed"
+    assert_all_committed_intact(run)
+
+    train_base(root, *EPOCHS, "--resume", "1")
+    assert_bit_identical(run, reference["weights"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,18 +458,10 @@ def test_soak_random_power_cuts(reference: dict, tmp_path: Path) -> None:
         rank = rng.randint(0, 1)
         fault = f"pause@{point}:step={step}:rank={rank}" if point != "write" else f"pause@write:rank={rank}"
         args = [*policy, "--resume", "1"] if run.exists() else policy
-        marker_reached = _try_power_cut(root, fault, args)
+        marker_reached = power_cut_at(root, fault, args, may_finish=True)
         tags = assert_all_committed_intact(run) if run.exists() else []
         print(f"cut {cut}: {fault} reached={marker_reached} committed={tags}")
         if not marker_reached:  # the run finished before reaching the point
             break
     train_base(root, *policy, "--resume", "1")
     assert_bit_identical(run, reference["weights"])
-
-
-def _try_power_cut(root: Path, fault: str, args: list[str]) -> bool:
-    try:
-        power_cut_at(root, fault, args)
-        return True
-    except pytest.fail.Exception:
-        return False

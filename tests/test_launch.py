@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from launch.distributed import SHM_PREFIX, remove_stale_shm_segments
+from launch.accelerator import SHM_PREFIX, remove_stale_shm_segments
 
 
 def test_stale_deepspeed_shm_segments_are_removed_and_those_in_use_kept(tmp_path: Path) -> None:

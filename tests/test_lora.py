@@ -13,15 +13,23 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from tests.helpers import assert_same_tensors, load_ckpt, run_script, train_base, train_lora
+from tests.fake_world import ThreadWorld, end_epoch, new_run, tiny_manager
+from tests.helpers import REPO, assert_same_tensors, load_ckpt, run_script, train_base, train_lora
 from trainer import load_model
-from trainer.checkpoint.formats.base import load_checkpoint_file
-from trainer.config import TrainConfig, build_config, from_dict
+from trainer.checkpoint.formats import load_checkpoint_file
+from trainer.checkpoint.formats.base import BaseFormat
+from trainer.checkpoint.formats.lora import LoraFormat
+from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
+from trainer.config import TrainConfig, from_dict
+from trainer.config_files import build_config
+from trainer.ema import EMA
 from trainer.factory import base_weights, build_lora_model, build_model, load_weights
+from trainer.runs.layout import RunLayout
 
 pytestmark = pytest.mark.distributed
 
@@ -148,30 +156,61 @@ def test_export_matches_the_adapted_model_and_loads_like_a_base_checkpoint(
     build_model(from_dict(TrainConfig, ckpt["config"])).load_state_dict(ckpt["state_dict"], strict=True)
 
 
+def test_a_lora_run_written_before_the_checkpoint_package_resumes_bit_identically(
+    lora: dict, tmp_path: Path
+) -> None:
+    """tests/fixtures/before_checkpoint_package: a LoRA run on the same base as run 001 here, written by the
+    trainer as it was before checkpointing became a package, stopped by SIGTERM after step 5."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(REPO / "tests" / "fixtures" / "before_checkpoint_package" / "lora_finetuning",
+                    root / "lora_finetuning")  # fmt: skip
+    result = train_lora(root, "--resume", "1", "--epochs", "4")
+    assert "Resuming run 001 from step 5 (epoch 2, step 2 of the epoch)" in result.stdout
+    straight = load_ckpt(lora["straight"] / "lora_weights" / "epoch_004.ckpt")
+    resumed = load_ckpt(root / "lora_finetuning" / "run_001" / "lora_weights" / "epoch_004.ckpt")
+    assert_same_tensors(straight["lora_state_dict"], resumed["lora_state_dict"])
+    assert_same_tensors(straight["ema_state_dict"], resumed["ema_state_dict"])
+
+
 def test_list_runs_shows_lora_datasets_and_class_counts(lora: dict) -> None:
     table = run_script("train_lora.py", ["--list-runs", "--checkpoint-root", str(lora["root"])]).stdout
     assert "LoRA fine-tuning runs" in table and "Digits 0-4 (5)" in table and "<- best" in table
     assert table.count("completed") == 3
 
 
-def test_adapter_is_under_five_percent_of_a_diffit_cifar_checkpoint(tmp_path: Path) -> None:
-    """Default blockwise config on the paper's CIFAR model, 5 classes (trees): adapter file vs base file."""
+@pytest.mark.slow
+def test_the_trainers_adapter_file_is_under_five_percent_of_its_diffit_cifar_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """The paper's CIFAR model with the default blockwise config on 5 classes (trees): the epoch file the
+    LoRA format writes (adapters, their EMA and Adam state, RNG, history) against the merged epoch file the
+    base format writes for the base (weights + EMA), both saved by the trainer's own checkpoint manager."""
     config = build_config(Path("configs/training/lora_finetuning.yaml"), [("model", "diffit_cifar")])
     config.model.in_channels, config.model.num_classes, config.lora.num_classes = 3, 10, 5  # type: ignore[union-attr]
+    topo = ThreadWorld(1).topology(0)
+
+    def saved(module: torch.nn.Module, layout: RunLayout, fmt: Any) -> Path:
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params)
+        for p in params:  # one step: Adam's moments exist, as in every checkpoint after the first step
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        states = TrainingStates(module, optimizer, EMA(module.named_parameters(), halflife_kimg=1,
+                                rampup_ratio=None), TrainState(), RNGState(0))  # fmt: skip
+        manager = tiny_manager(layout, topo, states, fmt, async_save=False)
+        end_epoch(states, 1)
+        manager.maybe_save("epoch", metrics={"train_loss": 1.0}, is_best=True, last=True)
+        manager.close()
+        return layout.ckpt("epoch_001")
+
     base = build_model(config)
-    base_file = tmp_path / "base.ckpt"
-    # Distinct copies throughout: torch.save stores a shared tensor once, which would flatter either file.
-    ema = {n: p.detach().clone() for n, p in base.named_parameters()}
-    torch.save({"state_dict": base.state_dict(), "ema_state_dict": ema}, base_file)
+    base_layout = new_run(tmp_path / "base_training" / "run_001")
+    base_file = saved(base, base_layout, BaseFormat(base_layout, topo, config.to_dict()))
+    lora_layout = new_run(tmp_path / "lora_finetuning" / "run_001", "lora")
     model = build_lora_model(config, base.state_dict())
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    adapter_file = saved(model, lora_layout, LoraFormat(lora_layout, topo, config.to_dict()))
 
-    def copy() -> dict[str, torch.Tensor]:
-        return {n: t.clone() for n, t in trainable.items()}
-
-    adapter_file = tmp_path / "adapter.ckpt"  # weights, EMA and both Adam moments, as the trainer saves
-    torch.save({"lora_state_dict": copy(), "ema_state_dict": copy(),
-                "optimizer": {"exp_avg": copy(), "exp_avg_sq": copy()}}, adapter_file)  # fmt: skip
     ratio = adapter_file.stat().st_size / base_file.stat().st_size
     assert ratio <= 0.05, f"adapter is {ratio:.1%} of the base checkpoint"
-    assert not any("base_layer" in n or n.endswith("original_module.weight") for n in trainable)
+    ckpt = load_ckpt(adapter_file)
+    assert ckpt["lora_state_dict"] and not any("base_layer" in n for n in ckpt["lora_state_dict"])

@@ -67,6 +67,7 @@ def root_copy(finished: Path, tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.distributed  # launches the script
 def test_no_base_model_anywhere_says_how_to_make_one_and_creates_nothing(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     root.mkdir()

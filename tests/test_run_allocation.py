@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, TINY_RUN, child_env, free_port, launch_command
+from tests.helpers import REPO, TINY_RUN, child_env, free_port, launch_command, machine_command
 
 pytestmark = pytest.mark.distributed
 
@@ -55,18 +55,11 @@ def test_four_simultaneous_launches_get_four_distinct_runs(tmp_path: Path) -> No
 
 def _two_machines(root: Path, *args: str) -> list[str]:
     """Two launchers on loopback, one process each, as two machines sharing ``root``."""
-    port = str(free_port())
+    port = free_port()
     procs = []
     for machine in (0, 1):
-        launch = ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine),
-                  "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-                  "--deepspeed_multinode_launcher", "standard"]  # fmt: skip
-        cmd = launch_command(
-            "train_base.py",
-            [*TINY_RUN, "--checkpoint-root", str(root), *args],
-            accelerate_config="cpu_zero2",
-            launch_args=launch,
-        )
+        cmd = machine_command("train_base.py", [*TINY_RUN, "--checkpoint-root", str(root), *args], machine=machine,
+                              port=port)  # fmt: skip
         procs.append(
             subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(), cwd=REPO

@@ -16,20 +16,10 @@ from typing import Any
 
 import pytest
 
-from trainer.runs.store import (
-    RunError,
-    RunHandle,
-    allocate_run,
-    format_table,
-    kind_root,
-    list_runs,
-    new_metadata,
-    read_metadata,
-    resolve_run,
-    run_dir,
-    run_numbers,
-    write_metadata,
-)
+from trainer.runs.layout import RunLayout, kind_root, run_dir
+from trainer.runs.listing import format_table, list_runs
+from trainer.runs.metadata import RunHandle, new_metadata, read_metadata, write_metadata
+from trainer.runs.store import RunError, allocate_run, resolve_run, run_numbers
 
 TABLE_COLUMNS = ["Run #", "Experiment", "Dataset", "Epochs", "Checkpoints", "Best", "Value", "Status"]
 
@@ -240,7 +230,7 @@ def test_new_metadata_records_the_run_and_starts_running(tmp_path: Path) -> None
 
 def test_run_handle_on_the_main_process_records_progress(tmp_path: Path) -> None:
     path = make_run_with_metadata(tmp_path, 1, status="running")
-    run = RunHandle(path, 1, is_main=True)
+    run = RunHandle(RunLayout(path, "base"), is_main=True)
     run.update(epochs_completed=1, checkpoints=[1])
     run.finish("completed")
     meta = read_metadata(path)
@@ -251,14 +241,13 @@ def test_run_handle_on_other_ranks_never_writes(tmp_path: Path, capsys: pytest.C
     path = run_dir(tmp_path, 1)
     path.mkdir()  # no metadata.json at all: a non-main rank must not even read it
 
-    class State:
-        epoch, global_step, history, best = 1, 10, [{"epoch": 1}], {"epoch": 1}
-
-    run = RunHandle(path, 1, is_main=False)
+    progress = {"epoch": 1, "global_step": 10, "history": [{"epoch": 1}], "best": {"epoch": 1}}
+    run = RunHandle(RunLayout(path, "base"), is_main=False)
     run.print("only rank 0 prints")
     run.update(status="completed")
-    run.record_epoch(State(), kept=[1])
-    run.record_resume(checkpoint="epoch_001", state=State(), topo=None)
+    run.record_progress(progress, kept=[1])
+    run.record_resume(checkpoint="epoch_001", progress=progress, world_size=2, distributed="ddp")
+    run.record_save({"tag": "epoch_001"})
     run.record_event("fallback", tag="epoch_002", reason="test")
     run.warn("only rank 0 warns")
     run.finish("failed")

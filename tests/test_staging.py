@@ -132,6 +132,7 @@ def page_faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]
 @pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc setting"
 )
+@pytest.mark.slow
 def test_retained_heap_memory_is_reused_without_page_faults() -> None:
     applied, retained = page_faults("retain")
     _, returned = page_faults("default")
@@ -142,6 +143,7 @@ def test_retained_heap_memory_is_reused_without_page_faults() -> None:
     assert retained < 1_000
 
 
+@pytest.mark.slow
 def test_the_environments_own_malloc_settings_win() -> None:
     applied, _ = page_faults("retain", {"MALLOC_TRIM_THRESHOLD_": "131072"})
     assert applied == "False"

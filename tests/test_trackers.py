@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 
 from tests.helpers import REPO, child_env, train_base
-from trainer.config import CONFIG_DIR, ConfigError, TrainConfig, build_config
-from trainer.runs.store import RunHandle
-from trainer.trackers import TENSORBOARD_DIR, Trackers, open_trackers, wandb_mode
+from trainer.config import CONFIG_DIR, ConfigError, TrainConfig
+from trainer.config_files import build_config
+from trainer.runs.layout import RunLayout
+from trainer.runs.metadata import RunHandle
+from trainer.trackers import Trackers, open_trackers, wandb_mode
 
 BASE_YAML = CONFIG_DIR / "training" / "base_training.yaml"
 BOTH = ["--set", "logging.trackers=[wandb,tensorboard]", "--set", "logging.log_every_n_steps=1"]
@@ -66,7 +68,7 @@ def test_wandb_mode_comes_from_config_unless_wandb_mode_is_set(monkeypatch: pyte
 def make_run(path: Path, *, is_main: bool) -> RunHandle:
     path.mkdir(parents=True)
     (path / "metadata.json").write_text(json.dumps({"run_number": 1}))
-    return RunHandle(path, 1, is_main=is_main)
+    return RunHandle(RunLayout(path, "base"), is_main=is_main)
 
 
 def test_other_ranks_open_no_tracker_and_write_nothing(tmp_path: Path) -> None:
@@ -115,16 +117,17 @@ def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.M
     monkeypatch.setattr(loop, "open_trackers", lambda *args, **kwargs: Trackers([fake]))
 
     class Crashing:
-        config = run = None
-        state = loop.TrainingState()
-        _catch_stop_signals = loop.Trainer._catch_stop_signals
+        config, run = type("Config", (), {"epochs": 1}), None
+        state, stop, trackers = loop.TrainState(), loop.StopSignals(), Trackers()
 
         class checkpoints:  # no save in flight
             @staticmethod
-            def join() -> None:
-                pass
+            def close(*, failed: bool = False) -> None:
+                assert failed
 
-        def _fit_epochs(self) -> None:
+        _epoch_or_peer_lost = loop.Trainer._epoch_or_peer_lost
+
+        def _epoch(self, epoch: int) -> None:
             raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):  # the training error is not swallowed
@@ -135,12 +138,14 @@ def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.M
 def test_without_trackers_neither_library_is_imported(tmp_path: Path) -> None:
     code = (
         "import sys, json; from pathlib import Path\n"
-        "from trainer.config import build_config, CONFIG_DIR\n"
-        "from trainer.runs.store import RunHandle\n"
+        "from trainer.config import CONFIG_DIR\n"
+        "from trainer.config_files import build_config\n"
+        "from trainer.runs.layout import RunLayout\n"
+        "from trainer.runs.metadata import RunHandle\n"
         "from trainer.trackers import open_trackers\n"
-        f"run = Path({str(tmp_path)!r}); (run / 'metadata.json').write_text('{{}}')\n"
+        f"run = Path({str(tmp_path)!r}) / 'run_001'; run.mkdir(); (run / 'metadata.json').write_text('{{}}')\n"
         "config = build_config(CONFIG_DIR / 'training' / 'base_training.yaml')\n"
-        "open_trackers(config, RunHandle(run, 1, is_main=True), resume_step=0).close()\n"
+        "open_trackers(config, RunHandle(RunLayout(run, 'base'), is_main=True), resume_step=0).close()\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard') "
         "or m.startswith('torch.utils.tensorboard'))))\n"
     )
@@ -161,7 +166,7 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run = root / "base_training" / "run_001"
     train_base(root, "--epochs", "2", *BOTH, accelerate_config=None)
     first = json.loads((run / "metadata.json").read_text())
-    first_events = sorted((run / "logs" / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    first_events = sorted((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     # No --set this time: the resumed launch takes its trackers from the run's config.json.
     train_base(root, "--resume", "1", "--epochs", "3", accelerate_config=None)
     return {"run": run, "first": first, "first_events": first_events}
@@ -190,7 +195,7 @@ def test_wandb_runs_offline_under_the_run_logs_with_its_id_in_metadata(tracked: 
 @pytest.mark.distributed
 def test_tensorboard_writes_events_under_logs_tensorboard(tracked: dict[str, Any]) -> None:
     assert tracked["first_events"], "the first launch wrote no TensorBoard event file"
-    events = sorted((tracked["run"] / "logs" / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    events = sorted((tracked["run"] / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 2 and set(tracked["first_events"]) < set(events)
 
 
@@ -203,7 +208,7 @@ def test_resume_continues_the_same_wandb_run(tracked: dict[str, Any]) -> None:
 
 @pytest.mark.distributed
 def test_resumed_tensorboard_steps_keep_increasing(tracked: dict[str, Any]) -> None:
-    folder = tracked["run"] / "logs" / TENSORBOARD_DIR
+    folder = tracked["run"] / "logs" / "tensorboard"
     per_step = scalar_steps(folder, "train/loss")
     assert per_step == list(range(1, 3 * STEPS_PER_EPOCH + 1)), "train/loss must be logged every step, 1..9"
     per_epoch = scalar_steps(folder, "epoch/train_loss")

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 
 from model.lora import base_diffit
-from trainer.checkpoint.formats.base import epoch_name, load_checkpoint_file
+from trainer.base_model import load_stored_base
+from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.config import TrainConfig, from_dict
 from trainer.errors import UserError
 from trainer.factory import base_weights, build_lora_model, build_model, load_trainable, load_weights
-from trainer.runs.store import RunSummary, kind_root
-from trainer.runs.store import list_runs as _list_runs
+from trainer.runs.layout import RunLayout, epoch_tag, kind_root
+from trainer.runs.listing import RunSummary
+from trainer.runs.listing import list_runs as _list_runs
 
 
 def checkpoint_path(path: str | Path, which: str | int = "best") -> Path:
@@ -26,13 +28,13 @@ def checkpoint_path(path: str | Path, which: str | int = "best") -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    name = epoch_name(which) if isinstance(which, int) else str(which)
+    name = epoch_tag(which) if isinstance(which, int) else str(which)
     if name not in ("best", "last") and not name.startswith("epoch_"):
         raise UserError(f"which must be 'best', 'last' or an epoch number, got {which!r}")
-    folder = path / ("lora_weights" if (path / "lora_weights").is_dir() else "checkpoints")
-    candidate = folder / f"{name}.ckpt"
+    layout = RunLayout.detect(path)
+    candidate = (layout or RunLayout(path, "base")).ckpt(name)
     if not candidate.is_file():
-        raise UserError(f"no {name}.ckpt in {folder} (is {path} a run folder?)")
+        raise UserError(f"no {name}.ckpt in {candidate.parent} (is {path} a run folder?)")
     return candidate
 
 
@@ -46,10 +48,9 @@ def load_model(
     half-loaded (loading a base ``state_dict`` into a peft model with ``strict=False`` would load nothing).
     """
     file = checkpoint_path(path, which)
-    probe = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    if isinstance(probe, dict) and "lora_state_dict" in probe:
-        return _load_lora(file, ema=ema).to(device).eval()
-    ckpt = load_checkpoint_file(file)
+    ckpt = load_checkpoint_file(file, key=("state_dict", "lora_state_dict"))
+    if "lora_state_dict" in ckpt:
+        return _load_lora(file, ckpt, ema=ema).to(device).eval()
     model = build_model(from_dict(TrainConfig, ckpt["config"]))
     load_weights(model, ckpt["state_dict"])
     if ema:
@@ -57,12 +58,11 @@ def load_model(
     return model.to(device).eval()
 
 
-def _load_lora(file: Path, *, ema: bool) -> torch.nn.Module:
-    """A LoRA checkpoint on top of the base stored in its run (``<run>/base_model/base_model.ckpt``)."""
-    ckpt = load_checkpoint_file(file, key="lora_state_dict")
-    base_file = file.parent.parent / "base_model" / "base_model.ckpt"
+def _load_lora(file: Path, ckpt: dict[str, Any], *, ema: bool) -> torch.nn.Module:
+    """A LoRA checkpoint on top of the base stored in its run, checked against the run's record of it."""
+    run = RunLayout(file.parent.parent, "lora")
     config = from_dict(TrainConfig, ckpt["config"])
-    model = build_lora_model(config, base_weights(load_checkpoint_file(base_file)))
+    model = build_lora_model(config, base_weights(load_stored_base(run)))
     load_trainable(model, ckpt["ema_state_dict"] if ema else ckpt["lora_state_dict"])
     return model
 
@@ -74,7 +74,7 @@ def merge_lora(path: str | Path, which: str | int = "best") -> dict[str, Any]:
     """
     file = checkpoint_path(path, which)
     ckpt = load_checkpoint_file(file, key="lora_state_dict")
-    merged = _load_lora(file, ema=True).merge_and_unload()  # type: ignore[operator]
+    merged = _load_lora(file, ckpt, ema=True).merge_and_unload()  # type: ignore[operator]
     net = base_diffit(merged)
     config = dict(ckpt["config"])
     config["model"] = {**config["model"], "num_classes": net.num_classes}

@@ -1,8 +1,8 @@
 """Exponential moving average of the weights, with EDM's half-life in images and its ramp-up.
 
-Under ZeRO-3 a rank only holds a slice of each parameter (``param.ds_tensor``), so the EMA is kept for
-that slice alone: no gather per step and 1/world_size of the memory. ``local_state``/``load_local_state``
-save and restore exactly what this rank holds; ``to_full``/``from_full`` convert between the slices and
+Under ZeRO-3 a rank only holds a slice of each parameter, so the EMA is kept for
+that slice alone: no gather per step and 1/world_size of the memory. ``state_dict``/``load_state_dict``
+save and restore exactly what this rank holds; ``full_state``/``from_full`` convert between the slices and
 full tensors with DeepSpeed's ZeRO-3 layout (each parameter padded to a multiple of the world size and
 split evenly), which is how the merged checkpoint stores the EMA and how a run resumes on another
 number of processes.
@@ -10,17 +10,19 @@ number of processes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from trainer.checkpoint.deepspeed_compat import full_shape, zero3_slice
+from trainer.checkpoint.sharding.full_state import full_from_slices
+
 
 def _local_view(param: nn.Parameter) -> torch.Tensor:
     """The part of ``param`` this rank owns: the ZeRO-3 slice, else the parameter itself."""
-    ds_tensor = getattr(param, "ds_tensor", None)
-    return ds_tensor if ds_tensor is not None else param.data
+    part = zero3_slice(param)
+    return part if part is not None else param.data
 
 
 class EMA:
@@ -36,7 +38,7 @@ class EMA:
         world_size: int = 1,
     ) -> None:
         self.params = {name: p for name, p in named_parameters if p.requires_grad}
-        self.partitioned = any(getattr(p, "ds_tensor", None) is not None for p in self.params.values())
+        self.partitioned = any(zero3_slice(p) is not None for p in self.params.values())
         self.rank, self.world_size = rank, world_size
         self.halflife_kimg = halflife_kimg
         self.rampup_ratio = rampup_ratio
@@ -59,10 +61,10 @@ class EMA:
 
     # -- checkpoint I/O ---------------------------------------------------------------------------
 
-    def local_state(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
 
-    def load_local_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
@@ -70,12 +72,12 @@ class EMA:
             tensor.copy_(state[name].reshape(tensor.shape))
 
     def shapes(self) -> dict[str, torch.Size]:
-        return {name: getattr(p, "ds_shape", p.shape) for name, p in self.params.items()}
+        return {name: full_shape(p) for name, p in self.params.items()}
 
     def from_full(self, full: dict[str, torch.Tensor]) -> None:
         """Load full EMA tensors (from a merged checkpoint), keeping this rank's slice under ZeRO-3."""
         if not self.partitioned:
-            self.load_local_state(full)
+            self.load_state_dict(full)
             return
         for name, shadow in self.shadow.items():
             flat = full[name].reshape(-1).float()
@@ -88,7 +90,7 @@ class EMA:
     def full_state(self) -> dict[str, torch.Tensor]:
         """Full EMA tensors on every rank; a collective (all-gather) under ZeRO-3, so call it on all ranks."""
         if not self.partitioned:
-            return self.local_state()
+            return self.state_dict()
         shapes = self.shapes()
         full = {}
         for name, local in self.shadow.items():
@@ -96,9 +98,3 @@ class EMA:
             torch.distributed.all_gather(slices, local)
             full[name] = full_from_slices([s.cpu() for s in slices], shapes[name])
         return full
-
-
-def full_from_slices(slices: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """Reassemble a ZeRO-3-partitioned tensor from every rank's slice (rank order)."""
-    numel = math.prod(shape)
-    return torch.cat([s.reshape(-1) for s in slices])[:numel].reshape(shape).clone()

@@ -1,8 +1,9 @@
-"""The one exception type the command-line entry points turn into a clear message and exit code 2."""
+"""The exceptions the command-line entry points turn into one clear message and an exit code."""
 
-import os
 import sys
 from collections.abc import Callable
+
+from launch.errors import LaunchError, launched_rank
 
 
 class UserError(Exception):
@@ -17,14 +18,15 @@ class SaveFailed(Exception):
     """A checkpoint could not be written and the config says to stop (``checkpoint.on_save_error: fail``)."""
 
 
-def exit_code(command: Callable[[], int | None]) -> int:
-    """Run a command-line entry point: its exit code, or 2 after one ``error: ...`` line for a ``UserError``.
+def exit_code(command: Callable[[], int | None], *, is_main: bool | None = None) -> int:
+    """Run a command-line entry point: its exit code, or 2 after one ``error: ...`` line for bad input.
 
-    Under a multi-process launch every rank meets the same bad input; only global rank 0 prints it.
+    Under a multi-process launch every rank meets the same bad input; only the main process prints it
+    (``is_main``; by default the process the launcher started as global rank 0).
     """
     try:
         return command() or 0
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+    except (UserError, LaunchError) as e:
+        if launched_rank() == 0 if is_main is None else is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -125,11 +123,3 @@ def build_lora_model(config: TrainConfig, weights: dict[str, torch.Tensor]) -> P
     return apply_lora(
         model, targets, dropout=lora.dropout, train_label_embedding=lora.train_label_embedding or resized
     )
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

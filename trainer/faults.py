@@ -1,18 +1,22 @@
 """Fault injection for the crash tests: pause, signal or fail writes at named points of a run.
 
-Used only by tests (``tests/test_faults.py``); inert unless ``DIFFIT_FAULTS`` is set. A spec is a
-``;``-separated list of ``ACTION@POINT[:KEY=VALUE...]``:
+Used only by tests (``tests/test_faults.py`` and the soak test). The command line builds one ``Faults``
+from ``DIFFIT_FAULTS`` when a launch starts and hands it to the code that has fault points; everything else
+gets ``NO_FAULTS``, which does nothing. A spec is a ``;``-separated list of ``ACTION@POINT[:KEY=VALUE...]``:
 
-  ``pause@save.merge:step=6``      at that point, write ``$DIFFIT_FAULT_MARKER`` and sleep until killed
-                                   (the test then cuts the power: SIGKILL of every process of the launch)
+  ``pause@save.merge:step=6``      at that point, write ``$DIFFIT_FAULT_MARKER`` (where, and this process's
+                                   pid) and sleep until killed (the test then cuts the power: SIGKILL of
+                                   every process of the launch, or of this one)
   ``signal@step:step=5:rank=1``    rank 1 sends itself SIGTERM after optimizer step 5 (a preemption)
   ``enospc@write:tag=epoch_002``   checkpoint writes of that checkpoint fail with ENOSPC (a full disk)
+  ``exit@save.rendezvous:rank=1``  the process exits at once with code 9 (a machine that dies)
 
 Points: ``step`` (after an optimizer step), ``save.shards`` (state written, not yet renamed),
 ``save.merge`` (state renamed, merged file not yet written), ``save.manifest`` (files written, manifest not
-yet), ``save.retention`` (committed, retention not yet run), ``metadata`` (before metadata.json is written),
-``write`` (a checkpoint file written but not yet renamed into place; ``enospc`` applies to every write).
-Filters: ``step`` (global step), ``tag``, ``rank``. Each fault fires once per process.
+yet), ``save.retention`` (committed, retention not yet run), ``save.rendezvous`` (a rank's files written,
+before it meets the others), ``metadata`` (before metadata.json is written after an epoch), ``write`` (a
+checkpoint file about to be written, or written but not yet renamed into place; ``enospc`` applies to every
+write). Filters: ``step`` (global step), ``tag``, ``rank``. Each fault fires once per process.
 """
 
 from __future__ import annotations
@@ -22,52 +26,68 @@ import os
 import signal
 import threading
 import time
-from functools import cache
 from pathlib import Path
 
 ENV = "DIFFIT_FAULTS"
 MARKER_ENV = "DIFFIT_FAULT_MARKER"
-
-_fired: set[int] = set()
-_local = threading.local()
-"""``_local.context``: this thread's current ``tag`` and ``step``, set by the checkpoint code so that a
-``write`` point can be filtered (a save's writes run in their own thread)."""
+ACTIONS = ("pause", "signal", "enospc", "exit")
 
 
-@cache
-def _faults() -> list[tuple[str, str, dict[str, str]]]:
-    spec = os.environ.get(ENV, "")
-    faults = []
-    for item in filter(None, (part.strip() for part in spec.split(";"))):
-        head, *filters = item.split(":")
-        action, _, point = head.partition("@")
-        faults.append((action, point, dict(f.split("=", 1) for f in filters)))
-    return faults
+class Faults:
+    """The faults of one process, matched against the points it passes."""
 
+    def __init__(self, spec: str = "", *, rank: int = 0, marker: Path | None = None) -> None:
+        self.rank, self.marker = rank, marker
+        self._faults = [_parse(item) for item in filter(None, (part.strip() for part in spec.split(";")))]
+        self._fired: set[int] = set()
+        self._lock = threading.Lock()  # the points of a background save fire on its own thread
 
-def set_context(**values: object) -> None:
-    if _faults():
-        _local.context = {**getattr(_local, "context", {}), **{k: str(v) for k, v in values.items()}}
+    @classmethod
+    def from_environment(cls, rank: int) -> Faults:
+        marker = os.environ.get(MARKER_ENV)
+        return cls(os.environ.get(ENV, ""), rank=rank, marker=Path(marker) if marker else None)
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self._faults)
 
-def point(name: str, **values: object) -> None:
-    """Called at each named point; does nothing unless a configured fault matches here."""
-    if not _faults():
-        return
-    context = getattr(_local, "context", {})
-    here = {**context, **{k: str(v) for k, v in values.items()}, "rank": os.environ.get("RANK", "0")}
-    for index, (action, where, filters) in enumerate(_faults()):
-        if where != name or index in _fired or any(here.get(k) != v for k, v in filters.items()):
-            continue
-        _fired.add(index)
+    def point(self, name: str, **where: object) -> None:
+        """Called at each named point with what identifies it (``step``, ``tag``); does nothing unless a
+        configured fault matches here."""
+        if not self._faults:
+            return
+        here = {**{k: str(v) for k, v in where.items() if v is not None}, "rank": str(self.rank)}
+        for index, (action, point, filters) in enumerate(self._faults):
+            if point != name or any(here.get(k) != v for k, v in filters.items()):
+                continue
+            with self._lock:
+                if index in self._fired:
+                    continue
+                if action != "enospc":  # a full disk stays full for every write of that checkpoint
+                    self._fired.add(index)
+            self._act(action, name, here)
+
+    def _act(self, action: str, name: str, here: dict[str, str]) -> None:
         if action == "pause":
-            marker = os.environ.get(MARKER_ENV)
-            if marker:
-                Path(marker).write_text(f"{name} {here}\n")
+            if self.marker is not None:
+                self.marker.write_text(f"{name} {here} pid={os.getpid()}\n")
             while True:
                 time.sleep(1)
         elif action == "signal":
             os.kill(os.getpid(), signal.SIGTERM)
+        elif action == "exit":
+            os._exit(9)
         elif action == "enospc":
-            _fired.discard(index)  # a full disk stays full for every write of that checkpoint
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by a test)")
+
+
+def _parse(item: str) -> tuple[str, str, dict[str, str]]:
+    head, *filters = item.split(":")
+    action, _, point = head.partition("@")
+    if action not in ACTIONS or not point:
+        raise ValueError(f"bad fault {item!r}: expected ACTION@POINT with ACTION one of {', '.join(ACTIONS)}")
+    return action, point, dict(f.split("=", 1) for f in filters)
+
+
+NO_FAULTS = Faults()
+"""The hook of every run that injects nothing."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ from PIL import Image, ImageDraw
 from model import EDMSchedule, edm_sample
 from model.lora import base_diffit
 from trainer.checkpoint.io.atomic import atomic_write
+from trainer.config import TrainConfig
+from trainer.factory import load_trainable
 
 
 @torch.no_grad()
@@ -64,3 +67,33 @@ def save_grid(images: torch.Tensor, row_names: list[str], per_class: int, path: 
         draw.text((3, pad + r * cell_h + max(0, (h * scale - 10) // 2)), name, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+
+
+class InferenceCopy:
+    """Rank 0's CPU copy of the model for sample grids and the adapter export, built once; each use loads
+    the current EMA weights into it."""
+
+    def __init__(self, build: Callable[[], torch.nn.Module]) -> None:
+        self._build = build
+        self._model: torch.nn.Module | None = None
+
+    def with_weights(self, ema: dict[str, torch.Tensor]) -> torch.nn.Module:
+        if self._model is None:
+            with torch.random.fork_rng(devices=[]):  # the throwaway init must not shift training's RNG
+                self._model = self._build()
+        load_trainable(self._model, {k: v.cpu() for k, v in ema.items()})
+        return self._model
+
+
+def draw_grid(model: torch.nn.Module, config: TrainConfig, class_names: list[str], path: Path) -> None:
+    """The run's sample grid: ``logging.samples_per_class`` guided samples per class, EDM's sampler."""
+    logging, edm = config.logging, config.edm
+    images = sample_grid(
+        model,
+        class_names=class_names,
+        per_class=logging.samples_per_class,
+        schedule=EDMSchedule(edm.num_steps, edm.sigma_min, edm.sigma_max, edm.rho),
+        guidance=logging.guidance,
+        seed=config.seed,
+    )
+    save_grid(images, class_names, logging.samples_per_class, path)

@@ -35,10 +35,7 @@ from trainer.errors import UserError
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
-    from trainer.runs.store import RunHandle
-
-TENSORBOARD_DIR = "tensorboard"
-"""TensorBoard's folder under the run's ``logs/``."""
+    from trainer.runs.metadata import RunHandle
 
 
 class Tracker(Protocol):
@@ -52,7 +49,7 @@ class Tracker(Protocol):
 class TensorBoardTracker:
     """A ``SummaryWriter`` on ``logs/tensorboard/``, shared by every launch of the run."""
 
-    def __init__(self, logs: Path, *, resume_step: int) -> None:
+    def __init__(self, folder: Path, *, resume_step: int) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -61,7 +58,7 @@ class TensorBoardTracker:
         # purge_step: on reading, TensorBoard drops points at steps >= it that earlier event files hold (a
         # crashed launch's steps after its last checkpoint), so a resumed curve never doubles back.
         self.writer = SummaryWriter(
-            str(logs / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None, flush_secs=30
+            str(folder), purge_step=resume_step + 1 if resume_step else None, flush_secs=30
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -135,6 +132,11 @@ class Trackers:
     def enabled(self) -> bool:
         return bool(self._trackers)
 
+    def adopt(self, other: Trackers) -> None:
+        """Feed ``other``'s trackers from now on (opened once a resume has set the step to continue from;
+        whoever holds this object logs to them)."""
+        self._trackers = other._trackers
+
     def log(self, metrics: dict[str, float | None], step: int) -> None:
         """Scalars at optimizer step ``step``; ``None`` values (no validation split) are left out."""
         values = {k: float(v) for k, v in metrics.items() if v is not None}
@@ -171,13 +173,13 @@ def open_trackers(config: TrainConfig, run: RunHandle, *, resume_step: int) -> T
     names = config.logging.trackers
     if not run.is_main or not names:
         return Trackers()
-    logs = run.path / "logs"
+    logs = run.layout.logs
     logs.mkdir(exist_ok=True)
     opened: list[Tracker] = []
     try:
         for name in names:
             if name == "tensorboard":
-                opened.append(TensorBoardTracker(logs, resume_step=resume_step))
+                opened.append(TensorBoardTracker(run.layout.tensorboard, resume_step=resume_step))
             elif name == "wandb":
                 opened.append(
                     WandbTracker(

@@ -18,23 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint.io.atomic import atomic_write_json
+from trainer.runs.layout import MANIFESTS as MANIFEST_DIR
 
 FORMAT = "diffit-trainer/manifest-v1"
-MANIFEST_DIR = "manifests"
 CHUNK = 4 << 20
-
-
-def epoch_tag(epoch: int) -> str:
-    return f"epoch_{epoch:03d}"
-
-
-def step_tag(global_step: int) -> str:
-    return f"step_{global_step:07d}"
-
-
-def is_tag(name: str) -> bool:
-    prefix, _, number = name.partition("_")
-    return prefix in ("epoch", "step") and number.isdigit()
 
 
 def sha256_file(path: Path) -> str:

@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from trainer.checkpoint.io.atomic import atomic_write
 from trainer.errors import UserError
-from trainer.runs.store import RunSummary, monitored_series
+from trainer.runs.listing import RunSummary, monitored_series
 
 
 def run_label(row: RunSummary) -> str:

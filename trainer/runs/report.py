@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.config import diff_keys
-from trainer.runs.store import RunError, kind_root, read_metadata, resolve_run, run_dir
+from trainer.config_files import diff_keys
+from trainer.runs.layout import RunLayout, kind_root, run_dir
+from trainer.runs.metadata import read_metadata
+from trainer.runs.store import RunError, resolve_run
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "lr", "seconds", "checkpoint"]
 _ABSENT = "(absent)"
@@ -81,17 +83,20 @@ def checkpoint_files(run: Path) -> list[tuple[str, int, str]]:
     ``best.ckpt``/``last.ckpt`` are hard links to an epoch file: the epoch file's note says which of them
     point at it, and theirs names the file (or says "copy" where the file system could not link).
     """
+    layout = RunLayout.detect(run)
+    if layout is None:
+        return []
     found: list[Path] = []
-    for folder in ("checkpoints", "lora_weights", "base_model"):
-        if (run / folder).is_dir():
-            found += sorted(p for p in (run / folder).glob("*.ckpt") if not p.name.startswith("."))
+    for folder in (layout.checkpoints, layout.stored_base.parent):
+        if folder.is_dir():
+            found += sorted(p for p in folder.glob("*.ckpt") if not p.name.startswith("."))
     aliases = [p for p in found if p.stem in ("best", "last")]
     rows = []
     for path in found:
         if path in aliases:
             target = [p.name for p in found if p not in aliases and _same_file(p, path)]
             note = f"{path.stem} -> {target[0]}" if target else f"{path.stem} (copy)"
-        elif path.parent.name == "base_model":
+        elif path == layout.stored_base:
             note = "base model the adapters apply to"
         else:
             note = ", ".join(a.stem for a in aliases if _same_file(path, a))

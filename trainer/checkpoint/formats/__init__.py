@@ -1,0 +1,112 @@
+"""The two checkpoint formats, and what the manager asks of a format.
+
+A format says which files a checkpoint has and how they are written and read; the manager decides when,
+and the commit protocol makes them count. A save goes through a format in two parts:
+  ``snapshot``  on every rank (collective under DeepSpeed): copy the state to host memory and list the files
+                this rank writes, as ``PendingFile``s; training goes on as soon as it returns.
+  ``finish``    on global rank 0, once every rank's files are written: put the checkpoint in place (rename
+                folders, write the files rank 0 alone writes) and return the hashes of the files it knows.
+``load`` restores a committed checkpoint on every rank, on this launch's number of processes and stage.
+
+  base.py  base runs: DeepSpeed's shards (or a single process's safetensors), each rank's EMA slice and RNG,
+           ``trainer_state.json``, and for epoch checkpoints the merged fp32 file users load
+  lora.py  LoRA runs: one file of the trained tensors, their EMA and Adam state by name, written by rank 0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.states import TrainingStates
+from trainer.errors import UserError
+
+CKPT_FORMAT = "diffit-trainer/checkpoint-v1"
+"""``format`` of every ``.ckpt`` file this trainer writes."""
+
+Hashes = dict[str, tuple[int, str]]
+"""File name → (bytes, sha256) of files hashed while they were written."""
+
+
+@dataclass
+class PendingFile:
+    """A file of a snapshot, written by the save's job: ``write(obj, file)`` to ``path``."""
+
+    path: Path
+    obj: Any
+    write: Callable[[Any, Any], Any]
+
+
+@dataclass
+class Snapshot:
+    """What one rank holds of a checkpoint between the snapshot and the commit."""
+
+    files: list[PendingFile] = field(default_factory=list)
+    """What this rank writes (every rank, or only rank 0)."""
+    payload: Any = None
+    """What rank 0's ``finish`` needs (None on the other ranks)."""
+
+
+class CheckpointFormat(Protocol):
+    """The files of one kind of checkpoint; see the module docstring for the order of calls."""
+
+    payload_key: str
+    """The entry every ``.ckpt`` file of this kind holds (``state_dict`` or ``lora_state_dict``)."""
+    roots: list[tuple[Path, str]]
+    """Where a tag's files live, as (folder, suffix): tag ``T`` owns ``folder/T+suffix``."""
+    leftover_folders: list[Path]
+    """Folders where a crashed writer may have left ``.tmp-`` files."""
+
+    def snapshot(
+        self, tag: str, states: TrainingStates, progress: dict[str, Any], metrics: dict[str, float],
+        keep: Callable[[Any], Any],
+    ) -> Snapshot:  # fmt: skip
+        """Collective. ``progress``: ``TrainState.state_dict()`` as saved; ``keep``: what the snapshot holds
+        of a state object (a host copy for a background save, the object itself for a synchronous one)."""
+        ...
+
+    def finish(
+        self, tag: str, snapshot: Snapshot, written: Hashes, progress: dict[str, Any],
+        metrics: dict[str, float], before_publish: Callable[[Path], None],
+    ) -> dict[Path, tuple[int, str]]:  # fmt: skip
+        """Rank 0, after every rank wrote its files. Returns (bytes, sha256) by final path of the files
+        whose hashes are already known; may raise OSError (nothing of the tag counts until committed)."""
+        ...
+
+    def load(self, tag: str, states: TrainingStates) -> dict[str, Any]:
+        """Every rank: restore ``tag`` into ``states``; returns the saved ``TrainState`` dict."""
+        ...
+
+    def adopt(self, tag: str) -> Manifest | None:
+        """A checkpoint written before manifests existed: its manifest (without files), or None if it is
+        not resumable."""
+        ...
+
+
+def load_checkpoint_file(path: Path, key: str | tuple[str, ...] = "state_dict") -> dict[str, Any]:
+    """A ``.ckpt`` of this trainer, weights-only: a file that needs pickled code is refused.
+
+    ``key`` is the entry it must hold (or one of them): ``state_dict`` for base checkpoints,
+    ``lora_state_dict`` for LoRA ones.
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise UserError(
+            f"cannot load checkpoint {path}: the file is damaged, was not written by this trainer, or needs "
+            f"pickled code to load ({reason})"
+        ) from None
+    keys = (key,) if isinstance(key, str) else key
+    if not isinstance(data, dict) or not any(k in data for k in keys):
+        kind = data.get("kind") if isinstance(data, dict) else None
+        what = f"a {kind} checkpoint" if isinstance(kind, str) else "not a checkpoint of this trainer"
+        raise UserError(f"{path} is {what} (no '{keys[0]}' inside)")
+    return data

@@ -3,19 +3,20 @@
 Files of a base run (``run_NNN/checkpoints/``), per tag (``epoch_NNN`` or ``step_NNNNNNN``):
   ``epoch_NNN.ckpt``   merged full fp32 checkpoint: ``state_dict``, ``ema_state_dict``, ``epoch``,
                         ``global_step``, ``metrics``, ``config`` (plain data; loads with weights_only=True)
-  ``best.ckpt``/``last.ckpt``  hard links to an epoch file (a copy where links are impossible)
   ``state/<tag>/``     resumable state: DeepSpeed's own shards (``*_optim_states.pt``, ``*model_states.pt``)
                         or, without DeepSpeed, ``model.safetensors`` + ``optimizer.pt``; plus each rank's EMA
-                        slice and RNG state and ``trainer_state.json`` (counters, history)
-  ``manifests/<tag>.json``  size and sha256 of every file above, written last: the commit record
-Step checkpoints have no merged file. The commit protocol (manifests, background saves, retention, resume
-with fallback) is ``commit.Checkpoints``'; a LoRA run's files are ``adapter_checkpoint.py``'s.
+                        slice (``ema_rankN.safetensors``) and RNG (``rng_rankN.pt``), and ``trainer_state.json``
+                        (counters, history, world size, parameter shapes)
+Step checkpoints have no merged file. Every rank writes its files into ``state/.tmp-<tag>/``; rank 0 then
+renames the folder and writes the merged file (from the snapshot when every tensor is at hand, else merged
+from the shards just written).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,88 +24,161 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from launch import Topology, barrier
-from trainer import faults
-from trainer.checkpoint.io.atomic import (
-    TMP_PREFIX,
-    atomic_rename,
-    atomic_write,
-    atomic_write_json,
-)
+from launch import Topology
+from trainer.checkpoint import deepspeed_compat as compat
+from trainer.checkpoint.formats import CKPT_FORMAT, Hashes, PendingFile, Snapshot
+from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, atomic_write, atomic_write_json
 from trainer.checkpoint.io.serialization import write_safetensors
-from trainer.checkpoint.manifest import (
-    Manifest,
-    epoch_tag,
-)
-from trainer.checkpoint.protocol import Checkpoints, TrainingState
-from trainer.checkpoint.sharding.full_state import FullState, restore_rng, rng_state, scatter_full_state
-from trainer.checkpoint.sharding.zero_merge import (
-    merge_zero_optimizer_state,
-    merge_zero_shards,
-    weights_only_loads,
-)
-from trainer.ema import EMA, full_from_slices
+from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.sharding.full_state import FullState, full_from_slices, scatter_full_state
+from trainer.checkpoint.sharding.zero_merge import merge_zero_optimizer_state, merge_zero_shards
+from trainer.checkpoint.states import TrainingStates
 from trainer.errors import UserError
-
-CKPT_FORMAT = "diffit-trainer/checkpoint-v1"
-
-
-def epoch_name(epoch: int) -> str:
-    return epoch_tag(epoch)
+from trainer.faults import NO_FAULTS, Faults
+from trainer.runs.layout import RunLayout
 
 
-def load_checkpoint_file(path: Path, key: str = "state_dict") -> dict[str, Any]:
-    """A ``.ckpt`` of this trainer, weights-only: a file that needs pickled code is refused.
+class BaseFormat:
+    payload_key = "state_dict"
 
-    ``key`` is the entry it must hold: ``state_dict`` for base checkpoints, ``lora_state_dict`` for LoRA ones.
-    """
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-        raise UserError(
-            f"cannot load checkpoint {path}: the file is damaged, was not written by this trainer, or needs "
-            f"pickled code to load ({reason})"
-        ) from None
-    if not isinstance(data, dict) or key not in data:
-        kind = data.get("kind") if isinstance(data, dict) else None
-        what = f"a {kind} checkpoint" if isinstance(kind, str) else "not a checkpoint of this trainer"
-        raise UserError(f"{path} is {what} (no '{key}' inside)")
-    return data
+    def __init__(self, layout: RunLayout, topo: Topology, config: dict[str, Any], faults: Faults = NO_FAULTS):
+        self.layout, self.topo, self.config, self.faults = layout, topo, config, faults
+        self.state_root = layout.state_root
+        self.roots = [(layout.checkpoints, ".ckpt"), (self.state_root, "")]
+        self.leftover_folders = [layout.checkpoints, self.state_root]
+        if topo.deepspeed_stage is not None:
+            compat.verify_touches()
 
+    def _tmp(self, tag: str) -> Path:
+        return self.state_root / f"{TMP_PREFIX}{tag}"
 
-class CheckpointManager(Checkpoints):
-    """Saves and restores the full training state of a base run, on every rank."""
+    def _merged_tmp(self, tag: str) -> Path:
+        return self.layout.checkpoints / f"{TMP_PREFIX}{tag}.ckpt"
 
-    def __init__(
-        self,
-        run_dir: Path,
-        topo: Topology,
-        *,
-        keep_last_n: int,
-        config: dict[str, Any],
-        async_save: bool = False,
-    ) -> None:
-        self.state_root = run_dir / "checkpoints" / "state"
-        folder = run_dir / "checkpoints"
-        super().__init__(
-            run_dir,
-            folder,
-            topo,
-            keep_last_n=keep_last_n,
-            config=config,
-            kind="base",
-            roots=[(folder, ".ckpt"), (self.state_root, "")],
-            async_save=async_save,
-        )
+    # -- saving ---------------------------------------------------------------------------------------
 
-    def _is_resumable(self, tag: str) -> bool:
-        return (self.state_root / tag / "trainer_state.json").is_file()
+    def snapshot(
+        self, tag: str, states: TrainingStates, progress: dict[str, Any], metrics: dict[str, float],
+        keep: Callable[[Any], Any],
+    ) -> Snapshot:  # fmt: skip
+        tmp, topo = self._tmp(tag), self.topo
+        if topo.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        topo.comm.barrier(what=f"the snapshot of {tag}")
+        files: list[PendingFile] = []
+        weights = None
+        if topo.deepspeed_stage is not None:  # DeepSpeed's own save, each file it writes held back
 
-    def _legacy_manifest(self, tag: str) -> Manifest:
-        manifest = super()._legacy_manifest(tag)
+            def hold(state_dict: Any, path: str) -> None:
+                files.append(PendingFile(Path(path), keep(state_dict), torch.save))
+
+            with compat.engine_file_hooks(states.model, save=hold):
+                states.model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
+        elif topo.is_main:
+            weights = keep(unwrap_model(states.model).state_dict())
+            files.append(PendingFile(tmp / "model.safetensors", weights, write_safetensors))
+            files.append(PendingFile(tmp / "optimizer.pt", keep(states.optimizer.state_dict()), torch.save))
+        ema = states.ema
+        if ema.partitioned or topo.is_main:  # unpartitioned EMA is identical on every rank
+            ema_state = keep(ema.state_dict())
+            files.append(PendingFile(tmp / f"ema_rank{topo.rank}.safetensors", ema_state, write_safetensors))
+        files.append(PendingFile(tmp / f"rng_rank{topo.rank}.pt", states.rng.state_dict(), torch.save))
+        if weights is not None and not ema.partitioned and progress["step_in_epoch"] == 0:
+            # Every tensor of the merged file is at hand: write it with the rest, not from the files later.
+            merged = self._merged(weights, ema_state, progress, metrics)
+            files.append(PendingFile(self._merged_tmp(tag), merged, torch.save))
+        saved = self._trainer_state(progress, states) if topo.is_main else None
+        return Snapshot(files, saved)
+
+    def finish(
+        self, tag: str, snapshot: Snapshot, written: Hashes, progress: dict[str, Any],
+        metrics: dict[str, float], before_publish: Callable[[Path], None],
+    ) -> dict[Path, tuple[int, str]]:  # fmt: skip
+        tmp, final = self._tmp(tag), self.state_root / tag
+        merged_entry = written.pop(self._merged_tmp(tag).name, None)
+        atomic_write_json(tmp / "trainer_state.json", snapshot.payload)  # the others were fsynced as written
+        if final.exists():  # an uncommitted orphan (its manifest was never written)
+            shutil.rmtree(final)
+        atomic_rename(tmp, final)
+        known = {final / name: entry for name, entry in written.items()}
+        if progress["step_in_epoch"] == 0:  # epoch checkpoints also get the merged file users load
+            self.faults.point("save.merge", tag=tag, step=progress["global_step"])
+            ckpt = self.layout.ckpt(tag)
+            if merged_entry is not None:  # written with the state
+                atomic_rename(self._merged_tmp(tag), ckpt)
+                known[ckpt] = merged_entry
+            else:  # merged from the ZeRO shards (or slices) just written
+                merged = self._merged(read_model_state(final), read_full_ema(final), progress, metrics)
+                known[ckpt] = atomic_write(ckpt, partial(torch.save, merged), before_publish=before_publish)
+        return known
+
+    def _trainer_state(self, progress: dict[str, Any], states: TrainingStates) -> dict[str, Any]:
+        extra = states.extra_state()
+        return {
+            **progress,
+            "world_size": self.topo.world_size,
+            "distributed": self.topo.distributed,
+            "ema_partitioned": states.ema.partitioned,
+            "param_shapes": {k: list(v) for k, v in states.ema.shapes().items()},
+            **({"extra": extra} if extra else {}),
+        }
+
+    def _merged(
+        self, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], progress: dict[str, Any],
+        metrics: dict[str, float],
+    ) -> dict[str, Any]:  # fmt: skip
+        return {
+            "format": CKPT_FORMAT,
+            "kind": self.layout.kind,
+            "state_dict": weights,
+            "ema_state_dict": ema,
+            "epoch": progress["epoch"],
+            "global_step": progress["global_step"],
+            "metrics": dict(metrics),
+            "config": self.config,
+        }
+
+    # -- loading --------------------------------------------------------------------------------------
+
+    def load(self, tag: str, states: TrainingStates) -> dict[str, Any]:
+        """Restore ``tag`` on every rank, on this launch's number of processes and ZeRO stage."""
+        folder, topo = self.state_root / tag, self.topo
+        saved = json.loads((folder / "trainer_state.json").read_text())
+        _refuse_other_shapes(tag, saved["param_shapes"], states.ema.shapes())
+        same_layout = saved["world_size"] == topo.world_size and saved["distributed"] == topo.distributed
+        if not same_layout:  # another number of processes or ZeRO stage: the full state from the shards
+            module = unwrap_model(states.model)
+            scatter_full_state(states.model, states.optimizer, module, read_full_state(folder), topo)
+            states.ema.from_full(read_full_ema(folder))
+        elif topo.deepspeed_stage is not None:
+            with compat.engine_file_hooks(states.model):
+                path, _ = states.model.load_checkpoint(
+                    str(self.state_root), tag=folder.name, load_optimizer_states=True,
+                    load_lr_scheduler_states=False, load_module_strict=True,
+                )  # fmt: skip
+            if path is None:
+                raise UserError(f"DeepSpeed could not load the checkpoint in {folder}")
+        else:
+            unwrap_model(states.model).load_state_dict(load_file(str(folder / "model.safetensors")))
+            states.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        if same_layout:
+            own = topo.rank if saved["ema_partitioned"] else 0
+            states.ema.load_state_dict(load_file(str(folder / f"ema_rank{own}.safetensors")))
+        rng = folder / f"rng_rank{topo.rank}.pt"
+        if rng.is_file():
+            states.rng.load_state_dict(torch.load(rng, weights_only=True))
+        else:
+            states.rng.reseed(topo.rank, saved["global_step"])
+        states.load_extra(saved.get("extra") or {})
+        topo.comm.barrier(what=f"the resume from {tag}")
+        return saved
+
+    def adopt(self, tag: str) -> Manifest | None:
+        if not tag.startswith("epoch_") or not (self.state_root / tag / "trainer_state.json").is_file():
+            return None
+        epoch = int(tag.removeprefix("epoch_"))
+        manifest = Manifest(tag, epoch, 0, epoch, self.topo.world_size, self.topo.distributed)
         try:
             saved = json.loads((self.state_root / tag / "trainer_state.json").read_text())
             manifest.global_step = int(saved["global_step"])
@@ -113,157 +187,18 @@ class CheckpointManager(Checkpoints):
             pass
         return manifest
 
-    # -- saving ---------------------------------------------------------------------------------------
 
-    per_rank_files = True
-
-    def _tmp_dir(self, tag: str) -> Path:
-        return self.state_root / f"{TMP_PREFIX}{tag}"
-
-    def _merged_tmp(self, tag: str) -> Path:
-        return self.dir / f"{TMP_PREFIX}{tag}.ckpt"
-
-    def _snapshot(self, tag: str, **kwargs: Any) -> tuple[list[tuple[Path, Any, Any]], Any]:
-        model, ema, noise, state = kwargs["model"], kwargs["ema"], kwargs["noise_generator"], kwargs["state"]
-        tmp = self._tmp_dir(tag)
-        if self.topo.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier(self.topo)
-        items: list[tuple[Path, Any, Any]] = []
-        keep = self._keep
-        weights = None
-        if self.topo.deepspeed_stage is not None:
-            with _captured_engine_writes(model, items, keep):  # DeepSpeed's own save, its writes held back
-                model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
-        elif self.topo.is_main:
-            weights = keep(unwrap_model(model).state_dict())
-            items.append((tmp / "model.safetensors", weights, write_safetensors))
-            items.append((tmp / "optimizer.pt", keep(kwargs["optimizer"].state_dict()), torch.save))
-        rank = self.topo.rank
-        if ema.partitioned or self.topo.is_main:  # unpartitioned EMA is identical on every rank
-            ema_state = keep(ema.local_state())
-            items.append((tmp / f"ema_rank{rank}.safetensors", ema_state, write_safetensors))
-        items.append((tmp / f"rng_rank{rank}.pt", rng_state(noise), torch.save))
-        if weights is not None and not ema.partitioned and state.step_in_epoch == 0:
-            # Every tensor of the merged file is at hand: write it with the rest, not from the files later.
-            merged = self._merged_payload(weights, ema_state, state, kwargs["metrics"])
-            items.append((self._merged_tmp(tag), merged, torch.save))
-        main = self._trainer_state(state, ema) if self.topo.is_main else None
-        return items, main
-
-    def _commit(
-        self,
-        tag: str,
-        *,
-        state: TrainingState,
-        metrics: dict[str, float],
-        payload: Any,
-        written: dict[str, tuple[int, str]],
-    ) -> dict[Path, tuple[int, str]]:
-        tmp, final = self._tmp_dir(tag), self.state_root / tag
-        merged_entry = written.pop(self._merged_tmp(tag).name, None)
-        atomic_write_json(tmp / "trainer_state.json", payload)  # every other file was fsynced as written
-        if final.exists():  # an uncommitted orphan (its manifest was never written)
-            shutil.rmtree(final)
-        atomic_rename(tmp, final)
-        known = {final / name: entry for name, entry in written.items()}
-        if state.step_in_epoch == 0:  # epoch checkpoints also get the merged file users load
-            faults.point("save.merge")
-            ckpt = self.dir / f"{tag}.ckpt"
-            if merged_entry is not None:  # written with the state
-                atomic_rename(self._merged_tmp(tag), ckpt)
-                known[ckpt] = merged_entry
-            else:  # merged from the ZeRO shards (or slices) just written
-                merged = self._merged_payload(read_model_state(final), read_full_ema(final), state, metrics)
-                known[ckpt] = atomic_write(
-                    ckpt, partial(torch.save, merged), hash_on_thread=not self.async_save
-                )
-        return known
-
-    def _trainer_state(self, state: TrainingState, ema: EMA) -> dict[str, Any]:
-        return {
-            **state.to_dict(),
-            "world_size": self.topo.world_size,
-            "distributed": self.topo.distributed,
-            "ema_partitioned": ema.partitioned,
-            "param_shapes": {k: list(v) for k, v in ema.shapes().items()},
-        }
-
-    def _merged_payload(
-        self,
-        weights: dict[str, torch.Tensor],
-        ema: dict[str, torch.Tensor],
-        state: TrainingState,
-        metrics: dict[str, float],
-    ) -> dict[str, Any]:
-        return {
-            "format": CKPT_FORMAT,
-            "kind": self.kind,
-            "state_dict": weights,
-            "ema_state_dict": ema,
-            "epoch": state.epoch,
-            "global_step": state.global_step,
-            "metrics": dict(metrics),
-            "config": self.config,
-        }
-
-    # -- loading --------------------------------------------------------------------------------------
-
-    def load(
-        self,
-        manifest: Manifest,
-        *,
-        model: Any,
-        optimizer: Any,
-        ema: EMA,
-        noise_generator: torch.Generator,
-        seed: int,
-    ) -> TrainingState:
-        """Restore checkpoint ``manifest`` on every rank, on this launch's number of processes and stage."""
-        folder = self.state_root / manifest.tag
-        saved = json.loads((folder / "trainer_state.json").read_text())
-        now = {name: list(shape) for name, shape in ema.shapes().items()}
-        changed = [name for name in now if saved["param_shapes"].get(name) != now[name]]
-        changed += [name for name in saved["param_shapes"] if name not in now]
-        if changed:
-            name = changed[0]
-            raise UserError(
-                f"the checkpoint {manifest.tag} does not fit the model as configured now: {len(changed)} "
-                f"parameter(s) differ, e.g. {name} (saved {saved['param_shapes'].get(name)}, now {now.get(name)}); "
-                "drop the --set model.* override that changes the architecture"
-            )
-        same_layout = (
-            saved["world_size"] == self.topo.world_size and saved["distributed"] == self.topo.distributed
+def _refuse_other_shapes(tag: str, saved: dict[str, list[int]], now: dict[str, torch.Size]) -> None:
+    current = {name: list(shape) for name, shape in now.items()}
+    changed = [name for name in current if saved.get(name) != current[name]]
+    changed += [name for name in saved if name not in current]
+    if changed:
+        name = changed[0]
+        raise UserError(
+            f"the checkpoint {tag} does not fit the model as configured now: {len(changed)} parameter(s) "
+            f"differ, e.g. {name} (saved {saved.get(name)}, now {current.get(name)}); drop the --set model.* "
+            "override that changes the architecture"
         )
-        if not same_layout:
-            # Another number of processes or ZeRO stage: rebuild the full state from the shards.
-            scatter_full_state(model, optimizer, unwrap_model(model), read_full_state(folder), self.topo)
-            ema.from_full(read_full_ema(folder))
-        elif self.topo.deepspeed_stage is not None:
-            with weights_only_loads():
-                path, _ = model.load_checkpoint(
-                    str(self.state_root),
-                    tag=folder.name,
-                    load_optimizer_states=True,
-                    load_lr_scheduler_states=False,
-                    load_module_strict=True,
-                )
-            if path is None:
-                raise UserError(f"DeepSpeed could not load the checkpoint in {folder}")
-        else:
-            unwrap_model(model).load_state_dict(load_file(str(folder / "model.safetensors")))
-            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        if same_layout:
-            rank = self.topo.rank
-            ema.load_local_state(
-                load_file(str(folder / f"ema_rank{rank if saved['ema_partitioned'] else 0}.safetensors"))
-            )
-        rng_file = folder / f"rng_rank{self.topo.rank}.pt"
-        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
-        restore_rng(rng, noise_generator, seed=seed, rank=self.topo.rank, global_step=saved["global_step"])
-        barrier(self.topo)
-        return TrainingState.from_dict(saved)
 
 
 def read_full_state(folder: Path) -> FullState:
@@ -272,8 +207,7 @@ def read_full_state(folder: Path) -> FullState:
     names = list(saved["param_shapes"])
     if (folder / "model.safetensors").is_file():
         weights = load_file(str(folder / "model.safetensors"))
-        optim = torch.load(folder / "optimizer.pt", weights_only=True)
-        states = optim["state"]
+        states = torch.load(folder / "optimizer.pt", weights_only=True)["state"]
         moments = {
             key: {
                 n: states[i][key] if i in states else torch.zeros_like(weights[n])
@@ -310,25 +244,3 @@ def read_full_ema(folder: Path) -> dict[str, torch.Tensor]:
 def unwrap_model(model: Any) -> torch.nn.Module:
     """The plain module inside a DeepSpeed engine or DDP wrapper."""
     return model.module if hasattr(model, "module") else model
-
-
-class _captured_engine_writes:
-    """For one DeepSpeed ``save_checkpoint``: each file it would write is held back (``keep``: copied to host
-    memory for a background save) as (path, object, writer), to be written by the save's job. DeepSpeed's collective sequence is untouched,
-    and a write error can no longer leave one rank behind in its barriers."""
-
-    def __init__(self, engine: Any, items: list[tuple[Path, Any, Any]], keep: Any) -> None:
-        self.engine, self.items, self.keep = engine, items, keep
-
-    def __enter__(self) -> None:
-        checkpoint_engine = self.engine.checkpoint_engine
-        self.original = checkpoint_engine.save
-        items, keep = self.items, self.keep
-
-        def save(state_dict: Any, path: str) -> None:
-            items.append((Path(path), keep(state_dict), torch.save))
-
-        checkpoint_engine.save = save
-
-    def __exit__(self, *exc: object) -> None:
-        self.engine.checkpoint_engine.save = self.original

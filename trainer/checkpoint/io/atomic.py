@@ -15,13 +15,10 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
-
-from trainer import faults
 
 TMP_PREFIX = ".tmp-"
 
@@ -56,11 +53,11 @@ class HashingWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        if not self.hash_on_thread or view.nbytes < HASH_ON_THREAD_BYTES:
+        if not self.hash_on_thread or self.flusher is None or view.nbytes < HASH_ON_THREAD_BYTES:
             self.digest.update(view)
             written = self.raw.write(view)
         else:
-            hashed = _hash_thread().submit(self.digest.update, view)
+            hashed = self.flusher.hasher.submit(self.digest.update, view)
             try:
                 written = self.raw.write(view)
             finally:
@@ -80,38 +77,20 @@ class HashingWriter:
 HASH_ON_THREAD_BYTES = 1 << 20
 """Blocks from this size on are hashed on the helper thread; smaller ones cost less than the hand-over."""
 
-_hasher: ThreadPoolExecutor | None = None
-_hasher_lock = threading.Lock()
-
-
-def _hash_thread() -> ThreadPoolExecutor:
-    global _hasher
-    with _hasher_lock:
-        if _hasher is None:
-            _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        return _hasher
-
-
-def _forget_hash_thread() -> None:
-    """In a forked child: the parent's helper thread does not exist there, so start a new one when needed."""
-    global _hasher, _hasher_lock
-    _hasher, _hasher_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_hash_thread)
-
 
 class Flusher:
-    """Makes written files durable in the background, so that the disk flushes one file while the next one
-    is serialised (the CPU and the disk work at the same time instead of in turn).
+    """The helper threads of one save: files are made durable in the background, so that the disk flushes
+    one file while the next one is serialised (the CPU and the disk work at the same time instead of in
+    turn), and large blocks are hashed beside their write (``HashingWriter``).
 
     ``close(f)`` hands over a written file: a helper thread fsyncs and closes it. ``wait()`` returns once
     every file handed over is on disk and closed, and raises the first error (an fsync can fail: a full or
-    lost network disk). Leaving the ``with`` block waits too, without raising."""
+    lost network disk). Leaving the ``with`` block waits too, without raising, and ends the threads."""
 
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        """Hashes a large block while the writing thread writes it (threads start on first use)."""
         self._pending: list[Future[None]] = []
         self._unflushed = 0
 
@@ -141,6 +120,7 @@ class Flusher:
         with contextlib.suppress(Exception):
             self.wait()
         self._thread.shutdown(wait=True)
+        self.hasher.shutdown(wait=True)
 
 
 WRITEBACK_BYTES = 32 << 20
@@ -170,19 +150,27 @@ def write_file(
     return hashed.entry()
 
 
-def atomic_write(path: Path, write: Callable[[Any], Any], *, hash_on_thread: bool = True) -> tuple[int, str]:
+def atomic_write(
+    path: Path,
+    write: Callable[[Any], Any],
+    *,
+    hash_on_thread: bool = True,
+    before_publish: Callable[[Path], None] | None = None,
+) -> tuple[int, str]:
     """Write ``path`` through ``write(file)`` so that readers see the old or the new file, never a part.
 
-    Returns the file's (bytes, sha256), computed as it was written (``hash_on_thread``: ``HashingWriter``)."""
+    Returns the file's (bytes, sha256), computed as it was written (``hash_on_thread``: ``HashingWriter``).
+    ``before_publish(path)`` runs once the data is written, before it takes the final name (a fault point)."""
     tmp = tmp_path_for(path)
 
-    def write_then_fault(f: Any) -> None:
+    def write_all(f: Any) -> None:
         write(f)
-        faults.point("write", path=path)
+        if before_publish is not None:
+            before_publish(path)
 
     try:
         with Flusher() as flusher:
-            entry = write_file(tmp, write_then_fault, flusher, hash_on_thread=hash_on_thread)
+            entry = write_file(tmp, write_all, flusher, hash_on_thread=hash_on_thread)
             flusher.wait()
         os.replace(tmp, path)
     except BaseException:
@@ -221,16 +209,35 @@ def link_or_copy(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def remove_tmp_leftovers(folder: Path) -> list[Path]:
-    """Delete temporary files/folders a crashed writer left directly inside ``folder``."""
+def remove_tmp_leftovers(folder: Path, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Delete temporary files/folders a crashed writer left directly inside ``folder`` (only those of the
+    files ``names``, when given)."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
+    prefixes = tuple(f"{TMP_PREFIX}{name}." for name in names) if names is not None else (TMP_PREFIX,)
     for entry in folder.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
+        if entry.name.startswith(prefixes):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
             removed.append(entry)
     return removed
+
+
+def delete_inside(path: Path, root: Path) -> None:
+    """Delete a file or folder that lies inside ``root`` (a run folder); a link is removed itself, never
+    what it points to. Anything else is refused with a RuntimeError: deletes never leave the run."""
+    resolved_root = root.resolve()
+    if path.is_symlink():  # the link itself lives in its parent folder
+        inside = path.parent.resolve().is_relative_to(resolved_root)
+    else:
+        target = path.resolve()
+        inside = target.is_relative_to(resolved_root) and target != resolved_root
+    if not inside:
+        raise RuntimeError(f"refusing to delete {path}: outside run folder {root}")
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)

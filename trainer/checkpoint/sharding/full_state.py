@@ -13,7 +13,7 @@ or scatter on one rank alone would hang.
 
 from __future__ import annotations
 
-import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from launch import Topology
+from trainer.checkpoint import deepspeed_compat as compat
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -65,7 +66,7 @@ def gather_full_state(model: Any, optimizer: Any, module: nn.Module, topo: Topol
         key: {n: safe_get_full_optimizer_state(p, key).detach().cpu().clone() for n, p in named}
         for key in ADAM_STATES
     }
-    step = max((float(s["step"]) for s in _base_optimizer(model).state.values() if "step" in s), default=0.0)
+    step = compat.optimizer_step(model)
     return FullState(params, moments, {n: step for n, _ in named})
 
 
@@ -101,7 +102,9 @@ def _scatter_params(
 
                 local = _local_slice(value, p, topo)
                 safe_set_local_fp32_param(p, local)
-                p.ds_tensor.copy_(local.to(p.ds_tensor.dtype))  # type: ignore[attr-defined]
+                part = compat.zero3_slice(p)
+                assert part is not None
+                part.copy_(local.to(part.dtype))
             else:
                 from deepspeed.utils import safe_set_full_fp32_param
 
@@ -114,7 +117,7 @@ def _scatter_moments(
 ) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
-    _materialize_adam_state(model)
+    compat.create_adam_state(model)
     for key in ADAM_STATES:
         for name, p in named:
             value = full.moments[key][name]
@@ -124,75 +127,20 @@ def _scatter_moments(
                 safe_set_local_optimizer_state(p, _local_slice(value, p, topo), key)
             else:
                 safe_set_full_optimizer_state(p, value, key)
-    step = max(full.steps.values(), default=0.0)  # one group: every member has the same count
-    for state in _base_optimizer(model).state.values():
-        state["step"] = torch.tensor(step, dtype=torch.float32)
-    if hasattr(model, "global_steps"):
-        model.global_steps = int(step)  # DeepSpeed's own counter, as its load_checkpoint would set it
-
-
-def _materialize_adam_state(model: Any) -> None:
-    """Create Adam's state before the first step, so a resume can write into it.
-
-    torch's AdamW creates its state lazily at the first step, and DeepSpeed links the parameters'
-    optimizer-state fragments only to state that exists; a fresh engine has neither. The zeros made here
-    are overwritten by the checkpoint's values right after.
-    """
-    zero_optimizer = model.optimizer
-    base = zero_optimizer.optimizer
-    # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only during a step.
-    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or [
-        flat for group in base.param_groups for flat in group["params"]
-    ]
-    for flat in flats:
-        if not base.state.get(flat):
-            base.state[flat] = {
-                "step": torch.tensor(0.0),
-                "exp_avg": torch.zeros_like(flat),
-                "exp_avg_sq": torch.zeros_like(flat),
-            }
-    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the fragments
-        zero_optimizer._hp_optimizer_states_linked = False
-        zero_optimizer._lazy_init_hp_params_optimizer_state()
+    compat.set_optimizer_step(model, max(full.steps.values(), default=0.0))  # one group, one count
 
 
 def _local_slice(full: torch.Tensor, param: Any, topo: Topology) -> torch.Tensor:
     """This rank's part of a full tensor under ZeRO-3: padded to world_size × slice and cut evenly."""
-    per_rank = param.ds_tensor.numel()  # param: a ZeRO-3 parameter (typed Any)
+    part = compat.zero3_slice(param)
+    assert part is not None, "not a ZeRO-3 parameter"
+    per_rank = part.numel()
     flat = torch.zeros(per_rank * topo.world_size, dtype=torch.float32)
     flat[: full.numel()] = full.reshape(-1).float()
-    return flat[topo.rank * per_rank : (topo.rank + 1) * per_rank].to(param.ds_tensor.device)
+    return flat[topo.rank * per_rank : (topo.rank + 1) * per_rank].to(part.device)
 
 
-def _base_optimizer(model: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's ZeRO optimizer (holds Adam's per-group step counters)."""
-    return model.optimizer.optimizer
-
-
-# --------------------------------------------------------------------------------------------------
-# Random number generators
-# --------------------------------------------------------------------------------------------------
-
-
-def rng_state(noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """This rank's RNG states: torch's global one, the EDM noise generator's and (on GPUs) CUDA's."""
-    state = {"torch": torch.get_rng_state(), "noise": noise_generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(saved: dict[str, torch.Tensor] | None, noise_generator: torch.Generator, *, seed: int, rank: int,
-                global_step: int) -> None:  # fmt: skip
-    """Restore this rank's RNG states; a rank the checkpoint did not have (more processes now) is seeded
-    from (seed, rank, step) instead, so the continuation is still reproducible."""
-    if saved is None:
-        digest = hashlib.sha256(f"{seed}/{rank}/{global_step}".encode()).digest()
-        value = int.from_bytes(digest[:8], "little")
-        torch.manual_seed(value)
-        noise_generator.manual_seed(value + 1)
-        return
-    torch.set_rng_state(saved["torch"])
-    noise_generator.set_state(saved["noise"])
-    if "cuda" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved["cuda"])
+def full_from_slices(slices: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Reassemble a ZeRO-3-partitioned tensor from every rank's slice (rank order)."""
+    numel = math.prod(shape)
+    return torch.cat([s.reshape(-1) for s in slices])[:numel].reshape(shape).clone()

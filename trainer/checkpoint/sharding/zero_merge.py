@@ -8,56 +8,22 @@ weights exactly as DeepSpeed's ``zero_to_fp32`` does (tests compare them), with 
     plus one rank's slice, where ``zero_to_fp32`` concatenates every rank's slice first;
   * every file is read with ``weights_only=True`` and an explicit allow-list of DeepSpeed's plain-data
     classes, so a shard cannot run code when loaded.
+The shard files' keys are DeepSpeed's (``deepspeed_compat.SHARD_KEYS``, checked against its constants).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainer.checkpoint.deepspeed_compat import SHARD_KEYS as KEY
+from trainer.checkpoint.deepspeed_compat import load_shard
+
 _RANK = re.compile(r"zero_pp_rank_(\d+)_")
-
-
-def deepspeed_safe_globals() -> list[Any]:
-    """DeepSpeed's plain-data classes found in its checkpoints (enum, loss scaler, fragment address)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-@contextmanager
-def weights_only_loads() -> Iterator[None]:
-    """Make every ``torch.load`` inside, DeepSpeed's own included, a ``weights_only`` load.
-
-    DeepSpeed's ``load_checkpoint`` calls ``torch.load(weights_only=False)``; PyTorch's documented switch
-    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that, and the allow-list admits DeepSpeed's plain classes.
-    """
-    import os
-
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
-
-
-def load_shard(path: Path) -> dict[str, Any]:
-    """One DeepSpeed shard, memory-mapped and weights-only."""
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 def _optim_files(folder: Path) -> list[Path]:
@@ -86,7 +52,7 @@ def merge_zero_shards(folder: Path) -> dict[str, torch.Tensor]:
     merged, model_states, stage, world_size = _merge_flat(folder, "fp32")
     state = dict(merged)
     _add_frozen_and_buffers(state, folder, model_states, stage, world_size)
-    for alias, target in model_states.get("shared_params", {}).items():
+    for alias, target in model_states.get(KEY["shared_params"], {}).items():
         if target in state:
             state[alias] = state[target]
     return state
@@ -99,8 +65,8 @@ def merge_zero_optimizer_state(folder: Path) -> tuple[dict[str, dict[str, torch.
     same merge rebuilds them; this is what lets a run resume on a different number of processes.
     """
     moments = {key: _merge_flat(folder, key)[0] for key in ADAM_STATES}
-    first = load_shard(_optim_files(folder)[0])["optimizer_state_dict"]
-    states = first["base_optimizer_state" if int(first["zero_stage"]) <= 2 else "optimizer_state_dict"][
+    first = load_shard(_optim_files(folder)[0])[KEY["optimizer"]]
+    states = first[KEY["base_optimizer"] if int(first[KEY["stage"]]) <= 2 else KEY["zero3_optimizer"]][
         "state"
     ]
     return moments, float(states[0]["step"])
@@ -111,10 +77,10 @@ ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 def _flat_groups(opt: dict[str, Any], field: str) -> list[torch.Tensor]:
     """One rank's flat partitions of ``field`` (``fp32`` master weights or an Adam state), per group."""
-    stage = int(opt["zero_stage"])
+    stage = int(opt[KEY["stage"]])
     if field == "fp32":
-        return list(opt["single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"])
-    states = opt["base_optimizer_state" if stage <= 2 else "optimizer_state_dict"]["state"]
+        return list(opt[KEY["fp32_zero12"] if stage <= 2 else KEY["fp32_zero3"]])
+    states = opt[KEY["base_optimizer"] if stage <= 2 else KEY["zero3_optimizer"]]["state"]
     return [states[g][field] for g in sorted(states)]
 
 
@@ -125,17 +91,17 @@ def _merge_flat(folder: Path, field: str) -> tuple[dict[str, torch.Tensor], dict
     if world_size == 0:
         raise ValueError(f"{folder} holds no DeepSpeed optimizer shards")
     model_states = load_shard(_model_file(folder))
-    shapes: list[dict[str, torch.Size]] = model_states["param_shapes"]
+    shapes: list[dict[str, torch.Size]] = model_states[KEY["param_shapes"]]
     flat_shapes = {name: torch.Size(shape) for group in shapes for name, shape in group.items()}
     merged = {name: torch.empty(math.prod(shape), dtype=torch.float32) for name, shape in flat_shapes.items()}
 
-    first = load_shard(optim_files[0])["optimizer_state_dict"]
-    stage = int(first["zero_stage"])
-    paddings = first.get("param_alignment_paddings")
+    first = load_shard(optim_files[0])[KEY["optimizer"]]
+    stage = int(first[KEY["stage"]])
+    paddings = first.get(KEY["paddings"])
     del first
     starts = [0] * len(shapes)  # ZeRO-1/2: where this rank's slice begins in each flattened group
     for rank, path in enumerate(optim_files):
-        opt = load_shard(path)["optimizer_state_dict"]
+        opt = load_shard(path)[KEY["optimizer"]]
         parts = _flat_groups(opt, field)
         if stage <= 2:
             _copy_zero2_slice(merged, shapes, parts, starts, paddings)
@@ -197,18 +163,18 @@ def _copy_zero3_slice(
 def _add_frozen_and_buffers(
     state: dict[str, torch.Tensor], folder: Path, model_states: dict[str, Any], stage: int, world_size: int
 ) -> None:
-    frozen_shapes = model_states.get("frozen_param_shapes") or {}
+    frozen_shapes = model_states.get(KEY["frozen_shapes"]) or {}
     if frozen_shapes and stage <= 2:
         for name in frozen_shapes:
-            state[name] = model_states["frozen_param_fragments"][name].float()
+            state[name] = model_states[KEY["frozen_fragments"]][name].float()
     elif frozen_shapes:
         per_rank = [
-            load_shard(folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")["frozen_param_fragments"]
+            load_shard(folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")[KEY["frozen_fragments"]]
             for r in range(world_size)
         ]
         for name, shape in frozen_shapes.items():
             full = torch.cat([frags[name].flatten().float() for frags in per_rank])
             state[name] = full[: math.prod(shape)].view(shape).clone()
-    for name in model_states.get("buffer_names", []):
-        tensor = model_states["module"][name]
+    for name in model_states.get(KEY["buffer_names"], []):
+        tensor = model_states[KEY["module"]][name]
         state[name] = tensor.float() if tensor.is_floating_point() else tensor.clone()

@@ -1,24 +1,23 @@
-"""Accelerator construction, backend choice and the few collectives the trainer needs.
+"""Accelerator construction and backend choice.
 
 The same code runs as ``python scripts/train_base.py`` (one process), under ``accelerate launch`` with DDP,
 and with DeepSpeed ZeRO on GPUs or on the CPU. The CPU DeepSpeed path has three requirements that this
-module owns (see DEVELOPERS.md): never ``cpu=True`` on the Accelerator (it silently disables DeepSpeed),
-a ``gloo`` process group when there is no CUDA, and ``DS_ACCELERATOR=cpu`` set before DeepSpeed is imported.
+module owns: never ``cpu=True`` on the Accelerator (it silently disables DeepSpeed), a ``gloo`` process
+group when there is no CUDA, and ``DS_ACCELERATOR=cpu`` set before DeepSpeed is imported.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.errors import UserError
+from launch.collectives import DEFAULT_TIMEOUT
+from launch.errors import LaunchError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +39,7 @@ def prepare_environment() -> None:
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise UserError(
+        raise LaunchError(
             "this launch uses a DeepSpeed accelerate config, but DeepSpeed is not installed. Install it "
             "(pip install deepspeed; Linux only) or launch with --config_file "
             "configs/accelerate/single_process.yaml"
@@ -98,8 +97,9 @@ def release_shm_segment() -> None:
         (Path("/dev/shm") / f"{SHM_PREFIX}{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
-def build_accelerator(**kwargs: Any) -> Any:
-    """An ``accelerate.Accelerator`` on the right backend for this machine."""
+def build_accelerator(timeout: timedelta = DEFAULT_TIMEOUT, **kwargs: Any) -> Any:
+    """An ``accelerate.Accelerator`` on the right backend for this machine; collectives that wait longer
+    than ``timeout`` for a peer fail instead of hanging."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -112,47 +112,11 @@ def build_accelerator(**kwargs: Any) -> Any:
         category=FutureWarning,
     )
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without this Accelerate falls back to a process group each process believes it is alone in.
-        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo without CUDA: otherwise Accelerate falls back to a group each process believes it is alone in.
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
     return Accelerator(kwargs_handlers=handlers, **kwargs)
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where this process sits; read once from the Accelerator so the rest of the code needs no import of it."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    deepspeed_stage: int | None
-    """ZeRO stage when DeepSpeed drives the run, else None."""
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> str:
-        """``deepspeed-zero2``, ``ddp`` or ``single``: what ``metadata.json`` records."""
-        if self.deepspeed_stage is not None:
-            return f"deepspeed-zero{self.deepspeed_stage}"
-        return "ddp" if self.world_size > 1 else "single"
-
-
-def topology(accelerator: Any) -> Topology:
-    stage = None
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-    return Topology(
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        local_rank=accelerator.local_process_index,
-        deepspeed_stage=stage,
-        device=accelerator.device,
-    )
 
 
 def configure_deepspeed(accelerator: Any, *, micro_batch: int, grad_clip: float) -> None:
@@ -170,43 +134,3 @@ def configure_deepspeed(accelerator: Any, *, micro_batch: int, grad_clip: float)
     config["train_batch_size"] = micro_batch * accelerator.num_processes
     config["gradient_clipping"] = grad_clip
     config.setdefault("steps_per_print", 10**9)  # DeepSpeed's own periodic prints would interleave with ours
-
-
-def broadcast_object(value: Any, topo: Topology) -> Any:
-    """Rank 0's ``value`` on every rank (a no-op in a single process)."""
-    if topo.world_size == 1:
-        return value
-    payload = [value if topo.is_main else None]
-    torch.distributed.broadcast_object_list(payload, src=0)
-    return payload[0]
-
-
-def decide_on_rank0(topo: Topology, decide: Callable[[], Any]) -> Any:
-    """Run ``decide`` on global rank 0 only; every rank gets its result, or raises its ``UserError``.
-
-    A user error raised on rank 0 alone would otherwise leave the other ranks waiting in a collective.
-    """
-    outcome: tuple[Any, str | None] = (None, None)
-    if topo.is_main:
-        try:
-            outcome = (decide(), None)
-        except UserError as e:
-            outcome = (None, str(e))
-    value, error = broadcast_object(outcome, topo)
-    if error is not None:
-        raise UserError(error)
-    return value
-
-
-def all_reduce_sum(values: list[float], topo: Topology) -> list[float]:
-    """Elementwise sum of a short list of floats over all ranks (one collective)."""
-    if topo.world_size == 1:
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=topo.device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def barrier(topo: Topology) -> None:
-    if topo.world_size > 1:
-        torch.distributed.barrier()

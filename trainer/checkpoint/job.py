@@ -1,0 +1,197 @@
+"""A save in flight, on one rank: write this rank's files, meet the other ranks, commit on rank 0, learn
+the outcome.
+
+``Committer.run`` runs in a background thread of its own (or inline, for a synchronous save) and never
+raises: every failure, a dead peer included, becomes the job's ``outcome["error"]``, the same on every rank.
+The ranks meet through the collectives' background group, whose bounded timeout turns a rank that died
+during the save into a failed save instead of a hang. The files themselves come from the format's
+snapshot; ``io/`` writes them, rank 0 finishes them (the format) and commits them (``protocol.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from launch import PeerLost, Topology
+from trainer.checkpoint.formats import CheckpointFormat, Hashes, PendingFile, Snapshot
+from trainer.checkpoint.io.atomic import Flusher, write_file
+from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.protocol import CommitProtocol
+from trainer.faults import Faults
+from trainer.runs.layout import RunLayout
+
+BACKGROUND_NICENESS = 10
+
+
+@dataclass
+class SaveJob:
+    """One save on this rank, from its snapshot to its outcome."""
+
+    tag: str
+    snapshot: Snapshot
+    progress: dict[str, Any]
+    """The trainer's counters as saved (``TrainState.state_dict()``)."""
+    metrics: dict[str, float]
+    is_best: bool
+    start: float
+    """``time.perf_counter()`` when the save began (its figures count from it)."""
+    outcome: dict[str, Any] = field(default_factory=dict)
+    """``tag``, ``global_step``, ``snapshot_bytes``, ``blocked_seconds``; then ``error`` (and ``peer_lost``),
+    or ``file``, ``bytes`` and ``seconds``."""
+    thread: threading.Thread | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.progress["global_step"])
+
+    @property
+    def is_epoch(self) -> bool:
+        return self.progress["step_in_epoch"] == 0
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+
+class Committer:
+    """Carries out save jobs on this rank."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        fmt: CheckpointFormat,
+        protocol: CommitProtocol,
+        layout: RunLayout,
+        faults: Faults,
+        *,
+        background: bool,
+        warn: Callable[[str], None],
+    ) -> None:
+        self.topo, self.format, self.protocol, self.layout, self.faults = topo, fmt, protocol, layout, faults
+        self.background, self.warn = background, warn
+
+    def start(self, job: SaveJob) -> None:
+        """Run ``job`` in a thread of its own, or right here for a synchronous save."""
+        if self.background:
+            job.thread = threading.Thread(target=self.run, args=(job,), name=f"save-{job.tag}", daemon=True)
+            job.thread.start()
+        else:
+            self.run(job)
+
+    def run(self, job: SaveJob) -> None:
+        """Write this rank's files, meet the other ranks, commit on rank 0, learn the outcome."""
+        if self.background:
+            _yield_cpu_to_training()
+        comm, tag = self.topo.comm, job.tag
+        try:
+            mine = self._write(job)
+            self.faults.point("save.rendezvous", tag=tag, step=job.step)
+            reports = comm.background_exchange(mine, what=f"the save of {tag} (every rank's files written)")
+            outcome = self._commit(job, reports) if reports is not None else None
+            outcome = comm.background_broadcast(outcome, what=f"the save of {tag} (its commit)")
+        except PeerLost as e:
+            if self.topo.is_main:
+                self.protocol.discard(tag)
+            outcome = {"error": str(e), "peer_lost": True}
+        except Exception as e:  # a bug: still end the job, so that no rank waits for it forever
+            outcome = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            job.snapshot = Snapshot()  # drop the snapshot's references (staging keeps its buffers)
+        job.outcome.update(outcome, tag=tag, global_step=job.step)
+
+    def _write(self, job: SaveJob) -> tuple[str | None, Hashes]:
+        """This rank's files of the save, hashed as written: (the first error, or None; their hashes). A
+        failed write (full disk, lost mount) skips the rest."""
+        written: Hashes = {}
+        try:
+            with Flusher() as flusher:
+                for pending in job.snapshot.files:
+                    self.faults.point("write", tag=job.tag, step=job.step)
+                    written[pending.path.name] = write_file(
+                        pending.path,
+                        partial(_serialize, pending),
+                        flusher,
+                        hash_on_thread=not self.background,
+                    )
+                flusher.wait()  # every file on disk before the others are told so
+        except OSError as e:
+            return describe(e), written
+        except Exception as e:
+            return f"{type(e).__name__}: {e}", written
+        return None, written
+
+    def _commit(self, job: SaveJob, reports: list[tuple[str | None, Hashes]]) -> dict[str, Any]:
+        """Rank 0, once every rank's files are written: finish the format's files, commit, publish."""
+        tag, step, progress = job.tag, job.step, job.progress
+        errors = [f"rank {r}: {e}" if r else e for r, (e, _) in enumerate(reports) if e]
+        error = errors[0] if errors else None
+        if error is None:
+            written = {name: entry for _, hashes in reports for name, entry in hashes.items()}
+            try:
+                self.faults.point("save.shards", tag=tag, step=step)
+                known = self.format.finish(tag, job.snapshot, written, progress, job.metrics,
+                                           lambda path: self.faults.point("write", tag=tag, step=step))  # fmt: skip
+                self.faults.point("save.manifest", tag=tag, step=step)
+                manifest = Manifest(tag, progress["epoch"], progress["step_in_epoch"], step,
+                                    self.topo.world_size, self.topo.distributed)  # fmt: skip
+                self.protocol.commit(manifest, known)
+            except OSError as e:
+                error = describe(e)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+        if error is not None:
+            self.protocol.discard(tag)
+            return {"error": error}
+        try:  # committed: a failure from here on costs nothing already saved
+            self.protocol.publish(
+                tag, is_epoch=job.is_epoch, is_best=job.is_best, best_epoch=(progress["best"] or {}).get("epoch"),
+                before_retention=lambda: self.faults.point("save.retention", tag=tag, step=step),
+            )  # fmt: skip
+        except OSError as e:
+            self.warn(f"{tag} is saved, but relinking last/best or retention failed: {describe(e)}")
+        ckpt, files = self.layout.ckpt(tag), self.protocol.tag_files(tag)
+        return {
+            "file": str(ckpt if ckpt.is_file() else self.protocol.tag_paths(tag)[-1]),
+            "bytes": sum(f.stat().st_size for f in files),
+            "seconds": time.perf_counter() - job.start,
+        }
+
+
+def describe(error: OSError) -> str:
+    where = f" writing {error.filename}" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
+def _serialize(pending: PendingFile, f: Any) -> None:
+    pending.write(pending.obj, f)
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower the calling thread's CPU priority (Linux: niceness is per thread, and the threads it starts
+    inherit it), so that a background save takes the cores training leaves idle rather than training's."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+
+
+def nbytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the tensors in ``obj``, each storage counted once (a merged file shares the state's)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(nbytes(v, seen) for v in obj)
+    return 0

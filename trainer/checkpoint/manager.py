@@ -1,0 +1,319 @@
+"""The checkpoint manager: the one object the training loop talks to about checkpoints.
+
+The trainer registers its states once (``TrainingStates``); the manager decides when to save, saves, waits
+for the previous save, times it, keeps the rank rule, reports and records events:
+
+    manager = CheckpointManager(layout, fmt, topo, states, config.checkpoint, run=run, trackers=trackers)
+    manager.load()                                           # resume: newest intact checkpoint, fallback
+    manager.maybe_save("step", loss=loss, stop_signal=sig)   # every step end: one collective
+    manager.maybe_save("epoch", metrics=m, is_best=b, last=final)
+    manager.close()
+
+At every step end the ranks meet once (``_agree``): every rank's stop signal, the step's loss (added to the
+trainer's running epoch loss), and two of rank 0's observations: whether ``save_every_n_minutes`` has passed
+on its clock, and whether the background save in flight has finished. Every rank then takes the same
+decisions.
+
+A save, one way down: ``_save`` takes the snapshot (``formats/``, collective; training waits only for
+this), then the job, in a background thread or inline, writes this rank's files (``io/``), meets the other
+ranks (a collective on a group of its own, with a bounded timeout: a dead rank fails the save instead of
+hanging it), and on rank 0 finishes the format's files and commits (``protocol.py``); rank 0 then tells
+every rank the outcome. One save is in flight at a time: the next one, or ``close``, waits for it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from launch import Topology, decide_on_rank0
+from trainer.checkpoint.formats import CheckpointFormat
+from trainer.checkpoint.io.staging import HostStaging
+from trainer.checkpoint.job import Committer, SaveJob, nbytes
+from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.protocol import CommitProtocol, ResumePoint
+from trainer.checkpoint.retention import RetentionPolicy
+from trainer.checkpoint.states import TrainingStates
+from trainer.config import CheckpointConfig
+from trainer.errors import SaveFailed, UserError
+from trainer.faults import NO_FAULTS, Faults
+from trainer.runs.layout import RunLayout
+from trainer.runs.metadata import RunHandle
+from trainer.trackers import Trackers
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """What the ranks agreed at a step or epoch end."""
+
+    stop_signal: int | None
+    """A stop signal any rank received (the lowest rank's), or None; a checkpoint of this moment is then
+    committed before ``maybe_save`` returns."""
+    saved: str | None
+    """The tag of the checkpoint started here, if any."""
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        layout: RunLayout,
+        fmt: CheckpointFormat,
+        topo: Topology,
+        states: TrainingStates,
+        policy: CheckpointConfig,
+        *,
+        run: RunHandle,
+        trackers: Trackers,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
+        self.layout, self.format, self.topo, self.states, self.policy = layout, fmt, topo, states, policy
+        self.run, self.trackers, self.faults = run, trackers, faults
+        self.protocol = CommitProtocol(
+            layout, fmt.roots, fmt.leftover_folders, RetentionPolicy(keep_last_n=policy.keep_last_n)
+        )
+        self._staging = HostStaging()
+        """A background save's snapshot buffers, reused by the next save (``io/staging.py``)."""
+        self._committer = Committer(topo, fmt, self.protocol, layout, faults, background=policy.async_save,
+                                    warn=run.warn)  # fmt: skip
+        self._job: SaveJob | None = None
+        self._last_save = time.monotonic()
+
+    # -- resume -----------------------------------------------------------------------------------
+
+    def load(self) -> Manifest | None:
+        """Resume (every rank): restore the newest intact checkpoint into the registered states. Damaged
+        ones met on the way are moved aside and reported; with none intact, training starts over in the
+        run's own folder. Returns the checkpoint's manifest, or None."""
+        point: ResumePoint = decide_on_rank0(
+            self.topo.comm, self.topo.is_main, self._find_resume_point, errors=(UserError,),
+            what="choosing the checkpoint to resume from",
+        )  # fmt: skip
+        run = self.run
+        for bad in point.damaged:
+            run.warn(
+                f"checkpoint {bad['tag']} of run {run.number:03d} is damaged: {bad['reason']}. Its files were "
+                f"moved to {run.path / bad['moved_to']}; falling back to an older checkpoint"
+            )
+            run.record_event("fallback", **bad)
+        manifest = point.manifest
+        if manifest is None:
+            run.warn(
+                f"run {run.number:03d} has no intact checkpoint to resume from: TRAINING STARTS OVER FROM "
+                "SCRATCH in the same run folder"
+                + (" (the damaged files are kept under damaged/)" if point.damaged else "")
+            )
+            run.record_event("restart_from_scratch", damaged=[d["tag"] for d in point.damaged])
+        else:
+            self.states.progress.load_state_dict(self.format.load(manifest.tag, self.states))
+            run.print(
+                f"Resuming run {run.number:03d} from {manifest.describe()} "
+                f"(checkpoint {manifest.tag}, verified against its manifest)"
+            )
+            self._report_world_size_change(manifest)
+        if self.topo.is_main:
+            self.protocol.repair_links((self.states.progress.best or {}).get("epoch"))
+        run.record_resume(
+            checkpoint=manifest.tag if manifest else None, progress=self.states.progress.state_dict(),
+            world_size=self.topo.world_size, distributed=self.topo.distributed,
+        )  # fmt: skip
+        return manifest
+
+    def _find_resume_point(self) -> ResumePoint:
+        """Rank 0: clear what a crash left, then find the newest intact checkpoint."""
+        for note in self.protocol.clean_start(self.format.adopt):
+            self.run.print(note)
+        return self.protocol.find_resume_point()
+
+    def _report_world_size_change(self, manifest: Manifest) -> None:
+        topo = self.topo
+        if (manifest.world_size, manifest.distributed) == (topo.world_size, topo.distributed):
+            return
+        self.run.print(
+            f"The checkpoint was saved by {manifest.world_size} process(es) ({manifest.distributed}); "
+            f"continuing on {topo.world_size} ({topo.distributed}) with its full optimizer state"
+        )
+        self.run.record_event(
+            "world_size_change", tag=manifest.tag, from_world_size=manifest.world_size,
+            from_distributed=manifest.distributed, to_world_size=topo.world_size,
+            to_distributed=topo.distributed,
+        )  # fmt: skip
+
+    # -- when to save -----------------------------------------------------------------------------
+
+    def maybe_save(
+        self,
+        at: Literal["step", "epoch"],
+        *,
+        loss: float = 0.0,
+        stop_signal: int | None = None,
+        metrics: dict[str, float] | None = None,
+        is_best: bool = False,
+        last: bool = False,
+    ) -> Boundary:
+        """At every step end (``loss``: this rank's loss of the step) and epoch end (``metrics`` of the
+        epoch, whether it ``is_best``), on every rank: agree with the other ranks, report a background save
+        that finished, and save when the policy, the clock or a stop signal asks. ``last``: the epoch's
+        last step, or the run's last epoch."""
+        votes = self._agree(stop_signal, loss)
+        progress = self.states.progress
+        if at == "step":
+            progress.epoch_loss_sum += votes["loss"]
+        if votes["finished"]:
+            self._finish()
+        stop = votes["stop"]
+        every = self.policy.save_every_n_steps
+        due = (
+            every > 0 and progress.global_step % every == 0 and not last
+            if at == "step"
+            else progress.epoch % self.policy.save_every_n_epochs == 0 or last
+        )
+        saved = None
+        if due or votes["clock"] or stop is not None:
+            if at == "step":
+                metrics = {"train_loss": progress.epoch_loss_sum / max(1, progress.step_in_epoch)}
+            saved = self._save(metrics or {}, is_best=is_best and at == "epoch")
+        if stop is not None:
+            self._finish()  # the checkpoint of this moment is committed before training stops
+        return Boundary(stop, saved)
+
+    def _agree(self, stop_signal: int | None, loss: float) -> dict[str, Any]:
+        """The one collective of a step end: every rank's signal and loss, rank 0's clock and save state."""
+        world, rank = self.topo.world_size, self.topo.rank
+        votes = [0.0] * (world + 3)
+        votes[rank] = float(stop_signal or 0)
+        votes[world] = loss
+        if self.topo.is_main:
+            minutes = self.policy.save_every_n_minutes
+            votes[world + 1] = float(bool(minutes) and time.monotonic() - self._last_save >= minutes * 60)
+            votes[world + 2] = float(self._job is not None and self._job.done())
+        step = self.states.progress.global_step
+        summed = self.topo.comm.all_reduce_sum(votes, what=f"the stop check at step {step}")
+        signals = [int(s) for s in summed[:world] if s]
+        return {
+            "stop": signals[0] if signals else None,
+            "loss": summed[world] / world,
+            "clock": bool(summed[world + 1]),
+            "finished": bool(summed[world + 2]),
+        }
+
+    # -- saving -----------------------------------------------------------------------------------
+
+    def _save(self, metrics: dict[str, float], *, is_best: bool) -> str:
+        """Start a checkpoint of the registered states (every rank), once the previous one is finished.
+        Training is blocked only while the state is copied to host memory (with ``async_save``)."""
+        start = time.perf_counter()
+        self._finish()  # a slow previous save blocks the loop too, and counts as such
+        progress, background = self.states.progress, self.policy.async_save
+        tag = progress.tag
+        if progress.step_in_epoch == 0:
+            progress.set_checkpoint(progress.epoch, f"{tag}.ckpt")  # part of the state being saved
+        saved = progress.state_dict()
+        keep = self._staging.copy if background else _same
+        self._staging.begin()
+        snapshot = self.format.snapshot(tag, self.states, saved, dict(metrics), keep)
+        self._staging.end()
+        job = SaveJob(tag, snapshot, saved, dict(metrics), is_best, start)
+        # Host memory held by the snapshot (nothing is copied when the save is written right away).
+        job.outcome["snapshot_bytes"] = (
+            nbytes([[f.obj for f in snapshot.files], snapshot.payload]) if background else 0
+        )
+        self._committer.start(job)
+        blocked = time.perf_counter() - start
+        job.outcome["blocked_seconds"] = blocked
+        if progress.step_in_epoch == 0 and progress.history:
+            progress.history[-1]["save_blocked_seconds"] = round(blocked, 4)
+        self.trackers.log(
+            {
+                "checkpoint/blocked_seconds": blocked,
+                "checkpoint/snapshot_mb": job.outcome["snapshot_bytes"] / 1e6,
+            },
+            step=progress.global_step,
+        )
+        self._job, self._last_save = job, time.monotonic()
+        if not background:
+            self._finish()
+        return tag
+
+    # -- the end of a save --------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Wait for the save in flight (every rank at the same point; no collective of its own) and report
+        it. A failed save stops the run on every rank when ``on_save_error`` is ``fail``."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        if job.thread is not None:
+            job.thread.join()
+        self.protocol.join()
+        self._report(job)
+
+    def _report(self, job: SaveJob) -> None:
+        outcome, run = job.outcome, self.run
+        if "error" in outcome:
+            run.record_event("save_failed", tag=job.tag, error=outcome["error"])
+            if job.is_epoch:
+                self.states.progress.set_checkpoint(job.progress["epoch"], None)
+            message = (
+                f"checkpoint {job.tag} could not be written ({outcome['error']}); its partial files were removed "
+                "and every earlier checkpoint is intact"
+            )
+            if outcome.get("peer_lost"):
+                raise SaveFailed(
+                    f"{message}. Continue with --resume {run.number} once every process of the launch can run"
+                )
+            if self.policy.on_save_error == "fail":
+                raise SaveFailed(
+                    f"{message}. The run stops (checkpoint.on_save_error: {self.policy.on_save_error}): free "
+                    f"space or fix the folder, then continue with --resume {run.number}"
+                )
+            run.warn(message + "; training continues and the next save tries again")
+            return
+        if not self.topo.is_main:
+            return
+        how = (
+            f"in the background; training blocked {outcome['blocked_seconds']:.2f} s for a "
+            f"{outcome['snapshot_bytes'] / 1e6:.1f} MB host-memory snapshot"
+            if self.policy.async_save
+            else "while training waited"
+        )
+        run.print(
+            f"Saved {outcome['file']} ({outcome['bytes'] / 1e6:.1f} MB in {outcome['seconds']:.2f} s {how})"
+        )
+        self.trackers.log(  # at the step the checkpoint was taken
+            {"checkpoint/seconds": outcome["seconds"], "checkpoint/size_mb": outcome["bytes"] / 1e6},
+            step=job.step,
+        )
+        run.update(checkpoints=self.protocol.epochs_on_disk())
+        run.record_save(
+            {
+                "tag": job.tag, "global_step": job.step, "bytes": outcome["bytes"],
+                "blocked_seconds": round(outcome["blocked_seconds"], 4),
+                "write_seconds": round(outcome["seconds"], 4), "snapshot_bytes": outcome["snapshot_bytes"],
+                "background": self.policy.async_save,
+            }
+        )  # fmt: skip
+
+    def epochs_on_disk(self) -> list[int]:
+        """The committed epoch checkpoints (rank 0; other ranks get [])."""
+        return self.protocol.epochs_on_disk() if self.topo.is_main else []
+
+    def close(self, *, failed: bool = False) -> None:
+        """The end of training: finish and report the save in flight. After a failure (``failed``), only
+        this rank's part of it is let finish, without a collective (the other ranks may be elsewhere), and
+        nothing is raised."""
+        if not failed:
+            self._finish()
+            return
+        job, self._job = self._job, None
+        if job is not None and job.thread is not None:
+            job.thread.join()
+        self.protocol.join()
+        if job is not None and "error" in job.outcome:  # every rank says it: the others may be gone
+            print(f"warning: rank {self.topo.rank}: checkpoint {job.tag} was not saved ({job.outcome['error']})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _same(obj: Any) -> Any:
+    return obj

@@ -1,0 +1,137 @@
+"""The two kinds of run, each one object: base training and LoRA fine-tuning.
+
+A kind says what differs between them: its default config and extra flags, how a new run's config is
+completed (a LoRA run takes its model from the base checkpoint), how the trained module is built, which
+checkpoint format it saves, and what happens when an epoch is the best so far (a LoRA run exports its
+adapters for peft). Everything else (runs, checkpoints, the loop) is the same code for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer.config import CONFIG_DIR, ConfigError, ModelConfig, TrainConfig, from_dict
+from trainer.faults import Faults
+from trainer.runs.layout import DEFAULT_BASE, RunLayout
+
+if TYPE_CHECKING:  # torch is imported by the methods that need it: --list-runs and --help never do
+    import torch
+
+    from launch import Topology
+    from trainer.checkpoint.formats import CheckpointFormat
+
+
+class RunKind:
+    name: str
+    headline: str
+    """Printed when a run of this kind starts."""
+    title: str
+    """Heads ``--list-runs``."""
+    default_config: Path
+    exports_best = False
+    """Whether ``on_new_best`` does anything (it needs the EMA weights gathered to rank 0)."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The kind's own command-line flags."""
+
+    def prepare(self, config: TrainConfig, args: argparse.Namespace, layout: RunLayout | None) -> Path | None:
+        """Complete ``config`` before the data is loaded, for a new run (``layout`` None) or the resume of
+        the run at ``layout``. Returns a file a new run stores (a LoRA run's base model), or None."""
+        return None
+
+    def complete(self, config: TrainConfig, num_classes: int) -> None:
+        """Finish ``config`` against the data and build the module once, so that errors surface before
+        anything is written."""
+        self.build_module(config)
+
+    def build_module(self, config: TrainConfig) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def checkpoint_format(
+        self, layout: RunLayout, topo: Topology, config: TrainConfig, faults: Faults
+    ) -> CheckpointFormat:
+        raise NotImplementedError
+
+    def on_new_best(self, model: torch.nn.Module, layout: RunLayout) -> None:
+        """Rank 0, after the checkpoint of a best epoch was started; ``model`` holds the EMA weights."""
+
+
+class BaseKind(RunKind):
+    name, headline, title = "base", "Base model training", "Base model training runs"
+    default_config = CONFIG_DIR / "training" / "base_training.yaml"
+
+    def build_module(self, config: TrainConfig) -> torch.nn.Module:
+        from trainer.factory import build_model
+
+        return build_model(config)
+
+    def checkpoint_format(
+        self, layout: RunLayout, topo: Topology, config: TrainConfig, faults: Faults
+    ) -> CheckpointFormat:
+        from trainer.checkpoint.formats.base import BaseFormat
+
+        return BaseFormat(layout, topo, config.to_dict(), faults)
+
+
+class LoraKind(RunKind):
+    name, headline, title = "lora", "LoRA fine-tuning", "LoRA fine-tuning runs"
+    default_config = CONFIG_DIR / "training" / "lora_finetuning.yaml"
+    exports_best = True
+
+    def __init__(self) -> None:
+        self._base: dict[str, Any] | None = None
+        """The base checkpoint the adapters apply to, once ``prepare`` has found it."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--base-checkpoint",
+            help="base .ckpt file or base run folder (its best.ckpt); default: <checkpoint-root>/"
+            f"{DEFAULT_BASE}, else the best checkpoint of the newest completed base run",
+        )
+        parser.add_argument("--lora-config", help="LoRA preset name (configs/lora/) or YAML path")
+
+    def prepare(self, config: TrainConfig, args: argparse.Namespace, layout: RunLayout | None) -> Path | None:
+        from trainer.base_model import load_base_checkpoint, load_stored_base, resolve_base_checkpoint
+
+        if layout is not None:
+            self._base = load_stored_base(layout)
+            return None
+        if args.model is not None:
+            raise ConfigError("a LoRA run adapts the base checkpoint's model; drop --model")
+        path = resolve_base_checkpoint(args.base_checkpoint, args.checkpoint_root).resolve()
+        self._base = load_base_checkpoint(path)
+        config.model = from_dict(ModelConfig, self._base["config"]["model"], "model.")
+        config.base_checkpoint = str(path)
+        return path
+
+    def complete(self, config: TrainConfig, num_classes: int) -> None:
+        if config.lora is None:
+            raise ConfigError("a LoRA run needs a 'lora' section: pass --lora-config NAME|PATH")
+        if config.lora.num_classes is None:
+            config.lora.num_classes = num_classes
+        self.build_module(config)
+
+    def build_module(self, config: TrainConfig) -> torch.nn.Module:
+        from trainer.factory import base_weights, build_lora_model
+
+        assert self._base is not None, "prepare() finds the base first"
+        return build_lora_model(config, base_weights(self._base))
+
+    def checkpoint_format(
+        self, layout: RunLayout, topo: Topology, config: TrainConfig, faults: Faults
+    ) -> CheckpointFormat:
+        from trainer.checkpoint.formats.lora import LoraFormat
+
+        return LoraFormat(layout, topo, config.to_dict())
+
+    def on_new_best(self, model: torch.nn.Module, layout: RunLayout) -> None:
+        from trainer.checkpoint.formats.lora import export_adapter
+
+        export_adapter(model, layout)
+
+
+def run_kind(name: str) -> RunKind:
+    """A fresh kind object of ``name`` (``base`` or ``lora``) for one launch."""
+    return {"base": BaseKind, "lora": LoraKind}[name]()

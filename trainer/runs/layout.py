@@ -1,0 +1,143 @@
+"""Every path of a run, in one place: the only module that spells the run layout's names.
+
+    <checkpoint root>/
+      base/base_model_last.ckpt          the hand-off file a LoRA run uses when given no base
+      base_training/run_NNN/             a base run           lora_finetuning/run_NNN/   a LoRA run
+        config.json  metadata.json         (both kinds)         base_model/base_model.ckpt  the base, stored once
+        checkpoints/                       committed files      lora_weights/              committed files
+          epoch_NNN.ckpt  step_NNNNNNN       merged full state    epoch_NNN.ckpt ...         adapters + their state
+          best.ckpt  last.ckpt               links to epochs      best.ckpt  last.ckpt
+          state/<tag>/                       resumable state      manifests/<tag>.json
+          manifests/<tag>.json               commit records     adapter/                   peft's export of best
+        logs/  samples/epoch_NNN.png  events.jsonl  tensorboard/  wandb/
+        damaged/<tag>/                     checkpoints that failed verification, moved aside
+
+Checkpoints are named by tags: ``epoch_NNN`` after an epoch, ``step_NNNNNNN`` inside one. Numbers are
+zero-padded and keep growing (``run_1000``, ``epoch_1000``); they are always compared as integers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+KIND_FOLDERS = {"base": "base_training", "lora": "lora_finetuning"}
+"""The folder under the checkpoint root that holds each kind's runs."""
+_CHECKPOINT_FOLDERS = {"base": "checkpoints", "lora": "lora_weights"}
+_RUN_NAME = re.compile(r"^run_(\d{3,})$")
+MANIFESTS = "manifests"
+"""Inside a checkpoint folder: the commit record of each checkpoint (``manifests/<tag>.json``)."""
+DEFAULT_BASE = Path("base") / "base_model_last.ckpt"
+"""Under the checkpoint root: the base a LoRA run uses when given none (the seed workflow's hand-off)."""
+
+
+def epoch_tag(epoch: int) -> str:
+    return f"epoch_{epoch:03d}"
+
+
+def step_tag(global_step: int) -> str:
+    return f"step_{global_step:07d}"
+
+
+def is_tag(name: str) -> bool:
+    prefix, _, number = name.partition("_")
+    return prefix in ("epoch", "step") and number.isdigit()
+
+
+def kind_root(checkpoint_root: Path, kind: str) -> Path:
+    return checkpoint_root / KIND_FOLDERS[kind]
+
+
+def run_dir(root: Path, number: int) -> Path:
+    return root / f"run_{number:03d}"
+
+
+def run_number(name: str) -> int | None:
+    """The number of a run folder's name (``run_007`` → 7), or None for any other name."""
+    match = _RUN_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run folder of kind ``base`` or ``lora``."""
+
+    path: Path
+    kind: str
+
+    @classmethod
+    def of(cls, checkpoint_root: Path, kind: str, number: int) -> RunLayout:
+        return cls(run_dir(kind_root(checkpoint_root, kind), number), kind)
+
+    @classmethod
+    def detect(cls, path: Path) -> RunLayout | None:
+        """The layout of ``path`` if it is a run folder of either kind (told by its checkpoint folder)."""
+        for kind, folder in _CHECKPOINT_FOLDERS.items():
+            if (path / folder).is_dir() or path.parent.name == KIND_FOLDERS[kind]:
+                return cls(path, kind)
+        return None
+
+    @property
+    def number(self) -> int:
+        number = run_number(self.path.name)
+        if number is None:
+            raise ValueError(f"{self.path} is not named like a run folder (run_NNN)")
+        return number
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metadata(self) -> Path:
+        return self.path / "metadata.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def events(self) -> Path:
+        """One JSON line per save (tag, bytes, blocked and write seconds): the machine-readable record."""
+        return self.logs / "events.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.logs / "tensorboard"
+
+    def sample_grid(self, epoch: int) -> Path:
+        return self.logs / "samples" / f"{epoch_tag(epoch)}.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The folder of committed checkpoint files, ``best``/``last`` and ``manifests/``."""
+        return self.path / _CHECKPOINT_FOLDERS[self.kind]
+
+    def ckpt(self, name: str) -> Path:
+        """A checkpoint file by tag or alias: ``epoch_003``, ``step_0000042``, ``best``, ``last``."""
+        return self.checkpoints / f"{name}.ckpt"
+
+    @property
+    def state_root(self) -> Path:
+        """Base runs: the resumable state of each tag, ``state/<tag>/``."""
+        return self.checkpoints / "state"
+
+    @property
+    def stored_base(self) -> Path:
+        """LoRA runs: the base model the adapters apply to, stored once."""
+        return self.path / "base_model" / "base_model.ckpt"
+
+    @property
+    def adapter(self) -> Path:
+        """LoRA runs: peft's export (``save_pretrained``) of the best adapters."""
+        return self.path / "adapter"
+
+    @property
+    def damaged(self) -> Path:
+        return self.path / "damaged"
+
+    def new_folders(self) -> list[Path]:
+        """The folders a new run starts with."""
+        own = self.stored_base.parent if self.kind == "lora" else self.checkpoints
+        return [self.logs, own]

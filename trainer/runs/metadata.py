@@ -1,0 +1,153 @@
+"""``metadata.json`` of a run and ``RunHandle``, the live run's record: status, progress, events.
+
+Rank rule, kept here: every rank has a ``RunHandle``; only global rank 0 prints and writes. A failed write
+(a full disk) is reported, never fatal: the checkpoints are the truth and a resume rewrites metadata from
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint.io.atomic import atomic_write_json
+from trainer.runs.layout import RunLayout
+
+STATUSES = ("running", "completed", "failed", "interrupted")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_metadata(
+    *,
+    number: int | None = None,
+    kind: str,
+    experiment: str,
+    dataset: str,
+    num_classes: int,
+    world_size: int,
+    distributed: str,
+) -> dict[str, Any]:
+    stamp = now()
+    return {
+        "run_number": number,
+        "kind": kind,
+        "experiment": experiment,
+        "dataset": {"name": dataset, "num_classes": num_classes},
+        "status": "running",
+        "created_at": stamp,
+        "updated_at": stamp,
+        "world_size": world_size,
+        "distributed": distributed,
+        "epochs_total": None,
+        "epochs_completed": 0,
+        "global_step": 0,
+        "best": None,
+        "checkpoints": [],
+        "history": [],
+        "resumes": [],
+        "events": [],
+    }
+
+
+def read_metadata(run: Path) -> dict[str, Any]:
+    with open(run / "metadata.json") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError("metadata.json does not hold an object")
+    return data
+
+
+def write_metadata(run: Path, metadata: dict[str, Any]) -> None:
+    """Atomically replace ``metadata.json`` (global rank 0 only)."""
+    metadata["updated_at"] = now()
+    atomic_write_json(run / "metadata.json", metadata)
+
+
+class RunHandle:
+    """The run being trained: its layout, and its record for every rank (only global rank 0 writes)."""
+
+    def __init__(self, layout: RunLayout, *, is_main: bool) -> None:
+        self.layout, self.is_main = layout, is_main
+        self.path, self.number = layout.path, layout.number
+        self.metadata: dict[str, Any] = read_metadata(layout.path) if is_main else {}
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        if self.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def update(self, **fields: Any) -> None:
+        """Merge ``fields`` into metadata.json."""
+        if self.is_main:
+            self.metadata.update(fields)
+            try:
+                write_metadata(self.path, self.metadata)
+            except OSError as e:
+                self.warn(f"could not update {self.layout.metadata}: {e.strerror or e}")
+
+    def record_progress(self, progress: dict[str, Any], kept: list[int]) -> None:
+        """Counters, history and best from the trainer's state (``TrainState.state_dict()``) and the
+        epoch checkpoints on disk."""
+        self.update(
+            epochs_completed=progress["epoch"],
+            global_step=progress["global_step"],
+            history=list(progress["history"]),
+            best=progress["best"],
+            checkpoints=kept,
+        )
+
+    def record_event(self, kind: str, **fields: Any) -> None:
+        """Append to ``events``: fallbacks, restarts, world-size changes, interruptions, failed saves."""
+        if self.is_main:
+            self.update(events=[*self.metadata.get("events", []), {"at": now(), "kind": kind, **fields}])
+
+    def record_save(self, record: dict[str, Any]) -> None:
+        """One line of ``logs/events.jsonl`` for a finished save (read by ``make bench``)."""
+        if not self.is_main:
+            return
+        try:
+            self.layout.logs.mkdir(exist_ok=True)
+            with open(self.layout.events, "a") as f:
+                f.write(json.dumps({"at": now(), "event": "save", **record}) + "\n")
+        except OSError as e:
+            self.warn(f"could not append to {self.layout.events}: {e.strerror or e}")
+
+    def record_resume(self, *, checkpoint: str | None, progress: dict[str, Any], world_size: int,
+                      distributed: str) -> None:  # fmt: skip
+        if not self.is_main:
+            return
+        resumes = [
+            *self.metadata.get("resumes", []),
+            {
+                "at": now(),
+                "from_epoch": progress["epoch"],
+                "global_step": progress["global_step"],
+                "checkpoint": checkpoint,
+                "world_size": world_size,
+                "distributed": distributed,
+            },
+        ]
+        # The checkpoint is the truth: metadata written after it may be behind (a crash between the two).
+        self.update(
+            status="running",
+            resumes=resumes,
+            world_size=world_size,
+            distributed=distributed,
+            epochs_completed=progress["epoch"],
+            global_step=progress["global_step"],
+            history=list(progress["history"]),
+            best=progress["best"],
+        )
+
+    def finish(self, status: str) -> None:
+        assert status in STATUSES, status
+        self.update(status=status)
