@@ -1,10 +1,9 @@
-"""The overhead benchmark's time slicing (``benchmarks/perf.py: time_sliced``) with real processes: only
+"""The overhead benchmark's time slicing (``benchmarks/launching.py: time_sliced``) with real processes: only
 the process whose turn it is runs, each is stamped on its own running clock, the open-ended ones are
 killed when the others end, and a process that fails stops the whole group with one error."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import sys
@@ -12,12 +11,9 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "perf.py"
-_spec = importlib.util.spec_from_file_location("perf", _PATH)
-assert _spec is not None and _spec.loader is not None
-perf = importlib.util.module_from_spec(_spec)
-sys.modules["perf"] = perf  # dataclasses look their module up
-_spec.loader.exec_module(perf)
+from benchmarks import launching
+from benchmarks.harness import BenchError
+from benchmarks.launching import Job, epoch_stamps, time_sliced
 
 WORK = 0.1  # seconds of CPU per "epoch" of a child
 
@@ -55,14 +51,14 @@ def alive(pid: int) -> bool:
 def test_only_the_process_whose_turn_it_is_runs(tmp_path):
     epochs = 3
     jobs = [
-        perf.Job(child(epochs, tmp_path / "a.seen"), tmp_path / "a.log", finite=True),
-        perf.Job(child(10_000), tmp_path / "endless.log", finite=False),
-        perf.Job(child(epochs, tmp_path / "b.seen"), tmp_path / "b.log", finite=True),
+        Job(child(epochs, tmp_path / "a.seen"), tmp_path / "a.log", finite=True),
+        Job(child(10_000), tmp_path / "endless.log", finite=False),
+        Job(child(epochs, tmp_path / "b.seen"), tmp_path / "b.log", finite=True),
     ]
-    launches = perf.time_sliced(jobs, slice_seconds=0.05, timeout=120)
+    launches = time_sliced(jobs, slice_seconds=0.05, timeout=120)
 
     for name, launch in zip("ab", (launches[0], launches[2])):
-        stamps = perf.epoch_stamps(launch)
+        stamps = epoch_stamps(launch)
         assert len(stamps) == epochs
         assert stamps == sorted(stamps)
         # A stopped process burns no CPU: its running clock holds at least the CPU it used ...
@@ -76,7 +72,7 @@ def test_only_the_process_whose_turn_it_is_runs(tmp_path):
     turns = sorted(t for launch in launches for t in launch.turns)
     assert all(b <= c for (_, b), (c, _) in itertools.pairwise(turns))
     # The open-ended process ran beside them, then was killed.
-    assert launches[1].turns and 0 < len(perf.epoch_stamps(launches[1])) < 10_000
+    assert launches[1].turns and 0 < len(epoch_stamps(launches[1])) < 10_000
     assert "--- stdout (seconds of running clock) ---" in (tmp_path / "endless.log").read_text()
 
 
@@ -84,19 +80,19 @@ def test_only_the_process_whose_turn_it_is_runs(tmp_path):
 def test_a_failing_process_ends_the_group_with_its_log_named(tmp_path, monkeypatch, who):
     fail = [sys.executable, "-c", "import sys; print('Epoch 1/1: x', flush=True); sys.exit(3)"]
     jobs = [
-        perf.Job(child(10_000), tmp_path / "endless.log", finite=False),
-        perf.Job(child(50), tmp_path / "long.log", finite=True),
-        perf.Job(fail, tmp_path / "fails.log", finite=who == "finite"),
+        Job(child(10_000), tmp_path / "endless.log", finite=False),
+        Job(child(50), tmp_path / "long.log", finite=True),
+        Job(fail, tmp_path / "fails.log", finite=who == "finite"),
     ]
     pids: list[int] = []
-    popen = perf.subprocess.Popen
+    popen = launching.subprocess.Popen
 
     def recording_popen(*args, **kwargs):
         proc = popen(*args, **kwargs)
         pids.append(proc.pid)
         return proc
 
-    monkeypatch.setattr(perf.subprocess, "Popen", recording_popen)
-    with pytest.raises(perf.BenchError, match=r"exited 3; see .*fails\.log"):
-        perf.time_sliced(jobs, slice_seconds=0.05, timeout=120)
+    monkeypatch.setattr(launching.subprocess, "Popen", recording_popen)
+    with pytest.raises(BenchError, match=r"exited 3; see .*fails\.log"):
+        time_sliced(jobs, slice_seconds=0.05, timeout=120)
     assert len(pids) == 3 and not any(alive(pid) for pid in pids)

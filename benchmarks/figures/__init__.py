@@ -1,0 +1,34 @@
+"""The figures of `make bench`, one module each, and ``FIGURES``: the registry, in the order they are
+measured and printed (``perf.py --only`` picks from its keys).
+
+A figure module has a docstring that says what the two sides of its ratio are (``perf.py --help`` shows it),
+its target(s), and ``measure(m: Measurements) -> list[Figure]``, which takes the launches it needs from
+``m`` (``benchmarks/measurements.py``: each made once, shared by the figures). To add a figure, write its
+module here and add it to ``FIGURES``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from benchmarks.figures import adapter, listing, merge, overhead, resume, stall, write
+from benchmarks.harness import Figure
+from benchmarks.measurements import Measurements
+
+FigureGroup = Callable[[Measurements], list[Figure]]
+
+FIGURES: dict[str, FigureGroup] = {
+    "overhead": overhead.measure,
+    "stall": stall.measure,
+    "write": write.measure,
+    "merge": merge.measure,
+    "adapter": adapter.measure,
+    "resume": resume.measure,
+    "listing": listing.measure,
+}
+
+
+def explain(key: str) -> str:
+    """The docstring of figure ``key``'s module."""
+    return (sys.modules[FIGURES[key].__module__].__doc__ or "").strip()

@@ -1,0 +1,150 @@
+"""The launches the figures are computed from, shared by them: each made once, when a figure first needs it,
+in a scratch folder (``Measurements``)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from functools import cached_property
+from pathlib import Path
+
+from benchmarks import hand_loop
+from benchmarks.fake_data import write_fake_cifar
+from benchmarks.harness import median
+from benchmarks.launching import HAND_LOOP, Job, command, epoch_stamps, launch, time_sliced
+from benchmarks.runs import TrainerRun, trainer_run
+from benchmarks.settings import ASYNC_STEPS_PER_EPOCH, MODEL, REPS, SYNC_STEPS_PER_EPOCH, WRITE_REPS, Setup
+from trainer.runs.layout import RunLayout, epoch_tag
+
+
+class Measurements:
+    """The launches shared by the figures, each made on first use, in a scratch folder."""
+
+    def __init__(self, work: Path, setup: Setup) -> None:
+        self.work, self.setup = work, setup
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.data_root = write_fake_cifar(work / "datasets", train_images=setup.batch * setup.steps)
+
+    def command(self, script: str | Path, args: list[str]) -> list[str]:
+        """A training-side launch (``scripts/<script>``, or ``HAND_LOOP``) as ``setup`` says."""
+        return command(script, args, self.setup.accelerate_config, self.setup.num_processes)
+
+    def trainer_args(self, root: Path, *, steps: int, epochs: int, extra: tuple[str, ...] = ()) -> list[str]:
+        args = ["--model", MODEL, "--data", "cifar10", "--set", f"data.root={self.data_root}",
+                "--batch-size", str(self.setup.batch), "--max-steps-per-epoch", str(steps),
+                "--epochs", str(epochs), "--set", "warmup_steps=0", "--set", "logging.sample_every_n_epochs=0",
+                "--checkpoint-root", str(root)]  # fmt: skip
+        return args + list(extra)
+
+    def train(
+        self, name: str, *, steps: int, epochs: int | None = None, extra: tuple[str, ...] = ()
+    ) -> TrainerRun:
+        root, epochs = self.work / name, epochs or self.setup.epochs
+        args = self.trainer_args(root, steps=steps, epochs=epochs, extra=extra)
+        print(f"  train_base.py '{name}': {epochs} epochs of {steps} steps ...", flush=True)
+        result = launch(self.command("train_base.py", args), self.logs / f"{name}.log")
+        return trainer_run(result, root)
+
+    @cached_property
+    def interleaved(self) -> tuple[list[float], list[TrainerRun]]:
+        """The overhead figure's launches: ``rounds`` trainer runs and as many hand loops, all at once,
+        taking turns (``time_sliced``), so that a machine that speeds up or slows down meanwhile moves
+        both sides alike.
+
+        Returns (seconds per epoch of the hand-written loops, the trainer's runs), in running clock. The
+        hand loops have no epoch limit that they reach: they run until the trainer runs have ended."""
+        s = self.setup
+        extra = ("--set", "checkpoint.async_save=true", "--set", "logging.trackers=[tensorboard]")
+        hand = hand_loop.command_args(self.data_root, batch=s.batch, steps=s.steps, epochs=10 * s.epochs)
+        jobs, roots = [], []
+        for i in range(1, s.rounds + 1):
+            roots.append(self.work / f"async{i}")
+            args = self.trainer_args(roots[-1], steps=s.steps, epochs=s.epochs, extra=extra)
+            jobs.append(Job(self.command("train_base.py", args), self.logs / f"async{i}.log", finite=True))
+            jobs.append(Job(self.command(HAND_LOOP, hand), self.logs / f"hand_loop_{i}.log", finite=False))
+        print(f"  {s.rounds} x train_base.py ({s.epochs} epochs of {s.steps} steps) and {s.rounds} hand-written "
+              f"loops, taking turns of {s.slice_seconds:g} s ...", flush=True)  # fmt: skip
+        launches = time_sliced(jobs, slice_seconds=s.slice_seconds)
+        runs = [trainer_run(result, root) for result, root in zip(launches[0::2], roots)]
+        seconds = [b - a for result in launches[1::2] for a, b in itertools.pairwise(epoch_stamps(result))]
+        return seconds, runs
+
+    @property
+    def baseline(self) -> list[float]:
+        """Seconds per epoch of the hand-written loop."""
+        return self.interleaved[0]
+
+    @property
+    def trainer_runs(self) -> list[TrainerRun]:
+        """The trainer as users run it (async saves every epoch, progress bar, tensorboard logging), timed
+        in running clock: the overhead figure's runs."""
+        return self.interleaved[1]
+
+    @cached_property
+    def step_seconds(self) -> float:
+        """One training step: the hand loop's median epoch over its steps."""
+        return median(self.baseline) / self.setup.steps
+
+    @cached_property
+    def async_run(self) -> TrainerRun:
+        """Background saves every epoch, on the wall clock (the overhead figure's runs take turns)."""
+        steps = min(ASYNC_STEPS_PER_EPOCH, self.setup.steps)
+        extra = ("--set", "checkpoint.async_save=true")
+        return self.train("async", steps=steps, epochs=REPS + 2, extra=extra)
+
+    @cached_property
+    def sync_run(self) -> TrainerRun:
+        """Synchronous saves every epoch; short epochs, since only the saves are measured."""
+        steps = min(SYNC_STEPS_PER_EPOCH, self.setup.steps)
+        extra = ("--set", "checkpoint.async_save=false")
+        return self.train("sync", steps=steps, epochs=WRITE_REPS + 1, extra=extra)
+
+    @cached_property
+    def zero_run(self) -> Path:
+        """The resumable state (ZeRO-2 shards) of a 2-process DeepSpeed run of one step."""
+        root = self.work / "zero"
+        args = self.trainer_args(root, steps=1, epochs=1, extra=("--set", "checkpoint.async_save=false"))
+        print(f"  2-process DeepSpeed run ({self.setup.zero_config}): 1 step ...", flush=True)
+        launch(
+            command("train_base.py", args, self.setup.zero_config, num_processes=2), self.logs / "zero.log"
+        )
+        return RunLayout.of(root, "base", 1).state_root / epoch_tag(1)
+
+    @cached_property
+    def lora_run(self) -> RunLayout:
+        """A LoRA run of one step on the synchronous run's model (CIFAR-100 trees; blockwise, the default)."""
+        root = self.work / "lora"
+        args = ["--base-checkpoint", str(self.sync_run.path), "--data", "cifar100_trees_only",
+                "--set", f"data.root={self.data_root}", "--batch-size", str(self.setup.batch),
+                "--max-steps-per-epoch", "1", "--epochs", "1", "--set", "warmup_steps=0",
+                "--set", "logging.sample_every_n_epochs=0", "--checkpoint-root", str(root)]  # fmt: skip
+        print("  train_lora.py: 1 step ...", flush=True)
+        launch(self.command("train_lora.py", args), self.logs / "lora.log")
+        return RunLayout.of(root, "lora", 1)
+
+    @cached_property
+    def write_rates(self) -> tuple[list[float], list[float], float]:
+        """(checkpoint bytes/s per synchronous save after the first, plain-file bytes/s per repetition, bytes)."""
+        saves = self.sync_run.epoch_saves[1:]
+        nbytes = median([s.nbytes for s in saves])
+        folder = self.sync_run.layout.checkpoints
+        plain = [nbytes / plain_write_seconds(folder, int(nbytes)) for _ in range(WRITE_REPS + 1)][1:]
+        return [s.nbytes / s.write_seconds for s in saves], plain, nbytes
+
+
+def plain_write_seconds(folder: Path, nbytes: int, block: int = 16 << 20) -> float:
+    """Seconds to write ``nbytes`` to a new file in ``folder`` and fsync it (the file is removed after)."""
+    data = memoryview(os.urandom(block))
+    path = folder / "plain_write.bin"
+    os.sync()  # pay for no earlier writes still in the page cache
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(data[: min(left, block)])
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds

@@ -1,0 +1,52 @@
+"""Sizes and repetitions of `make bench`, and ``Setup``: the part of them the command line may change.
+
+The defaults are sized so that `make bench` takes ~12 minutes on 2 CPU cores (measured; see results.md);
+gpu.md has values for GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results.md"
+
+MODEL = "diffit_cifar"
+BATCH = 4  # global batch; one diffit_cifar step at batch 4 takes ~2.6 s on one CPU core
+STEPS_PER_EPOCH = 10  # ~27 s epochs, each ending in a ~370 MB checkpoint (a far heavier save load than a
+#                       real run's: a CIFAR-10 epoch is 390 steps at batch 128)
+EPOCHS = 4  # per trainer launch of the overhead figure: epoch 1 is the warm-up, epochs 2..4 repetitions
+ROUNDS = 2  # trainer launches of the overhead figure (6 repetitions), each run beside a hand-loop launch
+SLICE_SECONDS = 1.0  # the overhead figure's processes take turns of this long (``time_sliced``)
+HAND_LOOP_WARMUP_STEPS = 2  # the hand loop's warm-up (it has no start-up work to amortise)
+SYNC_STEPS_PER_EPOCH = 1  # the synchronous run measures saves, not epochs: short epochs, same saves
+ASYNC_STEPS_PER_EPOCH = 2  # the stall figure's background run: epochs just long enough for a save to end
+REPS = 5  # repetitions after one warm-up, for everything timed
+WRITE_REPS = 10  # for the write figure: a shared disk's speed varies by ±20% from one write to the next
+LISTED_RUNS = 1000
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the training sides run: sizes and launch (the defaults fit 2 CPU cores; gpu.md has GPU values)."""
+
+    batch: int = BATCH
+    steps: int = STEPS_PER_EPOCH
+    epochs: int = EPOCHS
+    accelerate_config: str | None = None
+    """configs/accelerate/NAME.yaml for the trainer and the hand loop; None: one process, plain python."""
+    num_processes: int | None = None
+    """accelerate launch --num_processes (overrides the config's)."""
+    zero_config: str = "cpu_zero2"
+    """The ZeRO-2 config of the merge run (always launched with 2 processes)."""
+    rounds: int = ROUNDS
+    """Trainer launches of the overhead figure (``epochs`` each), and as many hand-loop launches."""
+    slice_seconds: float = SLICE_SECONDS
+    """How long each of the overhead figure's processes runs at a turn."""
+
+    def describe(self) -> str:
+        if self.accelerate_config is None:
+            return "one process (python)"
+        n = f", {self.num_processes} processes" if self.num_processes else ""
+        return f"accelerate launch {self.accelerate_config}{n}"
