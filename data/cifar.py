@@ -185,6 +185,27 @@ def _missing_message(layout: _Layout, root: str) -> str:
     )
 
 
+def _missing_parents(folder: str) -> list[str]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _remove_if_empty(folders: list[str]) -> None:
+    """Remove the folders a failed download created, innermost first, where they are still empty (a partial
+    archive inside is removed with them: torchvision names it after the dataset)."""
+    for folder in folders:
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.endswith((".tar.gz", ".tar.gz.part")) and os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+            if not os.listdir(folder):
+                os.rmdir(folder)
+
+
 def _ensure_present(source: str, layout: _Layout, root: str, download: bool) -> str:
     """Return the dataset folder, downloading it first if allowed; refuse with instructions otherwise."""
     folder = os.path.join(os.path.abspath(root), layout.folder)
@@ -195,9 +216,11 @@ def _ensure_present(source: str, layout: _Layout, root: str, download: bool) -> 
         import torchvision.datasets
 
         fetch = torchvision.datasets.CIFAR10 if source == "cifar10" else torchvision.datasets.CIFAR100
+        created = _missing_parents(os.path.abspath(root))
         try:
             fetch(os.path.abspath(root), download=True)
         except Exception as e:  # URLError, timeouts, checksum RuntimeError: all mean "could not fetch"
+            _remove_if_empty(created)  # nothing half-made is left behind
             raise DatasetError(
                 f"Downloading {layout.title} into {os.path.abspath(root)} failed: {e}\n"
                 + _missing_message(layout, root)

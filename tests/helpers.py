@@ -192,6 +192,12 @@ def base_argv(root: Path, *args: str) -> list[str]:
     return [*TINY_RUN, "--checkpoint-root", str(root), *args]
 
 
+def copy_runs(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint root that keeps its hard links (``best.ckpt``, stored bases), as ``cp -a``."""
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return dst
+
+
 def load_ckpt(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -20,8 +20,9 @@ from tests.test_runs import make_run_with_metadata
 from trainer.checkpoint.io.atomic import atomic_write_json
 from trainer.cli import build_parser, main
 from trainer.kinds import run_kind
-from trainer.runs.layout import kind_root
+from trainer.runs.layout import RunLayout, kind_root, run_dir
 from trainer.runs.listing import SORT_KEYS, filter_keys, filter_runs, list_runs, sort_runs
+from trainer.runs.lock import RunLock
 from trainer.runs.plots import metric_figure
 from trainer.runs.store import RunError
 
@@ -59,6 +60,8 @@ def fabricate(tmp_path: Path, kind: str = "base") -> Path:
             history=history(*values[:epochs], lr=lr or 0.0),
             config_summary={"learning_rate": lr, "batch_size": 32, "model": "diffit_tiny", "seed": 0},
         )
+        if status == "running":  # a live launch holds it (this test process, as far as the lock can tell)
+            RunLock(RunLayout(run_dir(root, number), kind)).acquire("test")
     return tmp_path
 
 

@@ -216,10 +216,16 @@ def test_failed_download_becomes_a_dataset_error(tmp_path: Path, monkeypatch: py
     def offline(*args: Any, **kwargs: Any) -> None:
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    def half_downloaded(root: str, download: bool) -> None:  # the archive started, then the network went
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-100-python.tar.gz").write_bytes(b"partial")
+        offline()
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", half_downloaded)
     with pytest.raises(DatasetError, match="no network") as err:
-        load("cifar100", tmp_path, download=True)
+        load("cifar100", tmp_path / "datasets", download=True)
     assert "--data digits" in str(err.value)
+    assert not (tmp_path / "datasets").exists()  # no empty (or half-filled) folder left behind
 
 
 def test_incomplete_cifar_folder_names_the_missing_file(tmp_path: Path) -> None:

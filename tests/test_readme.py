@@ -58,10 +58,20 @@ def _lora(names: dict[str, Any]) -> None:
         torch.testing.assert_close(model.eval()(x, sigma, labels), ours(x, sigma, labels))
 
 
+def _lora_by_hand(names: dict[str, Any]) -> None:
+    _lora(names)  # the same model as load_model's, which holds the run's best EMA adapters
+    from trainer.factory import load_trainable
+
+    broken = {**names["lora_ckpt"]["ema_state_dict"], "not.a.parameter": torch.zeros(1)}
+    with pytest.raises(Exception, match="no parameter"):
+        load_trainable(names["model"], broken)
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     'runs = list_runs("checkpoints")': _base_api,
     'model.load_state_dict(ckpt["state_dict"], strict=True)': _plain_torch,
     "PeftModel.from_pretrained": _lora,
+    'load_trainable(model, lora_ckpt["ema_state_dict"])': _lora_by_hand,
 }
 """A line that tells the example apart → what its names must hold afterwards."""
 

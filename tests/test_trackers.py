@@ -94,6 +94,9 @@ class FakeTracker:
     def log_image(self, key: str, path: Path, step: int) -> None:
         pass
 
+    def backfill(self, history: list[dict[str, Any]], steps_per_epoch: int) -> None:
+        pass
+
     def close(self, *, failed: bool) -> None:
         self.closed.append(failed)
         if self.fail_on_close:
@@ -118,7 +121,7 @@ def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.M
 
     class Crashing:
         config, run = type("Config", (), {"epochs": 1}), None
-        state, stop, trackers = loop.TrainState(), loop.StopSignals(), Trackers()
+        state, stop, trackers, steps_per_epoch = loop.TrainState(), loop.StopSignals(), Trackers(), 1
 
         class checkpoints:  # no save in flight
             @staticmethod

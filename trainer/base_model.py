@@ -13,22 +13,28 @@ from trainer.runs.listing import list_runs
 from trainer.runs.metadata import read_metadata
 
 
-def resolve_base_checkpoint(given: str | None, checkpoint_root: Path) -> Path:
-    """``--base-checkpoint`` (file or base run folder), else the default file, else the newest base run's best."""
+def resolve_base_checkpoint(given: str | None, checkpoint_root: Path) -> tuple[Path, str]:
+    """(the base file, why it is that one): ``--base-checkpoint`` (a file, or a base run folder: its best),
+    else the hand-off file, else the best checkpoint of the newest completed base run."""
     if given is not None:
         path = Path(given)
         if path.is_dir():
             path = RunLayout(path, "base").ckpt("best")
+            if not path.is_file():
+                raise UserError(
+                    f"base checkpoint not found: {path} (the base run {given} has no best checkpoint)"
+                )
+            return path, f"the best checkpoint of the base run given with --base-checkpoint {given}"
         if not path.is_file():
             raise UserError(f"base checkpoint not found: {path}")
-        return path
+        return path, "given with --base-checkpoint"
     default = checkpoint_root / DEFAULT_BASE
     if default.is_file():
-        return default
+        return default, f"the hand-off file {DEFAULT_BASE}, found without --base-checkpoint"
     for row in reversed(list_runs(kind_root(checkpoint_root, "base"))):
         best = RunLayout(Path(row.path), "base").ckpt("best")
         if row.status == "completed" and best.is_file():
-            return best
+            return best, f"the best checkpoint of base run {row.number:03d}, the newest completed one"
     raise UserError(
         f"no base model to fine-tune: neither {default} nor a completed base run under "
         f"{kind_root(checkpoint_root, 'base')}. Train one first (python scripts/train_base.py) or pass "
@@ -61,7 +67,8 @@ def load_stored_base(layout: RunLayout) -> dict[str, Any]:
         )
     if record.get("sha256") != sha256_file(stored):
         raise UserError(
-            f"the stored base model of {layout.path.name} changed since the run started (sha256 differs from "
-            "metadata.json); resuming would adapt a different model. Restore the original file or start a new run"
+            f"the stored base model of {layout.path.name} ({stored}) changed since the run started (its sha256 "
+            "differs from metadata.json's base_checkpoint): the adapters would apply to another model than the "
+            "one they were trained on. Restore the original file, or start a new run"
         )
     return load_base_checkpoint(stored)

@@ -48,6 +48,13 @@ def build_parser(kind: RunKind) -> argparse.ArgumentParser:
     parser.add_argument("--run-number", type=int, help="number of a new run, or of the run to --resume")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="N",
                         help="continue run N (or --run-number N, or the newest run when no number is given)")  # fmt: skip
+    parser.add_argument(
+        "--auto-resume", action="store_true",
+        help="the same command for every attempt of a job: continue the job's run if it has one (identified by "
+        "--run-key, else SLURM's job id, else the torch elastic launch), else start it; a completed one is left "
+        "alone",
+    )  # fmt: skip
+    parser.add_argument("--run-key", metavar="KEY", help="with --auto-resume: what identifies the job")
     kind.add_arguments(parser)
     listing = parser.add_argument_group("listing runs")
     listing.add_argument("--list-runs", action="store_true", help="print the runs and exit")

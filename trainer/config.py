@@ -148,6 +148,9 @@ class LoggingConfig:
     sample_every_n_epochs: int = 1
     """Write a sample grid every N epochs (0: never)."""
     samples_per_class: int = 8
+    sample_max_classes: int = 10
+    """Rows of a sample grid at most: with more classes (CIFAR-100 animals: 40), that many spread evenly
+    over them, so that a grid costs a bounded share of training whatever the class count."""
     guidance: float = 2.0
     trackers: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
     """Experiment trackers fed by global rank 0 (``trainer/trackers.py``); files go under the run's ``logs/``."""
@@ -158,6 +161,7 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _require(self.log_every_n_steps >= 1, "logging.log_every_n_steps", "at least 1")
         _require(self.sample_every_n_epochs >= 0, "logging.sample_every_n_epochs", "0 (never) or more")
+        _require(self.sample_max_classes >= 1, "logging.sample_max_classes", "at least 1")
         _require(len(set(self.trackers)) == len(self.trackers), "logging.trackers", "a list without repeats")
 
 

@@ -32,6 +32,8 @@ class RunKind:
     default_config: Path
     exports_best = False
     """Whether ``on_new_best`` does anything (it needs the EMA weights gathered to rank 0)."""
+    note: str | None = None
+    """What ``prepare`` found that the user should read (a LoRA run: which base, and why)."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The kind's own command-line flags."""
@@ -97,11 +99,14 @@ class LoraKind(RunKind):
 
         if layout is not None:
             self._base = load_stored_base(layout)
+            self.note = f"Base model: {layout.stored_base} (stored in the run, sha256 checked)"
             return None
         if args.model is not None:
             raise ConfigError("a LoRA run adapts the base checkpoint's model; drop --model")
-        path = resolve_base_checkpoint(args.base_checkpoint, args.checkpoint_root).resolve()
+        path, why = resolve_base_checkpoint(args.base_checkpoint, args.checkpoint_root)
+        path = path.resolve()
         self._base = load_base_checkpoint(path)
+        self.note = f"Base model: {path} ({why})"
         config.model = from_dict(ModelConfig, self._base["config"]["model"], "model.")
         config.base_checkpoint = str(path)
         return path

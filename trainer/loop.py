@@ -19,7 +19,9 @@ from data.order import EpochOrder, epoch_order
 from launch import PeerLost, Topology, configure_deepspeed, peer_failure
 from model import edm_loss
 from model.lora import base_diffit
+from trainer.changes import Change, record_changes, refuse_inexact
 from trainer.checkpoint.manager import Boundary, CheckpointManager
+from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
 from trainer.config import TrainConfig
 from trainer.ema import EMA
@@ -30,7 +32,7 @@ from trainer.plan import lr_at, plan_steps
 from trainer.runs.metadata import RunHandle
 from trainer.samples import InferenceCopy, draw_grid
 from trainer.stop import StopSignals
-from trainer.trackers import Trackers, open_trackers
+from trainer.trackers import Trackers, epoch_metrics, open_trackers
 from trainer.validate import validation_loss
 
 
@@ -81,15 +83,24 @@ class Trainer:
         self.checkpoints = CheckpointManager(run.layout, fmt, topo, states, config.checkpoint, run=run,
                                              trackers=self.trackers, faults=faults)  # fmt: skip
 
-    def resume(self) -> None:
-        """Continue from the newest intact checkpoint (see ``CheckpointManager.load``)."""
-        self.checkpoints.load()
+    def resume(self, changes: list[Change]) -> None:
+        """Continue from the newest intact checkpoint (see ``CheckpointManager.load``), with ``changes`` to
+        the run's config: refused before anything is loaded if they cannot apply from that checkpoint, else
+        announced and recorded."""
+
+        def accept(manifest: Manifest) -> None:
+            refuse_inexact(changes, step_in_epoch=manifest.step_in_epoch, epochs_trained=manifest.epoch,
+                           tag=manifest.tag)  # fmt: skip
+
+        self.checkpoints.load(accept=accept)
+        record_changes(self.run, changes, self.config, step=self.state.global_step)
 
     # -- training ---------------------------------------------------------------------------------
 
     def fit(self) -> None:
         """Train the remaining epochs, feeding the configured trackers; they are closed however it ends."""
         self.trackers.adopt(open_trackers(self.config, self.run, resume_step=self.state.global_step))
+        self.trackers.backfill(self.state.history, self.steps_per_epoch)
         failed = True
         try:
             with self.stop:
@@ -127,7 +138,7 @@ class Trainer:
 
     def _epoch(self, epoch: int) -> None:
         cfg, state = self.config, self.state
-        start = time.perf_counter()
+        start, first = time.perf_counter(), state.step_in_epoch  # a resume may start inside the epoch
         train_loss = self._train_epoch(epoch)
         loss = self._loss
         val_loss = validation_loss(self.model, self.splits.val, loss, topo=self.topo, micro_batch=self.micro_batch,
@@ -139,7 +150,8 @@ class Trainer:
             **metrics,
             "lr": lr_at(cfg, state.global_step - 1, self.total_steps),
             "seconds": round(seconds, 3),
-            "images_per_sec": round(self.steps_per_epoch * cfg.batch_size / seconds, 2),
+            "images_per_sec": round((self.steps_per_epoch - first) * cfg.batch_size / seconds, 2),
+            "global_step": state.global_step,
             "checkpoint": None,
         }
         is_best = state.update_best(epoch, metrics, cfg.checkpoint.monitor, cfg.checkpoint.mode)
@@ -154,11 +166,7 @@ class Trainer:
             self.topo.comm.barrier(what=f"the export of epoch {epoch}'s adapters")
         self.faults.point("metadata", step=state.global_step)
         self.run.record_progress(state.state_dict(), kept=self.checkpoints.epochs_on_disk())
-        self.trackers.log(
-            {"epoch/epoch": epoch, "epoch/train_loss": train_loss, "epoch/val_loss": val_loss,
-             "epoch/seconds": entry["seconds"], "epoch/images_per_sec": entry["images_per_sec"]},
-            step=state.global_step,
-        )  # fmt: skip
+        self.trackers.log(epoch_metrics(entry), step=state.global_step)
         line = f"Epoch {epoch}/{cfg.epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         self.run.print(line + f", {entry['images_per_sec']:.0f} img/s" + ("  (best)" if is_best else ""))
         self._stop_if_agreed(boundary)

@@ -86,8 +86,10 @@ class InferenceCopy:
 
 
 def draw_grid(model: torch.nn.Module, config: TrainConfig, class_names: list[str], path: Path) -> None:
-    """The run's sample grid: ``logging.samples_per_class`` guided samples per class, EDM's sampler."""
+    """The run's sample grid: ``logging.samples_per_class`` guided samples per class, EDM's sampler, for at
+    most ``logging.sample_max_classes`` classes (spread evenly over them)."""
     logging, edm = config.logging, config.edm
+    rows = spread(len(class_names), logging.sample_max_classes)
     images = sample_grid(
         model,
         class_names=class_names,
@@ -95,5 +97,15 @@ def draw_grid(model: torch.nn.Module, config: TrainConfig, class_names: list[str
         schedule=EDMSchedule(edm.num_steps, edm.sigma_min, edm.sigma_max, edm.rho),
         guidance=logging.guidance,
         seed=config.seed,
+        classes=rows,
     )
-    save_grid(images, class_names, logging.samples_per_class, path)
+    save_grid(images, [class_names[r] for r in rows], logging.samples_per_class, path)
+
+
+def spread(count: int, most: int) -> list[int]:
+    """``min(count, most)`` indices of ``range(count)`` spread evenly, first and last included."""
+    if count <= most:
+        return list(range(count))
+    if most == 1:
+        return [0]
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})

@@ -43,7 +43,24 @@ class Tracker(Protocol):
 
     def log_image(self, key: str, path: Path, step: int) -> None: ...
 
+    def backfill(self, history: list[dict[str, Any]], steps_per_epoch: int) -> None: ...
+
     def close(self, *, failed: bool) -> None: ...
+
+
+EPOCH_KEYS = {"epoch": "epoch/epoch", "train_loss": "epoch/train_loss", "val_loss": "epoch/val_loss",
+              "seconds": "epoch/seconds", "images_per_sec": "epoch/images_per_sec"}  # fmt: skip
+"""A history entry's values → the tracker keys of an epoch's metrics."""
+
+
+def epoch_metrics(entry: dict[str, Any]) -> dict[str, float | None]:
+    """The tracker metrics of one epoch, from its history entry."""
+    return {key: entry.get(field) for field, key in EPOCH_KEYS.items()}
+
+
+def epoch_step(entry: dict[str, Any], steps_per_epoch: int) -> int:
+    """The global step an epoch ended at (older history entries did not record it)."""
+    return int(entry.get("global_step") or entry["epoch"] * steps_per_epoch)
 
 
 class TensorBoardTracker:
@@ -74,6 +91,9 @@ class TensorBoardTracker:
         self.writer.add_image(key, pixels, global_step=step, dataformats="HWC")
         self.writer.flush()  # grids come once per epoch at most; show them without waiting for flush_secs
 
+    def backfill(self, history: list[dict[str, Any]], steps_per_epoch: int) -> None:
+        """Nothing to do: TensorBoard's event files of a killed launch keep what it wrote."""
+
     def close(self, *, failed: bool) -> None:
         self.writer.close()
 
@@ -89,7 +109,7 @@ class WandbTracker:
         except ImportError:
             raise _not_installed("wandb") from None
 
-        self._wandb = wandb
+        self._wandb, self.logs, self.run_id, self.mode = wandb, logs, run_id, mode
         try:
             self.run = wandb.init(
                 project=project,
@@ -118,8 +138,77 @@ class WandbTracker:
         self._last_step = max(step, getattr(self, "_last_step", step))
         return self._last_step
 
+    def backfill(self, history: list[dict[str, Any]], steps_per_epoch: int) -> None:
+        """Log the epochs of ``history`` that no earlier launch's offline files hold: a launch killed hard
+        loses what wandb had not yet written. (Online, wandb's server keeps what reached it.)"""
+        if self.mode != "offline":
+            return
+        own = Path(self.run.dir).parent  # this launch's offline-run-* folder
+        logged = logged_epochs(self.logs / "wandb", self.run_id, skip=own)
+        for entry in sorted(history, key=lambda e: int(e["epoch"])):
+            if int(entry["epoch"]) not in logged:
+                values = {k: float(v) for k, v in epoch_metrics(entry).items() if v is not None}
+                self.log(values, step=epoch_step(entry, steps_per_epoch))
+
     def close(self, *, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
+
+
+def logged_epochs(folder: Path, run_id: str, skip: Path | None = None) -> set[int]:
+    """The epochs whose ``epoch/epoch`` metric the offline files of wandb run ``run_id`` under ``folder``
+    hold (each launch adds a folder ``offline-run-*-<id>/``; ``skip`` one of them)."""
+    epochs: set[int] = set()
+    for path in folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"):
+        if skip is not None and path.parent.resolve() == skip.resolve():
+            continue
+        for history in wandb_history(path):
+            if "epoch/epoch" in history:
+                epochs.add(int(float(history["epoch/epoch"])))
+    return epochs
+
+
+def wandb_history(path: Path) -> list[dict[str, str]]:
+    """The history rows of a wandb ``.wandb`` file (key → JSON-encoded value), read as wandb writes it: a
+    ``:W&B`` header, then LevelDB-log records (32 KiB blocks of chunks) of ``Record`` protobufs. A file cut
+    short by a kill ends at its last whole record."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows: list[dict[str, str]] = []
+    for raw in _leveldb_records(path.read_bytes()):
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
+        try:
+            record.ParseFromString(raw)
+        except Exception:  # a torn record at the end of a killed launch's file
+            break
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            )
+    return rows
+
+
+def _leveldb_records(data: bytes, block: int = 32768) -> list[bytes]:
+    if data[:4] != b":W&B":
+        return []
+    records, pending, pos = [], b"", 7  # header: ":W&B", a 2-byte magic, a version byte
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (0, 1):  # padding / a whole record
+            records += [chunk] if kind == 1 else []
+            if kind == 0:
+                pos += block - pos % block if pos % block else 0
+        elif kind == 2:
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+            if kind == 4:
+                records.append(pending)
+    return records
 
 
 class Trackers:
@@ -147,6 +236,11 @@ class Trackers:
         """An image file (a sample grid PNG) at optimizer step ``step``."""
         for tracker in self._trackers:
             tracker.log_image(key, path, step)
+
+    def backfill(self, history: list[dict[str, Any]], steps_per_epoch: int) -> None:
+        """After a resume: give every tracker the epochs of ``history`` it lost (a launch killed hard)."""
+        for tracker in self._trackers:
+            tracker.backfill(history, steps_per_epoch)
 
     def close(self, *, failed: bool = False) -> None:
         """Close every tracker once. A tracker that fails to close is reported, never raised: it must not

@@ -1,8 +1,9 @@
-"""One launch of a training script, on every process: resolve the run, build, train, and end it cleanly.
+"""One launch of a training script, on every process: find the run, build, train, and end it cleanly.
 
 The config, the data and the model are validated before anything is created on disk; global rank 0 decides
-which run (new or resumed) and every process learns it. However training ends, the run's status says so:
-``completed``, ``interrupted`` (a stop signal: a resumable checkpoint was saved, exit 0) or ``failed``.
+which run (new, resumed, or the job's own with ``--auto-resume``), holds its lock, and every process learns
+the decision. However training ends, the run's status says so: ``completed``, ``interrupted`` (a stop
+signal: a resumable checkpoint was saved, exit 0) or ``failed``.
 """
 
 from __future__ import annotations
@@ -11,106 +12,119 @@ import argparse
 import json
 import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
+from trainer.changes import Change, resume_changes
 from trainer.config import TrainConfig
-from trainer.config_files import build_config, diff_keys, parse_override
+from trainer.config_files import build_config, diff_keys
 from trainer.errors import Interrupted, SaveFailed, UserError
 from trainer.kinds import RunKind
+from trainer.request import RunRequest, attempt_record, cli_overrides
 from trainer.runs.layout import RunLayout, kind_root
+from trainer.runs.lock import RunLock
 from trainer.runs.metadata import RunHandle, new_metadata
-from trainer.runs.store import RunError, clear_leftovers, create_run, resolve_run
-
-
-def cli_overrides(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], set[str]]:
-    """(overrides in order, keys given through --set) from the flags the user actually passed."""
-    flags = {
-        "data": args.data,
-        "model": args.model,
-        "experiment": args.experiment,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "seed": args.seed,
-        "max_steps_per_epoch": args.max_steps_per_epoch,
-        "lora": getattr(args, "lora_config", None),
-    }
-    overrides = [(k, v) for k, v in flags.items() if v is not None]
-    explicit = [parse_override(text) for text in args.overrides]
-    return overrides + explicit, {k for k, _ in explicit}
-
-
-def resume_number(args: argparse.Namespace) -> tuple[bool, int | None]:
-    """(resuming?, run number or None for the newest)."""
-    if args.resume is None:
-        return False, None
-    if args.resume == "latest":
-        return True, args.run_number
-    try:
-        number = int(args.resume)
-    except ValueError:
-        raise UserError(f"--resume takes a run number, got {args.resume!r}") from None
-    if args.run_number is not None and args.run_number != number:
-        raise UserError(f"--resume {number} and --run-number {args.run_number} name different runs")
-    return True, number
+from trainer.runs.store import RunError, create_run, run_numbers
 
 
 def train(args: argparse.Namespace, kind: RunKind) -> int:
-    resuming, wanted = resume_number(args)
+    request = RunRequest.from_args(args)
     overrides, set_keys = cli_overrides(args)
-    root = kind_root(args.checkpoint_root, kind.name)
-    config = None if resuming else build_config(args.config or kind.default_config, overrides, TrainConfig)
+    flags_config = None
+    if request.mode != "resume":  # a bad config is refused before torch is even imported
+        flags_config = build_config(args.config or kind.default_config, overrides, TrainConfig)
 
-    # Heavy imports (torch, accelerate) only from here on: config errors above are instant.
     from launch import build_accelerator, decide_on_rank0, topology
     from trainer.checkpoint.io.staging import retain_freed_heap
 
     retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
-    timeout = timedelta(minutes=_timeout_minutes(config, root, wanted, overrides))
+    timeout = timedelta(minutes=_timeout_minutes(flags_config, args, kind, request, overrides))
     accelerator = build_accelerator(timeout)
     topo = topology(accelerator, timeout)
+    locks: list[RunLock] = []  # rank 0's, once it holds the run
+    try:
+        claim = decide_on_rank0(topo.comm, topo.is_main, lambda: _claim(args, kind, request, locks),
+                                errors=(UserError,), what="finding the run to train")  # fmt: skip
+        for note in claim.notes:
+            _print_main(topo, f"warning: {note}")
+        if claim.done:
+            _print_main(topo, claim.done)
+            return 0
+        layout, config, store, stored = _configure(args, kind, claim, flags_config, overrides)
+        splits = _validate(config, kind, topo)
+        if kind.note:
+            _print_main(topo, kind.note)
+        changes = []
+        if layout is not None:
+            _refuse_model_change(stored["model"], config, set_keys, layout.number)
+            changes = resume_changes(stored, config.to_dict(), set_keys)
+        else:
+            layout = decide_on_rank0(topo.comm, topo.is_main, lambda: _create(args, kind, request, config, splits,
+                                     topo, store, locks), errors=(UserError,), what="creating the run")  # fmt: skip
+        for lock in locks:
+            lock.start_heartbeat()
+        run = RunHandle(layout, is_main=topo.is_main)
+        if request.key is not None:
+            run.record_attempt(request.key, attempt_record())
+        return _run(config, accelerator, topo, run, splits, kind, changes if claim.resuming else None)
+    finally:
+        for lock in locks:
+            lock.release()
 
-    layout: RunLayout | None = None
-    if resuming:
 
-        def resolve() -> RunLayout:
-            found = RunLayout.of(args.checkpoint_root, kind.name, resolve_run(root, wanted))
-            clear_leftovers(found)
-            return found
+def _claim(args: argparse.Namespace, kind: RunKind, request: RunRequest, locks: list[RunLock]) -> Any:
+    from trainer.runs.claim import claim_run
 
-        layout = decide_on_rank0(topo.comm, topo.is_main, resolve, errors=(UserError,),
-                                 what="choosing the run to resume")  # fmt: skip
-        stored = read_config(layout)
-        config = build_config(stored, overrides, TrainConfig)
-        kind.prepare(config, args, layout)
-        store = None
-    else:
-        assert config is not None
-        store = kind.prepare(config, args, None)
-    splits = _load_data(config)
-    if layout is not None:
-        _refuse_model_change(stored["model"], config, set_keys, layout.number)
-    kind.complete(config, splits.num_classes)
+    claim, lock = claim_run(args.checkpoint_root, kind.name, request)
+    locks += [lock] if lock is not None else []
+    return claim
+
+
+def _configure(
+    args: argparse.Namespace, kind: RunKind, claim: Any, flags_config: TrainConfig | None,
+    overrides: list[tuple[str, Any]],
+) -> tuple[Any, TrainConfig, Any, dict[str, Any]]:  # fmt: skip
+    """(the run to resume or None, the config, the file a new run stores, the run's stored config): a resumed
+    run's own config with this launch's overrides; a new run's from the flags."""
+    if not claim.resuming:
+        assert flags_config is not None
+        return None, flags_config, kind.prepare(flags_config, args, None), {}
+    layout = claim.layout
+    stored = read_config(layout)
+    config = build_config(stored, overrides, TrainConfig)
+    kind.prepare(config, args, layout)
+    return layout, config, None, stored
+
+
+def _validate(config: TrainConfig, kind: RunKind, topo: Any) -> Any:
+    """Load the data and build the model once, so that any error surfaces before a run is created."""
+    from trainer.factory import load_data, resolve_model_against_data
     from trainer.plan import plan_steps
 
+    splits = load_data(config)
+    resolve_model_against_data(config, splits)
+    kind.complete(config, splits.num_classes)
     plan_steps(config, len(splits.train), topo.world_size)
-    if layout is None:
-        metadata = new_metadata(kind=kind.name, experiment=config.experiment, dataset=splits.name,
-                                num_classes=splits.num_classes, world_size=topo.world_size,
-                                distributed=topo.distributed)  # fmt: skip
-        metadata["config_summary"] = _summary(config)
-        layout = decide_on_rank0(
-            topo.comm, topo.is_main,
-            lambda: create_run(root, kind.name, args.run_number, config=config.to_dict(), metadata=metadata, base=store),
-            errors=(UserError,), what="creating the run",
-        )  # fmt: skip
-    return _run(config, accelerator, topo, RunHandle(layout, is_main=topo.is_main), splits, kind, resuming)
+    return splits
+
+
+def _create(args: argparse.Namespace, kind: RunKind, request: RunRequest, config: TrainConfig, splits: Any,
+            topo: Any, store: Any, locks: list[RunLock]) -> RunLayout:  # fmt: skip
+    """Rank 0: a new run of ``config``, its lock held."""
+    metadata = new_metadata(kind=kind.name, experiment=config.experiment, dataset=splits.name,
+                            num_classes=splits.num_classes, world_size=topo.world_size,
+                            distributed=topo.distributed)  # fmt: skip
+    metadata["config_summary"] = {"learning_rate": config.learning_rate, "batch_size": config.batch_size,
+                                  "model": config.model.name, "seed": config.seed}  # fmt: skip
+    layout, lock = create_run(kind_root(args.checkpoint_root, kind.name), kind.name, request.number,
+                              config=config.to_dict(), metadata=metadata, base=store, key=request.key)  # fmt: skip
+    locks.append(lock)
+    return layout
 
 
 def _run(config: TrainConfig, accelerator: Any, topo: Any, run: RunHandle, splits: Any, kind: RunKind,
-         resuming: bool) -> int:  # fmt: skip
-    """Train the run; whatever happens, its status says how it ended."""
+         changes: list[Change] | None) -> int:  # fmt: skip
+    """Train the run (resumed, with ``changes`` to its config, unless None); whatever happens, its status
+    says how it ended."""
     from launch import PeerLost, release_shm_segment
     from trainer.faults import Faults
     from trainer.loop import Trainer
@@ -118,8 +132,8 @@ def _run(config: TrainConfig, accelerator: Any, topo: Any, run: RunHandle, split
     number = run.number
     try:
         trainer = Trainer(config, accelerator, topo, run, splits, kind, Faults.from_environment(topo.rank))
-        if resuming:
-            trainer.resume()
+        if changes is not None:
+            trainer.resume(changes)
             if topo.is_main:  # only now: a refused resume leaves the run exactly as it was
                 from trainer.checkpoint.io.atomic import atomic_write_json
 
@@ -165,34 +179,27 @@ def read_config(layout: RunLayout) -> dict[str, Any]:
     return data
 
 
-def _timeout_minutes(config: TrainConfig | None, root: Path, wanted: int | None,
+def _timeout_minutes(config: TrainConfig | None, args: argparse.Namespace, kind: RunKind, request: RunRequest,
                      overrides: list[tuple[str, Any]]) -> float:  # fmt: skip
     """``distributed.timeout_minutes`` before any process group exists: a new run's config, or (best effort,
     read by every process) the stored config of the run to resume with this launch's overrides."""
-    if config is None:
-        from trainer.runs.store import run_numbers
-
-        numbers = run_numbers(root)
-        number = wanted if wanted is not None else (numbers[-1] if numbers else None)
-        try:
-            stored = read_config(RunLayout(root / f"run_{number:03d}", "base")) if number is not None else {}
-            config = build_config(stored, overrides, TrainConfig)
-        except UserError:
-            return TrainConfig().distributed.timeout_minutes
-    return config.distributed.timeout_minutes
-
-
-def _load_data(config: TrainConfig) -> Any:
-    from trainer.factory import load_data, resolve_model_against_data
-
-    splits = load_data(config)
-    resolve_model_against_data(config, splits)
-    return splits
+    if config is not None:
+        return config.distributed.timeout_minutes
+    root = kind_root(args.checkpoint_root, kind.name)
+    numbers = run_numbers(root)
+    number = request.number if request.number is not None else (numbers[-1] if numbers else None)
+    try:
+        if number is None:
+            raise RunError("no run")
+        return build_config(read_config(RunLayout.of(args.checkpoint_root, kind.name, number)), overrides,
+                            TrainConfig).distributed.timeout_minutes  # fmt: skip
+    except UserError:
+        return TrainConfig().distributed.timeout_minutes
 
 
-def _summary(config: TrainConfig) -> dict[str, Any]:
-    return {"learning_rate": config.learning_rate, "batch_size": config.batch_size,
-            "model": config.model.name, "seed": config.seed}  # fmt: skip
+def _print_main(topo: Any, message: str) -> None:
+    if topo.is_main:
+        print(message, file=sys.stderr if message.startswith("warning") else sys.stdout, flush=True)
 
 
 def _refuse_model_change(

@@ -140,8 +140,8 @@ class Committer:
                 known = self.format.finish(tag, job.snapshot, written, progress, job.metrics,
                                            lambda path: self.faults.point("write", tag=tag, step=step))  # fmt: skip
                 self.faults.point("save.manifest", tag=tag, step=step)
-                manifest = Manifest(tag, progress["epoch"], progress["step_in_epoch"], step,
-                                    self.topo.world_size, self.topo.distributed)  # fmt: skip
+                manifest = Manifest(tag, progress["epoch"], progress["step_in_epoch"], step, self.topo.world_size,
+                                    self.topo.distributed, best=progress["best"])  # fmt: skip
                 self.protocol.commit(manifest, known)
             except OSError as e:
                 error = describe(e)

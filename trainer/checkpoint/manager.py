@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,14 +83,17 @@ class CheckpointManager:
 
     # -- resume -----------------------------------------------------------------------------------
 
-    def load(self) -> Manifest | None:
+    def load(self, accept: Callable[[Manifest], None] | None = None) -> Manifest | None:
         """Resume (every rank): restore the newest intact checkpoint into the registered states. Damaged
         ones met on the way are moved aside and reported; with none intact, training starts over in the
-        run's own folder. Returns the checkpoint's manifest, or None."""
+        run's own folder. ``accept(manifest)`` may refuse the checkpoint (a ``UserError``) before anything
+        is loaded or recorded. Returns the checkpoint's manifest, or None."""
         point: ResumePoint = decide_on_rank0(
             self.topo.comm, self.topo.is_main, self._find_resume_point, errors=(UserError,),
             what="choosing the checkpoint to resume from",
         )  # fmt: skip
+        if accept is not None and point.manifest is not None:
+            accept(point.manifest)
         run = self.run
         for bad in point.damaged:
             run.warn(
@@ -155,7 +159,8 @@ class CheckpointManager:
         """At every step end (``loss``: this rank's loss of the step) and epoch end (``metrics`` of the
         epoch, whether it ``is_best``), on every rank: agree with the other ranks, report a background save
         that finished, and save when the policy, the clock or a stop signal asks. ``last``: the epoch's
-        last step, or the run's last epoch."""
+        last step, or the run's last epoch. A new best epoch is always saved, whatever the epoch interval,
+        so that ``best.ckpt`` is the best epoch's."""
         votes = self._agree(stop_signal, loss)
         progress = self.states.progress
         if at == "step":
@@ -167,7 +172,7 @@ class CheckpointManager:
         due = (
             every > 0 and progress.global_step % every == 0 and not last
             if at == "step"
-            else progress.epoch % self.policy.save_every_n_epochs == 0 or last
+            else progress.epoch % self.policy.save_every_n_epochs == 0 or last or is_best  # best: always kept
         )
         saved = None
         if due or votes["clock"] or stop is not None:

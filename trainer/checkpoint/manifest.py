@@ -44,6 +44,9 @@ class Manifest:
     distributed: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Path relative to the checkpoint folder → ``{"bytes": int, "sha256": str}``."""
+    best: dict[str, Any] | None = None
+    """The best epoch when the checkpoint was taken (``TrainState.best``), so that a listing knows it even
+    when the process died before writing metadata.json."""
 
     @property
     def is_epoch(self) -> bool:
@@ -64,6 +67,7 @@ class Manifest:
             "world_size": self.world_size,
             "distributed": self.distributed,
             "files": self.files,
+            **({"best": self.best} if self.best is not None else {}),
         }
 
 
@@ -118,9 +122,25 @@ def _parse(path: Path) -> Manifest | None:
             world_size=int(data["world_size"]),
             distributed=str(data["distributed"]),
             files=dict(data["files"]),
+            best=data.get("best"),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def committed_file(path: Path) -> bool:
+    """Whether ``path`` is (a hard link to) a file that a committed manifest of its folder lists: a checkpoint
+    file the trainer wrote and never rewrites, safe to hard-link to."""
+    folder = path.parent
+    for manifest in read_manifests(folder):
+        for relative in manifest.files:
+            candidate = folder / relative
+            try:
+                if os.path.samefile(candidate, path):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def verify(folder: Path, manifest: Manifest) -> str | None:

@@ -21,7 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.checkpoint.io.atomic import delete_inside, fsync_dir, link_or_copy, remove_tmp_leftovers
+from trainer.checkpoint.io.atomic import (
+    delete_inside,
+    fsync_dir,
+    link_or_copy,
+    make_read_only,
+    remove_tmp_leftovers,
+)
 from trainer.checkpoint.manifest import (
     Manifest,
     manifest_path,
@@ -120,8 +126,11 @@ class CommitProtocol:
     # -- a save ---------------------------------------------------------------------------------------
 
     def commit(self, manifest: Manifest, known: dict[Path, tuple[int, str]]) -> None:
-        """Write ``manifest`` over every file of its tag: from now on the checkpoint counts."""
-        write_manifest(self.folder, manifest, self.tag_files(manifest.tag), known)
+        """Write ``manifest`` over every file of its tag: from now on the checkpoint counts, and its files
+        are read-only."""
+        files = self.tag_files(manifest.tag)
+        write_manifest(self.folder, manifest, files, known)
+        make_read_only(files)
 
     def publish(self, tag: str, *, is_epoch: bool, is_best: bool, best_epoch: int | None,
                 before_retention: Callable[[], None]) -> None:  # fmt: skip

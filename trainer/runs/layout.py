@@ -11,6 +11,8 @@
           manifests/<tag>.json               commit records     adapter/                   peft's export of best
         logs/  samples/epoch_NNN.png  events.jsonl  tensorboard/  wandb/
         damaged/<tag>/                     checkpoints that failed verification, moved aside
+        run.lock                           held by the launch training the run
+        run_key                            the job an --auto-resume run belongs to
 
 Checkpoints are named by tags: ``epoch_NNN`` after an epoch, ``step_NNNNNNN`` inside one. Numbers are
 zero-padded and keep growing (``run_1000``, ``epoch_1000``); they are always compared as integers.
@@ -47,6 +49,11 @@ def is_tag(name: str) -> bool:
 
 def kind_root(checkpoint_root: Path, kind: str) -> Path:
     return checkpoint_root / KIND_FOLDERS[kind]
+
+
+def kind_of(root: Path) -> str:
+    """The kind of the runs under a kind root (``.../base_training`` → ``base``)."""
+    return next((kind for kind, folder in KIND_FOLDERS.items() if root.name == folder), "base")
 
 
 def run_dir(root: Path, number: int) -> Path:
@@ -92,6 +99,16 @@ class RunLayout:
     @property
     def metadata(self) -> Path:
         return self.path / "metadata.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the launch training the run (``lock.py``)."""
+        return self.path / "run.lock"
+
+    @property
+    def run_key(self) -> Path:
+        """The key of the job an ``--auto-resume`` run belongs to, one line (read without metadata.json)."""
+        return self.path / "run_key"
 
     @property
     def logs(self) -> Path:

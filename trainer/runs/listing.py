@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.runs.layout import run_dir
+from trainer.checkpoint.manifest import read_manifests
+from trainer.runs.layout import RunLayout, kind_of, run_dir
+from trainer.runs.lock import is_live
 from trainer.runs.metadata import read_metadata
 from trainer.runs.store import RunError, run_numbers
 
@@ -41,11 +43,21 @@ class RunSummary:
 
 
 def summarize(root: Path, number: int) -> RunSummary:
-    """Summary of one run from its metadata; unreadable metadata gives a row that says so."""
-    path = run_dir(root, number)
+    """Summary of one run from its metadata, corrected by what is committed (a process that died may not
+    have recorded its last checkpoints) and by its lock (a ``running`` run whose process is gone ``died``);
+    unreadable metadata gives a row that says so."""
+    layout = RunLayout(run_dir(root, number), kind_of(root))
+    path = layout.path
     try:
         meta = read_metadata(path)
-        best = meta.get("best") or {}
+        committed = read_manifests(layout.checkpoints)
+        newest = committed[-1] if committed else None
+        behind = newest is not None and newest.global_step > int(meta.get("global_step") or 0)
+        best = (newest.best if behind and newest is not None else None) or meta.get("best") or {}
+        epochs = newest.epoch if behind and newest is not None else _int_or_none(meta.get("epochs_completed"))
+        status = str(meta.get("status", "unknown"))
+        if status == "running" and not is_live(layout):
+            status = "died"
         dataset = meta.get("dataset") or {}
         config = meta.get("config_summary") or {}
         return RunSummary(
@@ -54,13 +66,13 @@ def summarize(root: Path, number: int) -> RunSummary:
             kind=meta.get("kind"),
             experiment=meta.get("experiment"),
             dataset=f"{dataset.get('name')} ({dataset.get('num_classes')})" if dataset else None,
-            epochs_completed=_int_or_none(meta.get("epochs_completed")),
+            epochs_completed=epochs,
             epochs_total=_int_or_none(meta.get("epochs_total")),
-            checkpoints=len(meta.get("checkpoints") or []),
+            checkpoints=sum(m.is_epoch for m in committed),
             best_epoch=best.get("epoch"),
             best_metric=best.get("metric"),
             best_value=None if best.get("value") is None else float(best["value"]),
-            status=str(meta.get("status", "unknown")),
+            status=status,
             learning_rate=config.get("learning_rate"),
             best_mode="max" if best.get("mode") == "max" else "min",
         )

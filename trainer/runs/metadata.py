@@ -148,6 +148,29 @@ class RunHandle:
             best=progress["best"],
         )
 
+    def record_attempt(self, key: str, job: dict[str, Any]) -> None:
+        """Append to ``attempts`` (``--auto-resume``): this launch of the job, and how the previous one ended."""
+        if not self.is_main:
+            return
+        attempts = list(self.metadata.get("attempts") or [])
+        previous = None
+        if attempts:
+            status = self.metadata.get("status")
+            stops = [
+                e for e in self.metadata.get("events") or [] if e.get("kind") in ("interrupted", "peer_lost")
+            ]
+            previous = {
+                "running": "killed or lost (it never recorded an end)",
+                "interrupted": f"stopped by {stops[-1].get('signal', 'a stop signal')} at step "
+                f"{stops[-1].get('global_step')}"
+                if stops
+                else "interrupted",
+            }.get(str(status), str(status))
+        attempts.append(
+            {"attempt": len(attempts) + 1, "at": now(), "key": key, **job, "previous_ended": previous}
+        )
+        self.update(attempts=attempts)
+
     def finish(self, status: str) -> None:
         assert status in STATUSES, status
         self.update(status=status)

@@ -10,10 +10,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.atomic import atomic_write_json, link_or_copy, remove_tmp_leftovers
-from trainer.checkpoint.manifest import sha256_file
+from trainer.checkpoint.io.atomic import (
+    atomic_write,
+    atomic_write_json,
+    copy_file,
+    link_or_copy,
+    make_read_only,
+    remove_tmp_leftovers,
+)
+from trainer.checkpoint.manifest import committed_file, sha256_file
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout, run_dir, run_number
+from trainer.runs.lock import RunLock
 from trainer.runs.metadata import write_metadata
 
 
@@ -86,6 +94,17 @@ def clear_leftovers(layout: RunLayout) -> list[Path]:
     return remove_tmp_leftovers(layout.path, names=(layout.metadata.name, layout.config.name))
 
 
+def store_base(source: Path, stored: Path) -> None:
+    """A LoRA run's copy of its base: a hard link when ``source`` is a checkpoint file the trainer committed
+    (read-only, never rewritten), else a copy (a reflink where possible): a hand-off file that is copied over
+    later must not change the runs that used it."""
+    if committed_file(source):
+        link_or_copy(source, stored)
+    else:
+        copy_file(source, stored)
+    make_read_only([stored])
+
+
 def create_run(
     root: Path,
     kind: str,
@@ -94,19 +113,27 @@ def create_run(
     config: dict[str, Any],
     metadata: dict[str, Any],
     base: Path | None = None,
-) -> RunLayout:
-    """Allocate a run and write its first files: folders, ``config.json``, ``metadata.json`` (global rank 0).
+    key: str | None = None,
+) -> tuple[RunLayout, RunLock]:
+    """Allocate a run, take its lock and write its first files: folders, ``config.json``, ``metadata.json``
+    (global rank 0). Returns the run and its lock, held.
 
     ``metadata`` is ``new_metadata``'s record without its number; ``base`` (LoRA runs) is the base model
-    file, stored once in the run (a hard link where possible) with its sha256 recorded.
+    file, stored once in the run (a hard link where possible) with its sha256 recorded; ``key`` is the job
+    an ``--auto-resume`` run belongs to.
     """
     layout = RunLayout(run_dir(root, allocate_run(root, number)), kind)
+    lock = RunLock(layout)
+    lock.acquire("create it")  # the folder is brand new: the lock is free
     for folder in layout.new_folders():
         folder.mkdir(parents=True)
     record = {**metadata, "run_number": layout.number}  # keeps new_metadata's key order
     if base is not None:
-        link_or_copy(base, layout.stored_base)
+        store_base(base, layout.stored_base)
         record["base_checkpoint"] = {"source": str(base), "sha256": sha256_file(layout.stored_base)}
+    if key is not None:
+        record["run_key"] = key
+        atomic_write(layout.run_key, lambda f: f.write(f"{key}\n".encode()))
     atomic_write_json(layout.config, config)
     write_metadata(layout.path, record)
-    return layout
+    return layout, lock

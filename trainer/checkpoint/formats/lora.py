@@ -25,7 +25,7 @@ from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
 from trainer.checkpoint.formats import CKPT_FORMAT, Hashes, Snapshot, load_checkpoint_file
 from trainer.checkpoint.formats.base import unwrap_model
-from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, atomic_write
+from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, atomic_write, umask
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.sharding.full_state import FullState, gather_full_state, scatter_full_state
 from trainer.checkpoint.states import TrainingStates
@@ -125,6 +125,8 @@ def export_adapter(model: Any, layout: RunLayout) -> None:
     tmp, final = layout.path / f"{TMP_PREFIX}{layout.adapter.name}", layout.adapter
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    for path in tmp.iterdir():  # safetensors writes 0600; every other file of a run follows the umask
+        path.chmod(0o666 & ~umask())
     if final.exists():
         shutil.rmtree(final)
     atomic_rename(tmp, final)

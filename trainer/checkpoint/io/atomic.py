@@ -209,6 +209,51 @@ def link_or_copy(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+FICLONE = 0x40049409
+"""Linux ioctl: make the destination share the source's blocks (btrfs, XFS, ...): a copy at no disk cost."""
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of ``src`` that later changes to ``src`` never reach (a reflink where the file
+    system has them, else a byte copy), replaced atomically and durably."""
+    tmp = tmp_path_for(dst)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            try:
+                import fcntl
+
+                fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            except (ImportError, OSError):  # no reflinks here: copy the bytes
+                shutil.copyfileobj(fin, fout, 16 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
+
+
+def umask() -> int:
+    """The process's file-creation mask, read without changing it (``os.umask`` sets it, which races with
+    other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def make_read_only(paths: list[Path]) -> None:
+    """Take the write permission away from committed files: nothing rewrites them in place, and a file
+    linked elsewhere (``best.ckpt``, a LoRA run's stored base) then cannot be changed under it by mistake."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.chmod(path, os.stat(path).st_mode & ~0o222)
+
+
 def remove_tmp_leftovers(folder: Path, names: tuple[str, ...] | None = None) -> list[Path]:
     """Delete temporary files/folders a crashed writer left directly inside ``folder`` (only those of the
     files ``names``, when given)."""

@@ -1,0 +1,96 @@
+"""What a resume may change of a run's config, decided key by key, and the record of each change.
+
+A run's config is what its checkpoints were trained with. A resume may change how training goes on from
+here (more epochs, another learning rate, checkpoint and logging policy); it may not change what the run
+is (data, seed, noise distribution, model, adapters), which would make its history mean something else.
+The batch size and the steps per epoch cut the data order into steps: they may change only where the
+checkpoint is at an epoch's start, so the data position stays exact. Every accepted change is printed and
+recorded as an event with its old and new value and the step it takes effect at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from trainer.config import ConfigError, TrainConfig
+from trainer.config_files import diff_keys
+from trainer.runs.metadata import RunHandle
+
+FREE = ("epochs", "learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "experiment",
+        "ema_halflife_kimg", "ema_rampup_ratio", "checkpoint.", "logging.", "distributed.")  # fmt: skip
+"""Keys (or prefixes) a resume may change: how training goes on from here."""
+AT_EPOCH_START = ("batch_size", "max_steps_per_epoch")
+"""Keys a resume may change only from a checkpoint at an epoch's start: they cut the epoch into steps."""
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+
+
+def resume_changes(stored: dict[str, Any], new: dict[str, Any], set_keys: set[str]) -> list[Change]:
+    """The changes a resume with config ``new`` makes to the run's ``stored`` config; refuses any a resume
+    may not make, naming the keys. ``model.*`` keys given on purpose with ``--set`` pass (the checkpoint's
+    shapes are still checked when it loads)."""
+    # A key the stored config lacks was added to the trainer after the run started: its default is no change.
+    keys = [key for key in diff_keys(stored, new) if _present(stored, key)]
+    changes = [Change(key, _lookup(stored, key), _lookup(new, key)) for key in keys]
+    refused = [
+        c for c in changes
+        if not c.key.startswith(FREE) and c.key not in AT_EPOCH_START
+        and not (c.key.startswith("model.") and c.key in set_keys)
+    ]  # fmt: skip
+    if refused:
+        listed = ", ".join(f"{c.key} ({c.old!r} -> {c.new!r})" for c in refused)
+        raise ConfigError(
+            f"a resume cannot change {listed}: it would make the run's history mean something else. Drop the "
+            "flag, or start a new run (the run's config.json has its values)"
+        )
+    return changes
+
+
+def refuse_inexact(changes: list[Change], *, step_in_epoch: int, epochs_trained: int, tag: str) -> None:
+    """Once the checkpoint to resume from is known: the batch size and steps per epoch change only at an
+    epoch's start, and ``epochs`` never drops below what is already trained."""
+    for c in changes:
+        if c.key in AT_EPOCH_START and step_in_epoch:
+            raise ConfigError(
+                f"{c.key} cannot change from {c.old} to {c.new} on this resume: checkpoint {tag} is {step_in_epoch} "
+                f"steps into an epoch, and a new {c.key} would cut that epoch's data differently. Resume once "
+                f"without it (the epoch then ends), then change it"
+            )
+        if c.key == "epochs" and int(c.new) < epochs_trained:
+            raise ConfigError(
+                f"--epochs {c.new} is fewer than the {epochs_trained} epochs this run has already trained; pass "
+                f"--epochs above {epochs_trained} to train on"
+            )
+
+
+def record_changes(run: RunHandle, changes: list[Change], config: TrainConfig, *, step: int) -> None:
+    """Announce each accepted change, record them as one event, and keep the listing's summary true."""
+    if not changes:
+        return
+    for c in changes:
+        run.print(f"Changed on resume: {c.key} {c.old!r} -> {c.new!r} (from step {step})")
+    run.record_event("config_changed", global_step=step,
+                     changes=[{"key": c.key, "old": c.old, "new": c.new} for c in changes])  # fmt: skip
+    summary = {**run.metadata.get("config_summary", {}), "learning_rate": config.learning_rate,
+               "batch_size": config.batch_size, "model": config.model.name, "seed": config.seed}  # fmt: skip
+    run.update(config_summary=summary, experiment=config.experiment)
+
+
+def _present(data: dict[str, Any], dotted: str) -> bool:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data.get(part) if isinstance(data, dict) else None  # type: ignore[assignment]
+    return isinstance(data, dict) and last in data
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    value: Any = data
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value

@@ -1,0 +1,105 @@
+"""What a launch asks for, from its flags alone (no torch, no files): a new run, the resume of a run, or
+``--auto-resume`` (the job's own run, whichever attempt this is), and the config overrides it passes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from trainer.config_files import parse_override
+from trainer.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    mode: Literal["new", "resume", "auto"]
+    number: int | None
+    """``--run-number`` (or ``--resume N``): the run's number; None for a new number, or the newest run."""
+    key: str | None = None
+    """With ``--auto-resume``: what identifies the job, the same for every attempt of it."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunRequest:
+        if getattr(args, "auto_resume", False):
+            if args.resume is not None:
+                raise UserError(
+                    "--auto-resume decides by itself whether to resume (the job's run if it has one, else a new "
+                    "run): drop --resume"
+                )
+            return cls("auto", args.run_number, job_key(args.run_key))
+        if args.run_key is not None:
+            raise UserError("--run-key only applies with --auto-resume")
+        if args.resume is None:
+            return cls("new", args.run_number)
+        if args.resume == "latest":
+            return cls("resume", args.run_number)
+        try:
+            number = int(args.resume)
+        except ValueError:
+            raise UserError(f"--resume takes a run number, got {args.resume!r}") from None
+        if args.run_number is not None and args.run_number != number:
+            raise UserError(f"--resume {number} and --run-number {args.run_number} name different runs")
+        return cls("resume", number)
+
+
+def job_key(given: str | None) -> str:
+    """The key of this job, the same across its attempts: ``--run-key``, else SLURM's job id (with the array
+    index), else the torch elastic launch (its run id, or its agent process: the same across restarts)."""
+    if given is not None:
+        if not given.strip():
+            raise UserError("--run-key must not be empty")
+        return given.strip()
+    slurm = os.environ.get("SLURM_JOB_ID")
+    if slurm:
+        array = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{os.environ.get('SLURM_ARRAY_JOB_ID', slurm)}_{array}" if array else f"slurm-{slurm}"
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if run_id != "none":
+            return f"elastic-{run_id}"
+        agent = os.getppid()  # accelerate's static rendezvous: run id "none"; the agent outlives restarts
+        return f"elastic-{socket.gethostname()}-{agent}-{_started(agent)}"
+    raise UserError(
+        "--auto-resume cannot tell which job this is: pass --run-key KEY (the same for every attempt), or run "
+        "under SLURM or accelerate launch --max_restarts"
+    )
+
+
+def _started(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def attempt_record() -> dict[str, Any]:
+    """What this launch knows of the job it belongs to (recorded with each ``--auto-resume`` attempt)."""
+    env = os.environ
+    restarts = env.get("SLURM_RESTART_COUNT") or env.get("TORCHELASTIC_RESTART_COUNT") or "0"
+    return {
+        "job_id": env.get("SLURM_JOB_ID"),
+        "restart_count": int(restarts) if restarts.isdigit() else restarts,
+        "host": socket.gethostname(),
+    }
+
+
+def cli_overrides(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], set[str]]:
+    """(overrides in order, keys given through --set) from the flags the user actually passed."""
+    flags = {
+        "data": args.data,
+        "model": args.model,
+        "experiment": args.experiment,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+        "lora": getattr(args, "lora_config", None),
+    }
+    overrides = [(k, v) for k, v in flags.items() if v is not None]
+    explicit = [parse_override(text) for text in args.overrides]
+    return overrides + explicit, {k for k, _ in explicit}

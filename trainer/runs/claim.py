@@ -1,0 +1,102 @@
+"""Global rank 0's first step on the run a launch asks for: find it, take its lock, clear a crash's leftovers.
+
+Nothing of an existing run is touched before its lock is held. With ``--auto-resume`` the run is the one
+whose ``run_key`` is this job's key: resumed, or left alone when it has completed; with none, a new run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.request import RunRequest
+from trainer.runs.layout import KIND_FOLDERS, RunLayout, kind_root, run_dir
+from trainer.runs.lock import RunLock
+from trainer.runs.metadata import read_metadata
+from trainer.runs.repair import repair_run
+from trainer.runs.store import RunError, clear_leftovers, resolve_run, run_numbers
+
+
+@dataclass
+class Claim:
+    """What rank 0 found for the launch (broadcast to every rank)."""
+
+    layout: RunLayout | None
+    """The run to resume, or None: a new run is created once the config is validated."""
+    done: str | None = None
+    """The job's run has completed: this message, and nothing to train."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings to print (a dead launch's lock taken over, a damaged metadata.json rebuilt)."""
+
+    @property
+    def resuming(self) -> bool:
+        return self.layout is not None and self.done is None
+
+
+def claim_run(checkpoint_root: Path, kind: str, request: RunRequest) -> tuple[Claim, RunLock | None]:
+    """Rank 0: the run ``request`` names and, when it exists and is to be trained, its lock (held)."""
+    root = kind_root(checkpoint_root, kind)
+    if request.mode == "new":
+        return Claim(None), None
+    if request.mode == "resume":
+        layout = RunLayout(run_dir(root, resolve_run(root, request.number)), kind)
+    else:
+        assert request.key is not None
+        found = run_with_key(checkpoint_root, kind, request.key)
+        if found is None:
+            if request.number is not None and request.number in run_numbers(root):
+                raise RunError(
+                    f"--run-number {request.number} names run {request.number:03d}, which belongs to no job with "
+                    f"key {request.key!r}; drop --run-number, or resume that run with --resume {request.number}"
+                )
+            return Claim(None), None
+        layout = found
+        if request.number is not None and request.number != layout.number:
+            raise RunError(
+                f"--run-number {request.number} and --auto-resume disagree: the job's key {request.key!r} "
+                f"belongs to run {layout.number:03d}"
+            )
+        status = _status(layout)
+        if status == "completed":
+            return Claim(layout, done=f"Run {layout.number:03d} of job {request.key!r} has completed: nothing to "
+                                      f"train ({layout.path})"), None  # fmt: skip
+    lock = RunLock(layout)
+    taken_over = lock.acquire("resume it")
+    try:
+        clear_leftovers(layout)
+        repaired = repair_run(layout) if request.mode == "resume" else []
+    except BaseException:
+        lock.release()
+        raise
+    return Claim(layout, notes=[*([taken_over] if taken_over else []), *repaired]), lock
+
+
+def run_with_key(checkpoint_root: Path, kind: str, key: str) -> RunLayout | None:
+    """The run of ``kind`` whose ``run_key`` is ``key``; a run of the other kind with it is refused."""
+    for other in KIND_FOLDERS:
+        root = kind_root(checkpoint_root, other)
+        for number in reversed(run_numbers(root)):
+            layout = RunLayout(run_dir(root, number), other)
+            try:
+                if layout.run_key.read_text().strip() != key:
+                    continue
+            except OSError:
+                continue
+            if other != kind:
+                raise RunError(
+                    f"the job key {key!r} belongs to {other} run {number:03d} ({layout.path}), and this launch "
+                    f"trains a {kind} run; give this job another --run-key"
+                )
+            return layout
+    return None
+
+
+def _status(layout: RunLayout) -> str:
+    try:
+        return str(read_metadata(layout.path).get("status"))
+    except (OSError, ValueError, AttributeError) as e:
+        raise RunError(
+            f"run {layout.number:03d} of this job has an unreadable {layout.metadata} ({type(e).__name__}); "
+            f"nothing was changed. Continue it with --resume {layout.number} (which rebuilds the file from "
+            "its checkpoints) or move the file aside"
+        ) from None

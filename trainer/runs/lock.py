@@ -1,0 +1,154 @@
+"""One live launch per run: ``run.lock`` in the run folder names the launch training it.
+
+Global rank 0 takes the lock before it touches anything of the run, keeps it fresh with a heartbeat while it
+trains (every ``HEARTBEAT_SECONDS``), and removes it when the launch ends. A second launch that would train
+the same run is refused, naming the holder. A lock left by a launch that died (kill -9, power cut, dead
+node) never blocks: on the same host its process is gone (or is another process with the same pid); on
+another host its heartbeat is older than ``STALE_AFTER_SECONDS``. Such a lock is taken over with a warning.
+
+Taking over is race-free: the stale lock is renamed away first (only one launch can rename it), then the
+new one is created with ``O_EXCL`` (only one launch can create it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from trainer.errors import UserError
+from trainer.runs.layout import RunLayout
+
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 120.0
+"""A lock held from another host counts as dead once its heartbeat is this old (four beats missed)."""
+
+
+class RunLocked(UserError):
+    """Another live launch is training the run."""
+
+
+@dataclass
+class Holder:
+    host: str
+    pid: int
+    process_start: str | None
+    """The kernel's start time of ``pid`` (tells a reused pid from the holder)."""
+    started_at: str
+    heartbeat: float
+    """``time.time()`` of the last beat."""
+
+    def describe(self) -> str:
+        return f"process {self.pid} on {self.host}, started {self.started_at}"
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
+
+
+def _alive(holder: Holder) -> bool:
+    if holder.host != socket.gethostname():
+        return time.time() - holder.heartbeat < STALE_AFTER_SECONDS
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    start = _process_start(holder.pid)
+    return start is None or holder.process_start is None or start == holder.process_start
+
+
+def read_holder(path: Path) -> Holder | None:
+    """The lock's holder, or None when there is no lock (an unreadable lock counts as a dead one's)."""
+    try:
+        data = json.loads(path.read_text())
+        return Holder(**{k: data[k] for k in Holder.__dataclass_fields__})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return Holder("?", -1, None, "?", 0.0)
+
+
+def is_live(layout: RunLayout) -> bool:
+    """Whether a live launch holds the run's lock (what ``--list-runs`` shows as running)."""
+    holder = read_holder(layout.lock)
+    return holder is not None and _alive(holder)
+
+
+class RunLock:
+    """The lock of one run, held by this process (global rank 0)."""
+
+    def __init__(self, layout: RunLayout) -> None:
+        self.layout, self.path = layout, layout.lock
+        self.me = Holder(socket.gethostname(), os.getpid(), _process_start(os.getpid()),
+                         datetime.now(timezone.utc).isoformat(timespec="seconds"), time.time())  # fmt: skip
+        self._beat: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def acquire(self, what: str) -> str | None:
+        """Take the lock, or raise ``RunLocked`` when a live launch holds it (``what``: what this launch was
+        about to do, for the message). Returns a warning when a dead launch's lock was taken over."""
+        for _ in range(3):  # a race with another launch taking over the same stale lock: look again
+            if self._create():
+                return None
+            holder = read_holder(self.path)
+            if holder is None:
+                continue
+            if _alive(holder):
+                raise RunLocked(
+                    f"run {self.layout.path.name} is being trained by another launch ({holder.describe()}); "
+                    f"this launch would {what}. Wait for it to end, or stop it (its run saves and is marked "
+                    f"interrupted); if that process is gone for good, delete {self.path}"
+                )
+            aside = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path, aside)
+                aside.unlink()
+                if self._create():
+                    return (
+                        f"took over the lock of run {self.layout.path.name} from a launch that is gone "
+                        f"({holder.describe()})"
+                    )
+        raise RunLocked(f"could not take the lock {self.path}: other launches keep taking it")
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(self.me)))
+        return True
+
+    def start_heartbeat(self) -> None:
+        """Refresh the lock every ``HEARTBEAT_SECONDS`` from a thread of its own, until ``release``."""
+        self._beat = threading.Thread(target=self._heartbeat, name="run-lock", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self.me.heartbeat = time.time()
+            tmp = self.path.with_name(f".tmp-{self.path.name}.{os.getpid()}")
+            with contextlib.suppress(OSError):  # a lost write costs a beat, not the run
+                tmp.write_text(json.dumps(asdict(self.me)))
+                os.replace(tmp, self.path)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock, if it is still this process's."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        holder = read_holder(self.path)
+        if holder is not None and (holder.host, holder.pid) == (self.me.host, self.me.pid):
+            self.path.unlink(missing_ok=True)
