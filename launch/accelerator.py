@@ -116,7 +116,27 @@ def build_accelerator(timeout: timedelta = DEFAULT_TIMEOUT, **kwargs: Any) -> An
         # gloo without CUDA: otherwise Accelerate falls back to a group each process believes it is alone in.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
+        init_restarted_process_group(backend, timeout)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+def init_restarted_process_group(backend: str, timeout: timedelta) -> None:
+    """In a worker that torch elastic restarted (``--max_restarts``), create the default process group in a
+    store of this attempt's own; Accelerate and DeepSpeed then use it as it is.
+
+    ``accelerate launch`` uses torch elastic's static rendezvous, whose store outlives the attempts and is
+    shared without a per-attempt prefix: a restarted worker's process groups would read the addresses the
+    dead attempt's processes published under the same keys, and fail ("Connection refused") or hang while
+    connecting. The first attempt is left to Accelerate.
+    """
+    import torch.distributed as dist
+
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or dist.is_initialized():
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt_store = dist.PrefixStore(f"diffit/attempt_{restart}", store)
+    dist.init_process_group(backend, store=attempt_store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def configure_deepspeed(accelerator: Any, *, micro_batch: int, grad_clip: float) -> None:

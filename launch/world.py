@@ -20,6 +20,8 @@ class Topology:
     deepspeed_stage: int | None
     """ZeRO stage when DeepSpeed drives the run, else None."""
     device: torch.device
+    timeout: timedelta = DEFAULT_TIMEOUT
+    """How long any collective (the trainer's, DeepSpeed's, torch's) waits for a peer before failing."""
     comm: Collectives = field(default_factory=SingleProcess, compare=False, repr=False)
     """The trainer's own collectives (``launch/collectives.py``); a fake world in unit tests."""
 
@@ -50,5 +52,6 @@ def topology(accelerator: Any, timeout: timedelta = DEFAULT_TIMEOUT) -> Topology
         local_rank=accelerator.local_process_index,
         deepspeed_stage=stage,
         device=accelerator.device,
+        timeout=timeout,
         comm=comm,
     )

@@ -122,6 +122,7 @@ def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.M
     class Crashing:
         config, run = type("Config", (), {"epochs": 1}), None
         state, stop, trackers, steps_per_epoch = loop.TrainState(), loop.StopSignals(), Trackers(), 1
+        topo = type("Topology", (), {"timeout": None})
 
         class checkpoints:  # no save in flight
             @staticmethod

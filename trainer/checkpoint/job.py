@@ -26,6 +26,7 @@ from trainer.checkpoint.formats import CheckpointFormat, Hashes, PendingFile, Sn
 from trainer.checkpoint.io.atomic import Flusher, write_file
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.protocol import CommitProtocol
+from trainer.checkpoint.retention import Scores
 from trainer.faults import Faults
 from trainer.runs.layout import RunLayout
 
@@ -45,8 +46,8 @@ class SaveJob:
     start: float
     """``time.perf_counter()`` when the save began (its figures count from it)."""
     outcome: dict[str, Any] = field(default_factory=dict)
-    """``tag``, ``global_step``, ``snapshot_bytes``, ``blocked_seconds``; then ``error`` (and ``peer_lost``),
-    or ``file``, ``bytes`` and ``seconds``."""
+    """``tag``, ``global_step``, ``snapshot_bytes``, ``blocked_seconds``; then ``file``, ``bytes`` and
+    ``seconds``, or ``error`` (with ``peer_lost``, and ``committed``: whether rank 0 had committed it)."""
     thread: threading.Thread | None = None
 
     @property
@@ -91,6 +92,7 @@ class Committer:
         if self.background:
             _yield_cpu_to_training()
         comm, tag = self.topo.comm, job.tag
+        outcome: dict[str, Any] | None = None
         try:
             mine = self._write(job)
             self.faults.point("save.rendezvous", tag=tag, step=job.step)
@@ -98,9 +100,10 @@ class Committer:
             outcome = self._commit(job, reports) if reports is not None else None
             outcome = comm.background_broadcast(outcome, what=f"the save of {tag} (its commit)")
         except PeerLost as e:
-            if self.topo.is_main:
+            committed = outcome is not None and "file" in outcome  # rank 0 committed before the peer was lost
+            if self.topo.is_main and not committed:
                 self.protocol.discard(tag)
-            outcome = {"error": str(e), "peer_lost": True}
+            outcome = {"error": str(e), "peer_lost": True, "committed": committed}
         except Exception as e:  # a bug: still end the job, so that no rank waits for it forever
             outcome = {"error": f"{type(e).__name__}: {e}"}
         finally:
@@ -153,6 +156,7 @@ class Committer:
         try:  # committed: a failure from here on costs nothing already saved
             self.protocol.publish(
                 tag, is_epoch=job.is_epoch, is_best=job.is_best, best_epoch=(progress["best"] or {}).get("epoch"),
+                scores=Scores.from_history(progress["history"], progress["best"]),
                 before_retention=lambda: self.faults.point("save.retention", tag=tag, step=step),
             )  # fmt: skip
         except OSError as e:
