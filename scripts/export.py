@@ -1,8 +1,12 @@
-"""Export a LoRA run for deployment: adapters merged into the base weights, one standalone base checkpoint.
+"""Export a checkpoint of a base or LoRA run for other tools: a standalone .ckpt or safetensors + config JSON.
 
+    python scripts/export.py checkpoints/base_training/run_001 --out model.safetensors --format safetensors
+    python scripts/export.py checkpoints/base_training/run_001 --which step_0000120 --dtype bf16 --out m.ckpt
     python scripts/export.py checkpoints/lora_finetuning/run_001 --which best --out trees_merged.ckpt
 
-The result loads like any base checkpoint (`trainer.load_model`, or torch.load + build_model).
+A LoRA run is exported with its adapters merged into the base (``--adapter``: the adapter tensors alone). The
+result loads like any base checkpoint (`trainer.load_model`, torch.load + build_model, or
+safetensors.torch.load_file + load_state_dict(strict=True) with the config beside it).
 """
 
 import argparse
@@ -12,26 +16,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="LoRA run folder or lora_weights/*.ckpt file")
-    parser.add_argument("--which", default="best", help="best, last or an epoch number (default best)")
-    parser.add_argument("--out", type=Path, required=True, help="file to write (.ckpt)")
-    args = parser.parse_args()
+    parser.add_argument("run", help="run folder (base or LoRA) or a .ckpt file")
+    parser.add_argument("--which", default="best", help="best, last, an epoch number or a tag (default best)")
+    parser.add_argument("--out", type=Path, required=True, help="file to write (.ckpt or .safetensors)")
+    parser.add_argument("--format", choices=["ckpt", "safetensors"], help="default: from --out's suffix")
+    parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA weights")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--adapter", action="store_true", help="LoRA runs: the adapter tensors, not merged")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    return parser
 
-    import torch
 
-    from trainer.api import merge_lora
-    from trainer.checkpoint.io.atomic import atomic_write
-    from trainer.errors import exit_code
-
-    which = int(args.which) if args.which.isdigit() else args.which
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainer.errors import UserError, exit_code
 
     def export() -> None:
-        payload = merge_lora(args.run, which)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, lambda f: torch.save(payload, f))
-        print(f"Wrote {args.out} (merged from {payload['merged_from']})")
+        from trainer.export import exported, write_export
+
+        fmt = args.format or ("safetensors" if args.out.suffix == ".safetensors" else "ckpt")
+        written = [args.out, args.out.with_suffix(".json")] if fmt == "safetensors" else [args.out]
+        existing = [str(p) for p in written if p.exists()]
+        if existing and not args.force:
+            raise UserError(
+                f"{', '.join(existing)} exists; pass --force to replace it, or choose another --out"
+            )
+        ckpt = exported(Path(args.run), args.which, raw=args.raw, adapter=args.adapter)
+        paths = write_export(ckpt, args.out, fmt=fmt, raw=args.raw, dtype=args.dtype)
+        what = "raw" if args.raw else "EMA"
+        print(f"Wrote {', '.join(map(str, paths))} ({what} weights, {args.dtype}, epoch {ckpt.get('epoch')})")
 
     return exit_code(export)
 

@@ -17,6 +17,18 @@ TinyRuns = tuple[Path, dict[str, subprocess.CompletedProcess[str]]]
 
 
 @pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """4 epochs × 3 steps straight (2 processes, ZeRO-2), every epoch kept: what the fault and continuation
+    suites' runs must end equal to."""
+    from tests.helpers import EPOCHS, final_weights, train_base
+
+    root = tmp_path_factory.mktemp("reference")
+    train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0")
+    run = root / "base_training" / "run_001"
+    return {"root": root, "run": run, "weights": final_weights(run)}
+
+
+@pytest.fixture(scope="session")
 def tiny_runs_launched(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     """The launches behind `tiny_runs`, for tests that check what a good run prints."""
     from tests.helpers import train_base, train_lora

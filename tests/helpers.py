@@ -9,15 +9,20 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+
+from trainer.checkpoint.manifest import read_manifests, verify
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,3 +221,82 @@ def train_lora(root: Path, *args: str, accelerate_config: str | None = "cpu_zero
 def lora_argv(root: Path, *args: str) -> list[str]:
     """The flags of `train_lora`: the tiny run on digits 0-4 under ``root``, then ``args``."""
     return [*TINY_RUN[2:], "--data", "digits_0_4", "--checkpoint-root", str(root), *args]
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference run of the fault and continuation suites, and power cuts
+# --------------------------------------------------------------------------------------------------
+
+EPOCHS = ["--epochs", "4", "--set", "logging.sample_every_n_epochs=0"]
+"""With ``TINY_RUN``: 4 epochs x 3 steps, no grids (the ``reference`` fixture's run, in conftest.py)."""
+
+
+def final_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    ckpt = load_ckpt(run / "checkpoints" / "epoch_004.ckpt")
+    assert ckpt["epoch"] == 4 and ckpt["global_step"] == 12
+    return {"state_dict": ckpt["state_dict"], "ema_state_dict": ckpt["ema_state_dict"]}
+
+
+def assert_bit_identical(run: Path, reference: dict[str, dict[str, torch.Tensor]]) -> None:
+    got = final_weights(run)
+    assert_same_tensors(reference["state_dict"], got["state_dict"])
+    assert_same_tensors(reference["ema_state_dict"], got["ema_state_dict"])
+
+
+def assert_all_committed_intact(run: Path) -> list[str]:
+    """Every committed checkpoint verifies against its manifest; returns their tags, oldest first."""
+    folder = run / "checkpoints"
+    manifests = read_manifests(folder)
+    for m in manifests:
+        assert verify(folder, m) is None, f"committed checkpoint {m.tag} is damaged: {verify(folder, m)}"
+    return [m.tag for m in manifests]
+
+
+def power_cut_at(
+    root: Path, fault: str, args: list[str], timeout: float = 300, *, may_finish: bool = False
+) -> bool:
+    """Launch, wait until a process pauses at ``fault``, then SIGKILL everything of the launch. Returns
+    whether the point was reached; a launch that ends first fails the test, unless it ends well (exit 0)
+    and ``may_finish`` says the run may complete before the point."""
+    marker = root.parent / f"paused-{time.monotonic_ns()}"
+    log = root.parent / f"{marker.name}.log"
+    cmd = launch_command("train_base.py", base_argv(root, *args), accelerate_config="cpu_zero2")
+    env = child_env({"DIFFIT_FAULTS": fault, "DIFFIT_FAULT_MARKER": str(marker)})
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root.parent
+        )
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        ended = proc.poll() is not None
+        if ended or time.monotonic() > deadline:
+            power_off(proc, root)
+            if ended and proc.returncode == 0 and may_finish:
+                return False
+            what = f"exit {proc.returncode}" if ended else f"still running after {timeout:.0f} s"
+            pytest.fail(f"{fault!r} was never reached ({what}):\n{log.read_text()[-5000:]}")
+        time.sleep(0.2)
+    power_off(proc, root)
+    return True
+
+
+def power_off(proc: subprocess.Popen, root: Path) -> None:
+    """SIGKILL the launcher's process group and every worker (torch elastic starts them in new sessions)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    needle = str(root).encode()
+    for _ in range(50):
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmdline and int(pid) != os.getpid():
+                alive.append(int(pid))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        if not alive:
+            break
+        time.sleep(0.1)
+    proc.wait()

@@ -19,7 +19,7 @@ from trainer.checkpoint.formats.base import BaseFormat
 from trainer.checkpoint.io.atomic import atomic_write, delete_inside, link_or_copy
 from trainer.checkpoint.manifest import Manifest, read_manifests, verify, write_manifest
 from trainer.checkpoint.protocol import CommitProtocol
-from trainer.checkpoint.retention import RetentionPolicy
+from trainer.checkpoint.retention import RetentionPolicy, Scores, plan_retention
 from trainer.errors import UserError
 from trainer.faults import Faults
 from trainer.runs.layout import RunLayout
@@ -53,9 +53,7 @@ def manager(run: Path, keep_last_n: int) -> CommitProtocol:
     checkpoints of a run written before manifests existed, as these fake runs are)."""
     layout = RunLayout(run, "base")
     fmt = BaseFormat(layout, TOPO, config={})
-    protocol = CommitProtocol(
-        layout, fmt.roots, fmt.leftover_folders, RetentionPolicy(keep_last_n=keep_last_n)
-    )
+    protocol = CommitProtocol(layout, RetentionPolicy(keep_last_n=keep_last_n))
     for note in protocol.clean_start(fmt.adopt):
         print(note)
     return protocol
@@ -475,3 +473,75 @@ def test_fault_hook_comes_from_the_environment_once(monkeypatch: pytest.MonkeyPa
     with pytest.raises(OSError):  # read when the launch started, not at each point
         faults.point("write")
     assert not Faults.from_environment(rank=0).enabled
+
+
+# --------------------------------------------------------------------------------------------------
+# Retention rules, alone and combined (Orbax-style: any rule keeps a checkpoint)
+# --------------------------------------------------------------------------------------------------
+
+
+def epochs_of(count: int, steps: tuple[int, ...] = ()) -> list[Manifest]:
+    """Committed epochs 1..count (3 steps each) and step checkpoints at ``steps``, oldest first."""
+    found = [Manifest(f"epoch_{e:03d}", e, 0, 3 * e, 1, "single") for e in range(1, count + 1)]
+    found += [Manifest(f"step_{s:07d}", s // 3, s % 3, s, 1, "single") for s in steps]
+    return sorted(found, key=lambda m: (m.global_step, m.is_epoch))
+
+
+# val_loss by epoch: the best is epoch 2 (early), then 5, 7, 3
+SCORES = Scores({1: 0.9, 2: 0.1, 3: 0.5, 4: 0.8, 5: 0.2, 6: 0.7, 7: 0.3, 8: 0.6, 9: 0.75, 10: 0.65}, "min")
+
+
+@pytest.mark.parametrize(
+    ("policy", "kept"),
+    [
+        (RetentionPolicy(keep_last_n=2), {"epoch_002": ["best"], "epoch_009": ["last 2"], "epoch_010": ["last 2"]}),
+        (RetentionPolicy(keep_last_n=1, keep_best_n=3),
+         {"epoch_002": ["best", "best 3"], "epoch_005": ["best 3"], "epoch_007": ["best 3"], "epoch_010": ["last 1"]}),
+        (RetentionPolicy(keep_last_n=1, keep_every_n_epochs=4),
+         {"epoch_002": ["best"], "epoch_004": ["every 4"], "epoch_008": ["every 4"], "epoch_010": ["last 1"]}),
+        (RetentionPolicy(keep_last_n=2, keep_best_n=2, keep_every_n_epochs=5),
+         {"epoch_002": ["best", "best 2"], "epoch_005": ["every 5", "best 2"], "epoch_009": ["last 2"],
+          "epoch_010": ["last 2", "every 5"]}),
+    ],
+    ids=["last-n", "best-n", "every-n", "all-combined"],
+)  # fmt: skip
+def test_retention_rules_keep_exactly_the_expected_checkpoints_and_say_why(
+    policy: RetentionPolicy, kept: dict[str, list[str]]
+) -> None:
+    plan = plan_retention(epochs_of(10, steps=(28, 31)), policy, best_epoch=2, scores=SCORES)
+    assert plan.keep == {**kept, "step_0000031": ["newest"]}
+    assert set(plan.drop) == {f"epoch_{e:03d}" for e in range(1, 11)} - set(kept) | {"step_0000028"}
+
+
+def test_best_n_ranks_by_the_monitored_metric_in_its_mode() -> None:
+    plan = plan_retention(epochs_of(4), RetentionPolicy(keep_last_n=1, keep_best_n=2), None,
+                          Scores({1: 0.9, 2: 0.1, 3: 0.5, 4: 0.8}, "max"))  # fmt: skip
+    assert plan.keep == {"epoch_001": ["best 2"], "epoch_004": ["last 1", "best 2"]}
+
+
+def test_superseded_checkpoints_are_outside_retention(tmp_path: Path) -> None:
+    """Going back moves newer checkpoints to superseded/; retention neither counts nor deletes them."""
+    run = fake_run(tmp_path, range(1, 6))
+    checkpoints = manager(run, keep_last_n=1)
+    [third] = [m for m in checkpoints.committed() if m.tag == "epoch_003"]
+    moved = checkpoints.supersede_after(third)
+    assert [m["tag"] for m in moved] == ["epoch_004", "epoch_005"]
+    assert checkpoints.epochs_on_disk() == [1, 2, 3]
+    checkpoints.retire(best_epoch=None)
+    assert checkpoints.epochs_on_disk() == [3]
+    superseded = run / "superseded"
+    assert sorted(p.name for p in superseded.iterdir()) == ["epoch_004", "epoch_005"]
+    assert (superseded / "epoch_005" / "epoch_005.ckpt").is_file()
+
+
+def test_a_tag_that_does_not_exist_or_is_damaged_is_refused_listing_the_tags(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, range(1, 3))
+    checkpoints = manager(run, keep_last_n=0)
+    assert checkpoints.resolve("2").tag == checkpoints.resolve("epoch_002").tag == "epoch_002"
+    for spec, phrase in (("7", "has no checkpoint '7'"), ("soon", "--from takes an epoch number")):
+        with pytest.raises(UserError, match=phrase) as info:
+            checkpoints.resolve(spec)
+        assert "epoch_001, epoch_002" in str(info.value)
+    (run / "checkpoints" / "epoch_001.ckpt").write_bytes(b"changed")
+    with pytest.raises(UserError, match="epoch_001 of run run_001 is damaged"):
+        checkpoints.resolve("1")

@@ -20,7 +20,6 @@ the test can cut the power exactly there.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -34,33 +33,23 @@ import pytest
 import torch
 
 from tests.helpers import (
+    EPOCHS,
     REPO,
+    assert_all_committed_intact,
+    assert_bit_identical,
     assert_same_tensors,
     base_argv,
     child_env,
+    final_weights,
     free_port,
-    launch_command,
     load_ckpt,
     machine_command,
+    power_cut_at,
+    power_off,
     train_base,
 )
-from trainer.checkpoint.manifest import read_manifests, verify
 
 pytestmark = pytest.mark.distributed
-
-EPOCHS = ["--epochs", "4", "--set", "logging.sample_every_n_epochs=0"]
-
-
-def final_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    ckpt = load_ckpt(run / "checkpoints" / "epoch_004.ckpt")
-    assert ckpt["epoch"] == 4 and ckpt["global_step"] == 12
-    return {"state_dict": ckpt["state_dict"], "ema_state_dict": ckpt["ema_state_dict"]}
-
-
-def assert_bit_identical(run: Path, reference: dict[str, dict[str, torch.Tensor]]) -> None:
-    got = final_weights(run)
-    assert_same_tensors(reference["state_dict"], got["state_dict"])
-    assert_same_tensors(reference["ema_state_dict"], got["ema_state_dict"])
 
 
 def metadata(run: Path) -> dict:
@@ -71,77 +60,9 @@ def events(run: Path, kind: str) -> list[dict]:
     return [e for e in metadata(run)["events"] if e["kind"] == kind]
 
 
-def assert_all_committed_intact(run: Path) -> list[str]:
-    """Every committed checkpoint verifies against its manifest; returns their tags, oldest first."""
-    folder = run / "checkpoints"
-    manifests = read_manifests(folder)
-    for m in manifests:
-        assert verify(folder, m) is None, f"committed checkpoint {m.tag} is damaged: {verify(folder, m)}"
-    return [m.tag for m in manifests]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """4 epochs × 3 steps straight (2 processes, ZeRO-2), every epoch kept."""
-    root = tmp_path_factory.mktemp("reference")
-    train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0")
-    run = root / "base_training" / "run_001"
-    return {"root": root, "run": run, "weights": final_weights(run)}
-
-
 # --------------------------------------------------------------------------------------------------
 # Power cuts
 # --------------------------------------------------------------------------------------------------
-
-
-def power_cut_at(
-    root: Path, fault: str, args: list[str], timeout: float = 300, *, may_finish: bool = False
-) -> bool:
-    """Launch, wait until a process pauses at ``fault``, then SIGKILL everything of the launch. Returns
-    whether the point was reached; a launch that ends first fails the test, unless it ends well (exit 0)
-    and ``may_finish`` says the run may complete before the point."""
-    marker = root.parent / f"paused-{time.monotonic_ns()}"
-    log = root.parent / f"{marker.name}.log"
-    cmd = launch_command("train_base.py", base_argv(root, *args), accelerate_config="cpu_zero2")
-    env = child_env({"DIFFIT_FAULTS": fault, "DIFFIT_FAULT_MARKER": str(marker)})
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root.parent
-        )
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        ended = proc.poll() is not None
-        if ended or time.monotonic() > deadline:
-            power_off(proc, root)
-            if ended and proc.returncode == 0 and may_finish:
-                return False
-            what = f"exit {proc.returncode}" if ended else f"still running after {timeout:.0f} s"
-            pytest.fail(f"{fault!r} was never reached ({what}):\n{log.read_text()[-5000:]}")
-        time.sleep(0.2)
-    power_off(proc, root)
-    return True
-
-
-def power_off(proc: subprocess.Popen, root: Path) -> None:
-    """SIGKILL the launcher's process group and every worker (torch elastic starts them in new sessions)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    needle = str(root).encode()
-    for _ in range(50):
-        alive = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle in cmdline and int(pid) != os.getpid():
-                alive.append(int(pid))
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        if not alive:
-            break
-        time.sleep(0.1)
-    proc.wait()
 
 
 def test_power_cuts_at_every_stage_then_resume_is_bit_identical(reference: dict, tmp_path: Path) -> None:

@@ -18,19 +18,20 @@ from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.config import TrainConfig, from_dict
 from trainer.errors import UserError
 from trainer.factory import base_weights, build_lora_model, build_model, load_trainable, load_weights
-from trainer.runs.layout import RunLayout, epoch_tag, kind_root
+from trainer.runs.layout import RunLayout, epoch_tag, is_tag, kind_root
 from trainer.runs.listing import RunSummary
 from trainer.runs.listing import list_runs as _list_runs
 
 
 def checkpoint_path(path: str | Path, which: str | int = "best") -> Path:
-    """A ``.ckpt`` file as given, or the ``best``/``last``/epoch-N checkpoint of a base or LoRA run folder."""
+    """A ``.ckpt`` file as given, or a checkpoint of a base or LoRA run folder: ``best``, ``last``, an epoch
+    number or a tag (``epoch_005``; a LoRA run's ``step_0000120`` too)."""
     path = Path(path)
     if path.is_file():
         return path
-    name = epoch_tag(which) if isinstance(which, int) else str(which)
-    if name not in ("best", "last") and not name.startswith("epoch_"):
-        raise UserError(f"which must be 'best', 'last' or an epoch number, got {which!r}")
+    name = epoch_tag(int(which)) if isinstance(which, int) or str(which).isdigit() else str(which)
+    if name not in ("best", "last") and not is_tag(name):
+        raise UserError(f"which must be 'best', 'last', an epoch number or a tag, got {which!r}")
     layout = RunLayout.detect(path)
     candidate = (layout or RunLayout(path, "base")).ckpt(name)
     if not candidate.is_file():
@@ -67,14 +68,15 @@ def _load_lora(file: Path, ckpt: dict[str, Any], *, ema: bool) -> torch.nn.Modul
     return model
 
 
-def merge_lora(path: str | Path, which: str | int = "best") -> dict[str, Any]:
-    """A standalone base-format checkpoint of a LoRA run: adapters merged into the weights (EMA).
+def merge_lora(path: str | Path, which: str | int = "best", *, ema: bool = True) -> dict[str, Any]:
+    """A standalone base-format checkpoint of a LoRA run: adapters (EMA unless ``ema=False``) merged into
+    the weights.
 
     ``load_model`` (and ``torch.load`` + ``build_model``) load the result like any base checkpoint.
     """
     file = checkpoint_path(path, which)
     ckpt = load_checkpoint_file(file, key="lora_state_dict")
-    merged = _load_lora(file, ckpt, ema=True).merge_and_unload()  # type: ignore[operator]
+    merged = _load_lora(file, ckpt, ema=ema).merge_and_unload()  # type: ignore[operator]
     net = base_diffit(merged)
     config = dict(ckpt["config"])
     config["model"] = {**config["model"], "num_classes": net.num_classes}

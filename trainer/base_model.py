@@ -7,6 +7,7 @@ from typing import Any
 
 from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.checkpoint.manifest import sha256_file
+from trainer.config import ModelConfig, TrainConfig, from_dict
 from trainer.errors import UserError
 from trainer.runs.layout import DEFAULT_BASE, RunLayout, kind_root
 from trainer.runs.listing import list_runs
@@ -72,3 +73,28 @@ def load_stored_base(layout: RunLayout) -> dict[str, Any]:
             "one they were trained on. Restore the original file, or start a new run"
         )
     return load_base_checkpoint(stored)
+
+
+def init_checkpoint(given: str) -> Path:
+    """``--init-from``: a base ``.ckpt``, or a base run folder (its best checkpoint)."""
+    path = Path(given)
+    if path.is_dir():
+        path = RunLayout(path, "base").ckpt("best")
+    if not path.is_file():
+        raise UserError(f"--init-from: no checkpoint at {path}; give a base run folder or a base .ckpt file")
+    return path
+
+
+def load_init_weights(path: Path, config: TrainConfig) -> dict[str, Any]:
+    """The base checkpoint a new run starts from, refused when its architecture differs from the run's."""
+    ckpt = load_base_checkpoint(path)
+    saved = from_dict(ModelConfig, ckpt["config"]["model"], "model.").architecture()
+    now = config.model.architecture()
+    differing = [key for key in now if saved.get(key) != now[key]]
+    if differing:
+        listed = ", ".join(f"{k} ({saved.get(k)!r} there, {now[k]!r} here)" for k in differing)
+        raise UserError(
+            f"--init-from {path} has another architecture: {listed}; pass --model (or --set model.KEY=VALUE) "
+            "to match it"
+        )
+    return ckpt

@@ -31,13 +31,18 @@ class Change:
     new: Any
 
 
+def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    """Every key ``new`` changes of ``stored`` (a key ``stored`` lacks was added to the trainer after the run
+    started: its default is no change)."""
+    keys = [key for key in diff_keys(stored, new) if _present(stored, key)]
+    return [Change(key, _lookup(stored, key), _lookup(new, key)) for key in keys]
+
+
 def resume_changes(stored: dict[str, Any], new: dict[str, Any], set_keys: set[str]) -> list[Change]:
     """The changes a resume with config ``new`` makes to the run's ``stored`` config; refuses any a resume
     may not make, naming the keys. ``model.*`` keys given on purpose with ``--set`` pass (the checkpoint's
     shapes are still checked when it loads)."""
-    # A key the stored config lacks was added to the trainer after the run started: its default is no change.
-    keys = [key for key in diff_keys(stored, new) if _present(stored, key)]
-    changes = [Change(key, _lookup(stored, key), _lookup(new, key)) for key in keys]
+    changes = config_changes(stored, new)
     refused = [
         c for c in changes
         if not c.key.startswith(FREE) and c.key not in AT_EPOCH_START
@@ -69,12 +74,15 @@ def refuse_inexact(changes: list[Change], *, step_in_epoch: int, epochs_trained:
             )
 
 
-def record_changes(run: RunHandle, changes: list[Change], config: TrainConfig, *, step: int) -> None:
-    """Announce each accepted change, record them as one event, and keep the listing's summary true."""
+def record_changes(
+    run: RunHandle, changes: list[Change], config: TrainConfig, *, step: int, how: str
+) -> None:
+    """Announce each accepted change (``how``: "on resume", "in this fork"), record them as one event, and
+    keep the listing's summary true."""
     if not changes:
         return
     for c in changes:
-        run.print(f"Changed on resume: {c.key} {c.old!r} -> {c.new!r} (from step {step})")
+        run.print(f"Changed {how}: {c.key} {c.old!r} -> {c.new!r} (from step {step})")
     run.record_event("config_changed", global_step=step,
                      changes=[{"key": c.key, "old": c.old, "new": c.new} for c in changes])  # fmt: skip
     summary = {**run.metadata.get("config_summary", {}), "learning_rate": config.learning_rate,

@@ -55,6 +55,12 @@ def build_parser(kind: RunKind) -> argparse.ArgumentParser:
         "alone",
     )  # fmt: skip
     parser.add_argument("--run-key", metavar="KEY", help="with --auto-resume: what identifies the job")
+    parser.add_argument("--fork", type=int, metavar="N",
+                        help="start a new run from run N's checkpoint (--from TAG, default its newest) with its "
+                        "whole state; run N is not touched")  # fmt: skip
+    parser.add_argument("--from", dest="from_tag", metavar="TAG",
+                        help="with --resume N: go back to checkpoint TAG (an epoch number, epoch_005, "
+                        "step_0000120, best, last); newer ones move to superseded/. With --fork N: start there")  # fmt: skip
     kind.add_arguments(parser)
     listing = parser.add_argument_group("listing runs")
     listing.add_argument("--list-runs", action="store_true", help="print the runs and exit")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+from trainer.checkpoint.retention import RetentionPolicy
 from trainer.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +110,10 @@ class CheckpointConfig:
     save_every_n_epochs: int = 1
     keep_last_n: int = 3
     """Epoch checkpoints kept besides the best one; 0 keeps every epoch."""
+    keep_best_n: int = 0
+    """Also keep the N best epochs by ``monitor``/``mode`` (0: the best one only, which is always kept)."""
+    keep_every_n_epochs: int = 0
+    """Also keep every N-th epoch forever, e.g. 10 (0: off). Rules combine: any rule keeps a checkpoint."""
     monitor: Literal["train_loss", "val_loss"] = "val_loss"
     """Metric that picks ``best``; val_loss falls back to train_loss on data without a validation split."""
     mode: Literal["min", "max"] = "min"
@@ -125,11 +130,16 @@ class CheckpointConfig:
     """When a save fails (full disk, lost mount): ``fail`` stops the run as failed; ``continue`` trains on
     and tries again at the next save. Either way the partial files are removed and earlier checkpoints kept."""
 
+    def retention(self) -> RetentionPolicy:
+        return RetentionPolicy(self.keep_last_n, self.keep_best_n, self.keep_every_n_epochs)
+
     def __post_init__(self) -> None:
         _require(self.save_every_n_epochs >= 1, "checkpoint.save_every_n_epochs", "at least 1")
         _require(self.save_every_n_steps >= 0, "checkpoint.save_every_n_steps", "0 (off) or more")
         _require(self.save_every_n_minutes >= 0, "checkpoint.save_every_n_minutes", "0 (off) or more")
         _require(self.keep_last_n >= 0, "checkpoint.keep_last_n", "0 (keep all) or more")
+        _require(self.keep_best_n >= 0, "checkpoint.keep_best_n", "0 (the best only) or more")
+        _require(self.keep_every_n_epochs >= 0, "checkpoint.keep_every_n_epochs", "0 (off) or more")
 
 
 @dataclass

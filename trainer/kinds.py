@@ -39,8 +39,9 @@ class RunKind:
         """The kind's own command-line flags."""
 
     def prepare(self, config: TrainConfig, args: argparse.Namespace, layout: RunLayout | None) -> Path | None:
-        """Complete ``config`` before the data is loaded, for a new run (``layout`` None) or the resume of
-        the run at ``layout``. Returns a file a new run stores (a LoRA run's base model), or None."""
+        """Complete ``config`` before the data is loaded, for a new run (``layout`` None), or one that
+        continues the run at ``layout`` (a resume or a fork). Returns a file a new run made from it stores
+        (a LoRA run's base model), or None."""
         return None
 
     def complete(self, config: TrainConfig, num_classes: int) -> None:
@@ -63,6 +64,11 @@ class RunKind:
 class BaseKind(RunKind):
     name, headline, title = "base", "Base model training", "Base model training runs"
     default_config = CONFIG_DIR / "training" / "base_training.yaml"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--init-from", metavar="RUN_OR_CKPT",
+                            help="start a new run from the weights and EMA of a base run (its best checkpoint) or "
+                            "a .ckpt, with a fresh optimizer, counters and schedule")  # fmt: skip
 
     def build_module(self, config: TrainConfig) -> torch.nn.Module:
         from trainer.factory import build_model
@@ -97,10 +103,12 @@ class LoraKind(RunKind):
     def prepare(self, config: TrainConfig, args: argparse.Namespace, layout: RunLayout | None) -> Path | None:
         from trainer.base_model import load_base_checkpoint, load_stored_base, resolve_base_checkpoint
 
-        if layout is not None:
+        if layout is not None:  # a resume, or a fork of this run: the base it stores
             self._base = load_stored_base(layout)
-            self.note = f"Base model: {layout.stored_base} (stored in the run, sha256 checked)"
-            return None
+            self.note = (
+                f"Base model: {layout.stored_base} (stored in run {layout.number:03d}, sha256 checked)"
+            )
+            return layout.stored_base
         if args.model is not None:
             raise ConfigError("a LoRA run adapts the base checkpoint's model; drop --model")
         path, why = resolve_base_checkpoint(args.base_checkpoint, args.checkpoint_root)

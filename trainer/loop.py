@@ -9,6 +9,7 @@ the run's kind (``kinds.py``). The loop holds no rank logic of its own beyond "o
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from data.order import EpochOrder, epoch_order
 from launch import PeerLost, Topology, configure_deepspeed, peer_failure
 from model import edm_loss
 from model.lora import base_diffit
+from trainer.base_model import load_init_weights
 from trainer.changes import Change, record_changes, refuse_inexact
 from trainer.checkpoint.manager import Boundary, CheckpointManager
 from trainer.checkpoint.manifest import Manifest
@@ -26,6 +28,7 @@ from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
 from trainer.config import TrainConfig
 from trainer.ema import EMA
 from trainer.errors import Interrupted
+from trainer.factory import load_weights
 from trainer.faults import NO_FAULTS, Faults
 from trainer.kinds import RunKind
 from trainer.plan import lr_at, plan_steps
@@ -48,6 +51,7 @@ class Trainer:
         splits: DatasetSplits,
         kind: RunKind,
         faults: Faults = NO_FAULTS,
+        init_from: Path | None = None,
     ) -> None:
         self.config, self.accelerator, self.topo, self.run, self.splits = (
             config,
@@ -63,6 +67,9 @@ class Trainer:
         configure_deepspeed(accelerator, micro_batch=self.micro_batch, grad_clip=config.grad_clip)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         module = kind.build_module(config)
+        start = load_init_weights(init_from, config) if init_from is not None else None
+        if start is not None:  # a warm start: another run's weights; the optimizer and counters are fresh
+            load_weights(module, start["state_dict"])
         optimizer = torch.optim.AdamW(
             [p for p in module.parameters() if p.requires_grad],
             lr=config.learning_rate,
@@ -73,6 +80,8 @@ class Trainer:
         self.net = base_diffit(module)
         self.ema = EMA(module.named_parameters(), halflife_kimg=config.ema_halflife_kimg,
                        rampup_ratio=config.ema_rampup_ratio, rank=topo.rank, world_size=topo.world_size)  # fmt: skip
+        if start is not None:
+            self.ema.from_full(start["ema_state_dict"])
         self.noise = torch.Generator(topo.device)  # re-seeded from (seed, step) before every step
         self.state = TrainState()
         self.stop = StopSignals()
@@ -83,17 +92,18 @@ class Trainer:
         self.checkpoints = CheckpointManager(run.layout, fmt, topo, states, config.checkpoint, run=run,
                                              trackers=self.trackers, faults=faults)  # fmt: skip
 
-    def resume(self, changes: list[Change]) -> None:
+    def resume(self, changes: list[Change], *, forked: bool = False) -> None:
         """Continue from the newest intact checkpoint (see ``CheckpointManager.load``), with ``changes`` to
-        the run's config: refused before anything is loaded if they cannot apply from that checkpoint, else
-        announced and recorded."""
+        the run's config (or to the config of the run it ``forked``): refused before anything is loaded if
+        they cannot apply from that checkpoint, else announced and recorded."""
 
         def accept(manifest: Manifest) -> None:
             refuse_inexact(changes, step_in_epoch=manifest.step_in_epoch, epochs_trained=manifest.epoch,
                            tag=manifest.tag)  # fmt: skip
 
         self.checkpoints.load(accept=accept)
-        record_changes(self.run, changes, self.config, step=self.state.global_step)
+        how = "in this fork" if forked else "on resume"
+        record_changes(self.run, changes, self.config, step=self.state.global_step, how=how)
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -131,7 +141,8 @@ class Trainer:
         except RuntimeError as e:
             if isinstance(e, PeerLost):
                 raise
-            lost = peer_failure(e, what=f"DeepSpeed's collectives in step {self.state.global_step + 1}")
+            step = self.state.global_step + 1
+            lost = peer_failure(e, what=f"DeepSpeed's collectives in step {step}", timeout=self.topo.timeout)
             if lost is None:
                 raise
             raise lost from e

@@ -16,34 +16,59 @@ from trainer.errors import UserError
 
 @dataclass(frozen=True)
 class RunRequest:
-    mode: Literal["new", "resume", "auto"]
+    mode: Literal["new", "resume", "auto", "fork"]
     number: int | None
     """``--run-number`` (or ``--resume N``): the run's number; None for a new number, or the newest run."""
     key: str | None = None
     """With ``--auto-resume``: what identifies the job, the same for every attempt of it."""
+    from_tag: str | None = None
+    """``--from TAG``: the checkpoint to go back to (a resume) or to start from (a fork)."""
+    source: int | None = None
+    """``--fork N``: the run a new run starts from."""
+    init_from: str | None = None
+    """``--init-from RUN_OR_CKPT``: a new run's initial weights (and EMA)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunRequest:
-        if getattr(args, "auto_resume", False):
-            if args.resume is not None:
-                raise UserError(
-                    "--auto-resume decides by itself whether to resume (the job's run if it has one, else a new "
-                    "run): drop --resume"
-                )
-            return cls("auto", args.run_number, job_key(args.run_key))
-        if args.run_key is not None:
-            raise UserError("--run-key only applies with --auto-resume")
+        _refuse_contradictions(args)
+        extra = {"from_tag": args.from_tag, "init_from": getattr(args, "init_from", None)}
+        if args.auto_resume:
+            return cls("auto", args.run_number, job_key(args.run_key), **extra)
+        if args.fork is not None:
+            return cls("fork", args.run_number, source=args.fork, **extra)
         if args.resume is None:
-            return cls("new", args.run_number)
+            return cls("new", args.run_number, **extra)
         if args.resume == "latest":
-            return cls("resume", args.run_number)
+            return cls("resume", args.run_number, **extra)
         try:
             number = int(args.resume)
         except ValueError:
             raise UserError(f"--resume takes a run number, got {args.resume!r}") from None
         if args.run_number is not None and args.run_number != number:
             raise UserError(f"--resume {number} and --run-number {args.run_number} name different runs")
-        return cls("resume", number)
+        return cls("resume", number, **extra)
+
+
+def _refuse_contradictions(args: argparse.Namespace) -> None:
+    """Flags that cannot go together, each refused with what to do instead."""
+    init_from = getattr(args, "init_from", None)
+    if args.auto_resume and (args.resume is not None or args.fork is not None):
+        raise UserError(
+            "--auto-resume decides by itself whether to resume (the job's run if it has one, else a new run): "
+            "drop --resume/--fork"
+        )
+    if args.run_key is not None and not args.auto_resume:
+        raise UserError("--run-key only applies with --auto-resume")
+    if args.fork is not None and args.resume is not None:
+        raise UserError("--fork starts a new run from another; --resume continues one: use one of them")
+    if args.from_tag is not None and args.resume is None and args.fork is None:
+        raise UserError(
+            "--from TAG goes with --resume N (go back in run N) or --fork N (start a new run there)"
+        )
+    if init_from is not None and (args.resume is not None or args.fork is not None):
+        raise UserError(
+            "--init-from starts a new run from other weights; it does not go with --resume or --fork"
+        )
 
 
 def job_key(given: str | None) -> str:

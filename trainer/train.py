@@ -1,9 +1,9 @@
 """One launch of a training script, on every process: find the run, build, train, and end it cleanly.
 
 The config, the data and the model are validated before anything is created on disk; global rank 0 decides
-which run (new, resumed, or the job's own with ``--auto-resume``), holds its lock, and every process learns
-the decision. However training ends, the run's status says so: ``completed``, ``interrupted`` (a stop
-signal: a resumable checkpoint was saved, exit 0) or ``failed``.
+which run (new, resumed, gone back in, forked, or the job's own with ``--auto-resume``), holds its lock, and
+every process learns the decision. However training ends, the run's status says so: ``completed``,
+``interrupted`` (a stop signal: a resumable checkpoint was saved, exit 0) or ``failed``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from trainer.changes import Change, resume_changes
-from trainer.config import TrainConfig
+from trainer.changes import Change, config_changes, resume_changes
+from trainer.config import ConfigError, TrainConfig
 from trainer.config_files import build_config, diff_keys
 from trainer.errors import Interrupted, SaveFailed, UserError
 from trainer.kinds import RunKind
@@ -26,14 +28,34 @@ from trainer.runs.metadata import RunHandle, new_metadata
 from trainer.runs.store import RunError, create_run, run_numbers
 
 
+@dataclass
+class Plan:
+    """What this launch trains, as every process knows it once rank 0 has decided."""
+
+    config: TrainConfig
+    layout: RunLayout | None = None
+    """The run; None until a new one is created."""
+    stored: dict[str, Any] = field(default_factory=dict)
+    """The config the run (or the run it forks) was trained with."""
+    store: Path | None = None
+    """A file a new run stores (a LoRA run's base)."""
+    claim: Any = None
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def continues(self) -> bool:
+        """Whether training continues from a checkpoint (a resume or a fork), rather than starting."""
+        return self.claim.resuming or self.claim.fork is not None
+
+
 def train(args: argparse.Namespace, kind: RunKind) -> int:
     request = RunRequest.from_args(args)
     overrides, set_keys = cli_overrides(args)
     flags_config = None
-    if request.mode != "resume":  # a bad config is refused before torch is even imported
+    if request.mode in ("new", "auto"):  # a bad config is refused before torch is even imported
         flags_config = build_config(args.config or kind.default_config, overrides, TrainConfig)
 
-    from launch import build_accelerator, decide_on_rank0, topology
+    from launch import PeerLost, build_accelerator, decide_on_rank0, topology
     from trainer.checkpoint.io.staging import retain_freed_heap
 
     retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
@@ -49,23 +71,27 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
         if claim.done:
             _print_main(topo, claim.done)
             return 0
-        layout, config, store, stored = _configure(args, kind, claim, flags_config, overrides)
-        splits = _validate(config, kind, topo)
+        plan = _configure(args, kind, claim, flags_config, overrides)
+        splits = _validate(plan.config, kind, topo)
+        _check_changes(plan, set_keys)
+        if request.init_from is not None:  # another architecture is refused before a run is created
+            from trainer.base_model import init_checkpoint, load_init_weights
+
+            load_init_weights(init_checkpoint(request.init_from), plan.config)
         if kind.note:
             _print_main(topo, kind.note)
-        changes = []
-        if layout is not None:
-            _refuse_model_change(stored["model"], config, set_keys, layout.number)
-            changes = resume_changes(stored, config.to_dict(), set_keys)
-        else:
-            layout = decide_on_rank0(topo.comm, topo.is_main, lambda: _create(args, kind, request, config, splits,
-                                     topo, store, locks), errors=(UserError,), what="creating the run")  # fmt: skip
+        if plan.layout is None:
+            plan.layout = decide_on_rank0(topo.comm, topo.is_main, lambda: _create(args, kind, request, plan,
+                                          splits, topo, locks), errors=(UserError,), what="creating the run")  # fmt: skip
         for lock in locks:
             lock.start_heartbeat()
-        run = RunHandle(layout, is_main=topo.is_main)
+        run = RunHandle(plan.layout, is_main=topo.is_main)
         if request.key is not None:
             run.record_attempt(request.key, attempt_record())
-        return _run(config, accelerator, topo, run, splits, kind, changes if claim.resuming else None)
+        return _run(plan, accelerator, topo, run, splits, kind, request.init_from)
+    except PeerLost as e:  # before training began: no run of this launch to mark
+        print(f"error: rank {topo.rank}: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         for lock in locks:
             lock.release()
@@ -79,20 +105,20 @@ def _claim(args: argparse.Namespace, kind: RunKind, request: RunRequest, locks: 
     return claim
 
 
-def _configure(
-    args: argparse.Namespace, kind: RunKind, claim: Any, flags_config: TrainConfig | None,
-    overrides: list[tuple[str, Any]],
-) -> tuple[Any, TrainConfig, Any, dict[str, Any]]:  # fmt: skip
-    """(the run to resume or None, the config, the file a new run stores, the run's stored config): a resumed
-    run's own config with this launch's overrides; a new run's from the flags."""
-    if not claim.resuming:
+def _configure(args: argparse.Namespace, kind: RunKind, claim: Any, flags_config: TrainConfig | None,
+               overrides: list[tuple[str, Any]]) -> Plan:  # fmt: skip
+    """A resumed run's own config with this launch's overrides; a fork's, its source's with them; a new
+    run's from the flags."""
+    source = claim.layout if claim.resuming else (claim.fork.layout if claim.fork is not None else None)
+    if source is None:
         assert flags_config is not None
-        return None, flags_config, kind.prepare(flags_config, args, None), {}
-    layout = claim.layout
-    stored = read_config(layout)
+        return Plan(flags_config, store=kind.prepare(flags_config, args, None), claim=claim)
+    stored = read_config(source)
     config = build_config(stored, overrides, TrainConfig)
-    kind.prepare(config, args, layout)
-    return layout, config, None, stored
+    store = kind.prepare(config, args, source)
+    return Plan(
+        config, layout=claim.layout if claim.resuming else None, stored=stored, store=store, claim=claim
+    )
 
 
 def _validate(config: TrainConfig, kind: RunKind, topo: Any) -> Any:
@@ -107,33 +133,70 @@ def _validate(config: TrainConfig, kind: RunKind, topo: Any) -> Any:
     return splits
 
 
-def _create(args: argparse.Namespace, kind: RunKind, request: RunRequest, config: TrainConfig, splits: Any,
-            topo: Any, store: Any, locks: list[RunLock]) -> RunLayout:  # fmt: skip
-    """Rank 0: a new run of ``config``, its lock held."""
+def _check_changes(plan: Plan, set_keys: set[str]) -> None:
+    """What a resume or a fork changes of the config it continues: never the architecture (its checkpoint
+    would not load); for a resume, only how training goes on (``changes.py``); for a fork, anything else."""
+    if not plan.continues:
+        return
+    claim = plan.claim
+    what = (
+        f"resuming run {claim.layout.number:03d}"
+        if claim.resuming
+        else f"forking run {claim.fork.layout.number:03d}"
+    )
+    _refuse_model_change(plan.stored["model"], plan.config, set_keys, what)
+    new = plan.config.to_dict()
+    plan.changes = (
+        resume_changes(plan.stored, new, set_keys)
+        if plan.claim.resuming
+        else config_changes(plan.stored, new)
+    )
+
+
+def _create(args: argparse.Namespace, kind: RunKind, request: RunRequest, plan: Plan, splits: Any, topo: Any,
+            locks: list[RunLock]) -> RunLayout:  # fmt: skip
+    """Rank 0: a new run of the plan's config, its lock held; a fork's checkpoint linked into it."""
+    from trainer.runs.claim import start_fork, start_from_weights
+
+    config = plan.config
     metadata = new_metadata(kind=kind.name, experiment=config.experiment, dataset=splits.name,
                             num_classes=splits.num_classes, world_size=topo.world_size,
                             distributed=topo.distributed)  # fmt: skip
     metadata["config_summary"] = {"learning_rate": config.learning_rate, "batch_size": config.batch_size,
                                   "model": config.model.name, "seed": config.seed}  # fmt: skip
+    if plan.claim.fork is not None:
+        metadata.update(start_fork(plan.claim.fork, plan.changes))
+    if request.init_from is not None:
+        metadata["init_from"] = start_from_weights(Path(request.init_from))
     layout, lock = create_run(kind_root(args.checkpoint_root, kind.name), kind.name, request.number,
-                              config=config.to_dict(), metadata=metadata, base=store, key=request.key)  # fmt: skip
+                              config=config.to_dict(), metadata=metadata, base=plan.store, key=request.key)  # fmt: skip
     locks.append(lock)
+    if plan.claim.fork is not None:
+        from trainer.checkpoint.protocol import CommitProtocol
+
+        CommitProtocol(plan.claim.fork.layout).link_into(plan.claim.fork.manifest, layout)
     return layout
 
 
-def _run(config: TrainConfig, accelerator: Any, topo: Any, run: RunHandle, splits: Any, kind: RunKind,
-         changes: list[Change] | None) -> int:  # fmt: skip
-    """Train the run (resumed, with ``changes`` to its config, unless None); whatever happens, its status
-    says how it ended."""
+def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, kind: RunKind,
+         init_from: str | None) -> int:  # fmt: skip
+    """Train the run (continuing from its checkpoint, or from the start); whatever happens, its status says
+    how it ended."""
     from launch import PeerLost, release_shm_segment
     from trainer.faults import Faults
     from trainer.loop import Trainer
 
-    number = run.number
+    number, config = run.number, plan.config
     try:
-        trainer = Trainer(config, accelerator, topo, run, splits, kind, Faults.from_environment(topo.rank))
-        if changes is not None:
-            trainer.resume(changes)
+        start = None
+        if init_from is not None:
+            from trainer.base_model import init_checkpoint
+
+            start = init_checkpoint(init_from)
+        trainer = Trainer(config, accelerator, topo, run, splits, kind, Faults.from_environment(topo.rank),
+                          init_from=start)  # fmt: skip
+        if plan.continues:
+            trainer.resume(plan.changes, forked=plan.claim.fork is not None)
             if topo.is_main:  # only now: a refused resume leaves the run exactly as it was
                 from trainer.checkpoint.io.atomic import atomic_write_json
 
@@ -182,12 +245,13 @@ def read_config(layout: RunLayout) -> dict[str, Any]:
 def _timeout_minutes(config: TrainConfig | None, args: argparse.Namespace, kind: RunKind, request: RunRequest,
                      overrides: list[tuple[str, Any]]) -> float:  # fmt: skip
     """``distributed.timeout_minutes`` before any process group exists: a new run's config, or (best effort,
-    read by every process) the stored config of the run to resume with this launch's overrides."""
+    read by every process) the stored config of the run to resume or fork, with this launch's overrides."""
     if config is not None:
         return config.distributed.timeout_minutes
     root = kind_root(args.checkpoint_root, kind.name)
     numbers = run_numbers(root)
-    number = request.number if request.number is not None else (numbers[-1] if numbers else None)
+    wanted = request.source if request.mode == "fork" else request.number
+    number = wanted if wanted is not None else (numbers[-1] if numbers else None)
     try:
         if number is None:
             raise RunError("no run")
@@ -202,15 +266,11 @@ def _print_main(topo: Any, message: str) -> None:
         print(message, file=sys.stderr if message.startswith("warning") else sys.stdout, flush=True)
 
 
-def _refuse_model_change(
-    stored: dict[str, Any], config: TrainConfig, set_keys: set[str], number: int
-) -> None:
-    """A resumed run keeps its architecture unless the user overrides a key on purpose with --set."""
+def _refuse_model_change(stored: dict[str, Any], config: TrainConfig, set_keys: set[str], what: str) -> None:
+    """A run continues with its architecture unless the user overrides a key on purpose with --set."""
     changed = [k for k in diff_keys(stored, config.to_dict()["model"]) if f"model.{k}" not in set_keys]
     if changed:
-        from trainer.config import ConfigError
-
         raise ConfigError(
-            f"resuming run {number:03d} would change model keys {', '.join(changed)}, which must match its "
-            "checkpoints; drop the flag that changes them, or override on purpose with --set model.KEY=VALUE"
+            f"{what} would change model keys {', '.join(changed)}, which must match its checkpoints; drop the "
+            "flag that changes them, or override on purpose with --set model.KEY=VALUE"
         )

@@ -35,7 +35,6 @@ from trainer.checkpoint.io.staging import HostStaging
 from trainer.checkpoint.job import Committer, SaveJob, nbytes
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.protocol import CommitProtocol, ResumePoint
-from trainer.checkpoint.retention import RetentionPolicy
 from trainer.checkpoint.states import TrainingStates
 from trainer.config import CheckpointConfig
 from trainer.errors import SaveFailed, UserError
@@ -71,9 +70,7 @@ class CheckpointManager:
     ) -> None:
         self.layout, self.format, self.topo, self.states, self.policy = layout, fmt, topo, states, policy
         self.run, self.trackers, self.faults = run, trackers, faults
-        self.protocol = CommitProtocol(
-            layout, fmt.roots, fmt.leftover_folders, RetentionPolicy(keep_last_n=policy.keep_last_n)
-        )
+        self.protocol = CommitProtocol(layout, policy.retention())
         self._staging = HostStaging()
         """A background save's snapshot buffers, reused by the next save (``io/staging.py``)."""
         self._committer = Committer(topo, fmt, self.protocol, layout, faults, background=policy.async_save,
@@ -257,12 +254,15 @@ class CheckpointManager:
     def _report(self, job: SaveJob) -> None:
         outcome, run = job.outcome, self.run
         if "error" in outcome:
-            run.record_event("save_failed", tag=job.tag, error=outcome["error"])
-            if job.is_epoch:
+            if not outcome.get("committed"):
+                run.record_event("save_failed", tag=job.tag, error=outcome["error"])
+            if job.is_epoch and not outcome.get("committed"):
                 self.states.progress.set_checkpoint(job.progress["epoch"], None)
             message = (
-                f"checkpoint {job.tag} could not be written ({outcome['error']}); its partial files were removed "
-                "and every earlier checkpoint is intact"
+                f"checkpoint {job.tag} is committed, but then {outcome['error']}"
+                if outcome.get("committed")
+                else f"checkpoint {job.tag} could not be written ({outcome['error']}); its partial files were "
+                "removed and every earlier checkpoint is intact"
             )
             if outcome.get("peer_lost"):
                 raise SaveFailed(
@@ -316,7 +316,8 @@ class CheckpointManager:
             job.thread.join()
         self.protocol.join()
         if job is not None and "error" in job.outcome:  # every rank says it: the others may be gone
-            print(f"warning: rank {self.topo.rank}: checkpoint {job.tag} was not saved ({job.outcome['error']})",
+            fate = "is committed, but then" if job.outcome.get("committed") else "was not saved"
+            print(f"warning: rank {self.topo.rank}: checkpoint {job.tag} {fate} ({job.outcome['error']})",
                   file=sys.stderr, flush=True)  # fmt: skip
 
 

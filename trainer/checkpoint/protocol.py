@@ -36,7 +36,8 @@ from trainer.checkpoint.manifest import (
     verify,
     write_manifest,
 )
-from trainer.checkpoint.retention import RetentionPolicy, plan_retention
+from trainer.checkpoint.retention import RetentionPolicy, Scores, plan_retention
+from trainer.errors import UserError
 from trainer.runs.layout import MANIFESTS, RunLayout, epoch_tag, is_tag
 
 
@@ -50,17 +51,12 @@ class ResumePoint:
 
 
 class CommitProtocol:
-    """The checkpoints of one run on disk. ``roots``: where a tag's files live, as (folder, suffix)."""
+    """The checkpoints of one run on disk (where a tag's files live: ``RunLayout.tag_roots``)."""
 
-    def __init__(
-        self,
-        layout: RunLayout,
-        roots: list[tuple[Path, str]],
-        leftover_folders: list[Path],
-        retention: RetentionPolicy,
-    ) -> None:
+    def __init__(self, layout: RunLayout, retention: RetentionPolicy | None = None) -> None:
         self.layout, self.folder = layout, layout.checkpoints
-        self.roots, self.leftover_folders, self.retention = roots, leftover_folders, retention
+        self.roots, self.leftover_folders = layout.tag_roots, layout.leftover_folders
+        self.retention = retention or RetentionPolicy()
         self._purge: threading.Thread | None = None
         """Deleting the files of checkpoints retention dropped (``retire``)."""
 
@@ -132,7 +128,7 @@ class CommitProtocol:
         write_manifest(self.folder, manifest, files, known)
         make_read_only(files)
 
-    def publish(self, tag: str, *, is_epoch: bool, is_best: bool, best_epoch: int | None,
+    def publish(self, tag: str, *, is_epoch: bool, is_best: bool, best_epoch: int | None, scores: Scores,
                 before_retention: Callable[[], None]) -> None:  # fmt: skip
         """After the commit: relink ``last``/``best`` to an epoch checkpoint, then apply retention."""
         if is_epoch:
@@ -140,7 +136,7 @@ class CommitProtocol:
             if is_best:
                 link_or_copy(self.layout.ckpt(tag), self.layout.ckpt("best"))
         before_retention()
-        self.retire(best_epoch, background=True)
+        self.retire(best_epoch, scores, background=True)
 
     def discard(self, tag: str) -> None:
         """After a failed save: remove every file of the uncommitted ``tag`` and any temporary."""
@@ -153,14 +149,16 @@ class CommitProtocol:
 
     # -- retention -----------------------------------------------------------------------------------
 
-    def retire(self, best_epoch: int | None, *, background: bool = False) -> list[Path]:
+    def retire(
+        self, best_epoch: int | None, scores: Scores | None = None, *, background: bool = False
+    ) -> list[Path]:
         """Remove the checkpoints retention no longer keeps; returns the paths removed (or being removed).
 
         The manifests go first (durably), so a crash halfway leaves uncommitted leftovers for the next start
         to remove, never a committed checkpoint with files missing. The files are then deleted here, or by a
         thread of their own with ``background`` (deleting hundreds of MB takes a while on some file systems;
         torchtitan purges the same way); ``join`` waits for it."""
-        plan = plan_retention(self.committed(), self.retention, best_epoch)
+        plan = plan_retention(self.committed(), self.retention, best_epoch, scores)
         for tag in plan.drop:
             manifest_path(self.folder, tag).unlink()
         if plan.drop:
@@ -208,9 +206,66 @@ class CommitProtocol:
             point.damaged.append({"tag": manifest.tag, "reason": reason, "moved_to": moved})
         return point
 
-    def _move_aside(self, tag: str, paths: list[Path]) -> str:
-        """Move a damaged checkpoint's files into ``damaged/<tag>[-N]/`` for inspection."""
-        base = self.layout.damaged / tag
+    # -- going back ----------------------------------------------------------------------------------
+
+    def resolve(self, spec: str) -> Manifest:
+        """The committed, intact checkpoint ``spec`` names: an epoch number, a tag (``epoch_005``,
+        ``step_0000120``), ``best``, ``last`` or ``newest``. Anything else is refused, listing the tags."""
+        committed = self.committed()
+        tags = [m.tag for m in committed]
+        listed = ", ".join(tags) if tags else "none"
+        if spec == "newest":  # the newest intact one (nothing is moved aside: the run may not be ours)
+            intact = [m for m in reversed(committed) if verify(self.folder, m) is None]
+            if not intact:
+                raise UserError(
+                    f"run {self.layout.path.name} has no intact checkpoint to start from ({listed})"
+                )
+            return intact[0]
+        if spec in ("best", "last"):
+            link = self.layout.ckpt(spec)
+            found = [m for m in committed if m.is_epoch and _same(link, self.layout.ckpt(m.tag))]
+        else:
+            tag = epoch_tag(int(spec)) if spec.isdigit() else spec
+            found = [m for m in committed if m.tag == tag]
+            if not found and not is_tag(tag):
+                raise UserError(f"--from takes an epoch number, a tag, best or last, got {spec!r}; checkpoints "
+                                f"of run {self.layout.path.name}: {listed}")  # fmt: skip
+        if not found:
+            raise UserError(
+                f"run {self.layout.path.name} has no checkpoint {spec!r}; its checkpoints: {listed}"
+            )
+        reason = verify(self.folder, found[0])
+        if reason is not None:
+            raise UserError(f"checkpoint {found[0].tag} of run {self.layout.path.name} is damaged ({reason}); "
+                            f"its checkpoints: {listed}")  # fmt: skip
+        return found[0]
+
+    def supersede_after(self, manifest: Manifest) -> list[dict[str, str]]:
+        """Move every committed checkpoint newer than ``manifest`` to ``superseded/<tag>/`` (kept, never
+        counted by retention); one entry per checkpoint moved: ``tag``, ``moved_to``."""
+        moved = []
+        for newer in self.committed():
+            if newer.global_step > manifest.global_step:
+                paths = [manifest_path(self.folder, newer.tag), *self.tag_paths(newer.tag)]
+                moved.append(
+                    {"tag": newer.tag, "moved_to": self._move_aside(newer.tag, paths, self.layout.superseded)}
+                )
+        return moved
+
+    def link_into(self, manifest: Manifest, other: RunLayout) -> None:
+        """Make ``manifest``'s checkpoint one of ``other``'s (a new run forked from it): its files hard-linked
+        (committed files are read-only, never rewritten), its manifest last."""
+        target = other.checkpoints
+        for relative in manifest.files:
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(self.folder / relative, destination)
+        (target / MANIFESTS).mkdir(exist_ok=True)
+        link_or_copy(manifest_path(self.folder, manifest.tag), manifest_path(target, manifest.tag))
+
+    def _move_aside(self, tag: str, paths: list[Path], where: Path | None = None) -> str:
+        """Move a checkpoint's files into ``damaged/<tag>[-N]/`` (or ``where``) for inspection."""
+        base = (where or self.layout.damaged) / tag
         target, n = base, 1
         while target.exists():
             n += 1
@@ -234,3 +289,10 @@ class CommitProtocol:
                     link_or_copy(target, link)
             elif link.exists() and not (epoch is not None and epoch in epochs):
                 link.unlink()
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

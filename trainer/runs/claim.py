@@ -2,19 +2,41 @@
 
 Nothing of an existing run is touched before its lock is held. With ``--auto-resume`` the run is the one
 whose ``run_key`` is this job's key: resumed, or left alone when it has completed; with none, a new run.
+``--resume N --from TAG`` goes back in run N: the checkpoints newer than TAG move to ``superseded/``.
+``--fork N [--from TAG]`` reads run N's committed checkpoint and touches nothing of run N (no lock either:
+a run being trained can be forked).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from trainer.checkpoint.manifest import Manifest, sha256_file
+from trainer.checkpoint.protocol import CommitProtocol
 from trainer.request import RunRequest
-from trainer.runs.layout import KIND_FOLDERS, RunLayout, kind_root, run_dir
+from trainer.runs.layout import KIND_FOLDERS, MANIFESTS, RunLayout, kind_root, run_dir
 from trainer.runs.lock import RunLock
-from trainer.runs.metadata import read_metadata
+from trainer.runs.metadata import now, read_metadata, write_metadata
 from trainer.runs.repair import repair_run
 from trainer.runs.store import RunError, clear_leftovers, resolve_run, run_numbers
+from trainer.trackers import new_branch
+
+
+@dataclass(frozen=True)
+class ForkSource:
+    """The run and checkpoint a new run starts from (``--fork``)."""
+
+    layout: RunLayout
+    manifest: Manifest
+    sha256: str
+    """Of the checkpoint's manifest: which state the fork started from, exactly."""
+
+    def record(self) -> dict[str, Any]:
+        return {"kind": self.layout.kind, "run": self.layout.number, "tag": self.manifest.tag,
+                "manifest_sha256": self.sha256}  # fmt: skip
 
 
 @dataclass
@@ -27,6 +49,8 @@ class Claim:
     """The job's run has completed: this message, and nothing to train."""
     notes: list[str] = field(default_factory=list)
     """Warnings to print (a dead launch's lock taken over, a damaged metadata.json rebuilt)."""
+    fork: ForkSource | None = None
+    """A new run starting from another run's checkpoint."""
 
     @property
     def resuming(self) -> bool:
@@ -38,6 +62,12 @@ def claim_run(checkpoint_root: Path, kind: str, request: RunRequest) -> tuple[Cl
     root = kind_root(checkpoint_root, kind)
     if request.mode == "new":
         return Claim(None), None
+    if request.mode == "fork":
+        assert request.source is not None
+        source = RunLayout(run_dir(root, resolve_run(root, request.source)), kind)
+        manifest = CommitProtocol(source).resolve(request.from_tag or "newest")
+        sha = sha256_file(source.checkpoints / MANIFESTS / f"{manifest.tag}.json")
+        return Claim(None, fork=ForkSource(source, manifest, sha)), None
     if request.mode == "resume":
         layout = RunLayout(run_dir(root, resolve_run(root, request.number)), kind)
     else:
@@ -61,14 +91,31 @@ def claim_run(checkpoint_root: Path, kind: str, request: RunRequest) -> tuple[Cl
             return Claim(layout, done=f"Run {layout.number:03d} of job {request.key!r} has completed: nothing to "
                                       f"train ({layout.path})"), None  # fmt: skip
     lock = RunLock(layout)
-    taken_over = lock.acquire("resume it")
+    taken_over = lock.acquire("go back in it" if request.from_tag else "resume it")
     try:
         clear_leftovers(layout)
-        repaired = repair_run(layout) if request.mode == "resume" else []
+        notes = repair_run(layout) if request.mode == "resume" else []
+        if request.from_tag is not None:
+            notes.append(go_back(layout, request.from_tag))
     except BaseException:
         lock.release()
         raise
-    return Claim(layout, notes=[*([taken_over] if taken_over else []), *repaired]), lock
+    return Claim(layout, notes=[*([taken_over] if taken_over else []), *notes]), lock
+
+
+def go_back(layout: RunLayout, spec: str) -> str:
+    """Rewind the run to checkpoint ``spec``: newer checkpoints move to ``superseded/``, the trackers start a
+    branch of their own, and the run records it; the resume then continues from ``spec``."""
+    protocol = CommitProtocol(layout)
+    manifest = protocol.resolve(spec)
+    moved = protocol.supersede_after(manifest)
+    meta = read_metadata(layout.path)
+    meta["trackers"] = new_branch(meta.get("trackers"))
+    event = {"at": now(), "kind": "rewound", "to": manifest.tag, "superseded": moved}
+    meta["events"] = [*meta.get("events", []), event]
+    write_metadata(layout.path, meta)
+    return (f"going back to checkpoint {manifest.tag} of run {layout.number:03d}: "
+            f"{len(moved)} newer checkpoint(s) moved to {layout.superseded.name}/")  # fmt: skip
 
 
 def run_with_key(checkpoint_root: Path, kind: str, key: str) -> RunLayout | None:
@@ -100,3 +147,24 @@ def _status(layout: RunLayout) -> str:
             f"nothing was changed. Continue it with --resume {layout.number} (which rebuilds the file from "
             "its checkpoints) or move the file aside"
         ) from None
+
+
+def start_fork(fork: ForkSource, changes: list[Any]) -> dict[str, Any]:
+    """The metadata of a run forked from ``fork`` (its lineage, what it changes, its trackers' origin)."""
+    source = read_metadata(fork.layout.path)
+    record = {**fork.record(), "changes": [{"key": c.key, "old": c.old, "new": c.new} for c in changes]}
+    wandb = (source.get("trackers") or {}).get("wandb_id")
+    return {"forked_from": record, **({"trackers": {"branched_from": wandb}} if wandb else {})}
+
+
+def start_from_weights(given: Path) -> dict[str, Any]:
+    """The metadata record of a run started from another checkpoint's weights (``--init-from``)."""
+    from trainer.base_model import init_checkpoint
+
+    path = init_checkpoint(str(given)).resolve()
+    record: dict[str, Any] = {"source": str(path), "sha256": sha256_file(path)}
+    run = RunLayout.detect(path.parent.parent)
+    if run is not None and path.parent == run.checkpoints:  # a run's checkpoint: name it
+        with contextlib.suppress(ValueError):
+            record.update(run=run.number, tag=path.stem)
+    return record

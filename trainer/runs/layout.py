@@ -123,6 +123,10 @@ class RunLayout:
     def tensorboard(self) -> Path:
         return self.logs / "tensorboard"
 
+    def tensorboard_branch(self, branch: int) -> Path:
+        """TensorBoard's folder of the run's ``branch``-th rewind (0: the run's own)."""
+        return self.tensorboard / f"branch_{branch}" if branch else self.tensorboard
+
     def sample_grid(self, epoch: int) -> Path:
         return self.logs / "samples" / f"{epoch_tag(epoch)}.png"
 
@@ -153,6 +157,22 @@ class RunLayout:
     @property
     def damaged(self) -> Path:
         return self.path / "damaged"
+
+    @property
+    def superseded(self) -> Path:
+        """Checkpoints newer than the one a run was rewound to (``--resume N --from TAG``), kept."""
+        return self.path / "superseded"
+
+    @property
+    def tag_roots(self) -> list[tuple[Path, str]]:
+        """Where a checkpoint's files live, as (folder, suffix): tag ``T`` owns ``folder/T+suffix``."""
+        own = [(self.checkpoints, ".ckpt")]
+        return [*own, (self.state_root, "")] if self.kind == "base" else own
+
+    @property
+    def leftover_folders(self) -> list[Path]:
+        """Where a crashed checkpoint writer may leave ``.tmp-`` files (a LoRA run: a half-written adapter/)."""
+        return [self.checkpoints, self.state_root] if self.kind == "base" else [self.checkpoints, self.path]
 
     def new_folders(self) -> list[Path]:
         """The folders a new run starts with."""

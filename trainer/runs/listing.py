@@ -37,6 +37,8 @@ class RunSummary:
     best_mode: str = "min"
     """Whether lower (min) or higher (max) values of best_metric are better."""
     is_best: bool = False
+    origin: str | None = None
+    """Where the run started from: ``003@epoch_020`` (forked from run 3's epoch 20, or its weights)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +77,7 @@ def summarize(root: Path, number: int) -> RunSummary:
             status=status,
             learning_rate=config.get("learning_rate"),
             best_mode="max" if best.get("mode") == "max" else "min",
+            origin=origin(meta),
         )
     except FileNotFoundError:
         status = "broken: no metadata.json"
@@ -83,6 +86,14 @@ def summarize(root: Path, number: int) -> RunSummary:
     except (AttributeError, TypeError, KeyError) as e:  # valid JSON of the wrong shape
         status = f"broken: malformed metadata.json ({type(e).__name__})"
     return RunSummary(number, str(path), None, None, None, None, None, None, None, None, None, status)
+
+
+def origin(meta: dict[str, Any]) -> str | None:
+    """``RUN@TAG`` of the checkpoint a run was forked from (or took its initial weights from)."""
+    record = meta.get("forked_from") or meta.get("init_from") or {}
+    if record.get("run") is None:
+        return Path(record["source"]).name if record.get("source") else None
+    return f"{int(record['run']):03d}@{record.get('tag')}"
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -226,7 +237,9 @@ def format_table(rows: list[RunSummary], title: str) -> str:
     """The human table of ``--list-runs``."""
     if not rows:
         return f"{title}: no runs yet"
-    headers = ["Run #", "Experiment", "Dataset", "Epochs", "Checkpoints", "Best", "Value", "Status"]
+    lineage = any(r.origin for r in rows)  # the From column only where some run has one
+    headers = ["Run #", "Experiment", "Dataset", *(["From"] if lineage else []), "Epochs", "Checkpoints", "Best",
+               "Value", "Status"]  # fmt: skip
     body = []
     for r in rows:
         epochs = "-" if r.epochs_completed is None else f"{r.epochs_completed}/{r.epochs_total or '?'}"
@@ -237,6 +250,7 @@ def format_table(rows: list[RunSummary], title: str) -> str:
                 f"{r.number:03d}",
                 r.experiment or "-",
                 r.dataset or "-",
+                *([r.origin or "-"] if lineage else []),
                 epochs,
                 "-" if r.checkpoints is None else str(r.checkpoints),
                 best,

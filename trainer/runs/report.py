@@ -9,8 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint.manifest import read_manifests
+from trainer.checkpoint.retention import Scores, plan_retention
+from trainer.config import CheckpointConfig, from_dict
 from trainer.config_files import diff_keys
+from trainer.errors import UserError
 from trainer.runs.layout import RunLayout, kind_root, run_dir
+from trainer.runs.listing import origin
 from trainer.runs.metadata import read_metadata
 from trainer.runs.store import RunError, resolve_run
 
@@ -91,6 +96,7 @@ def checkpoint_files(run: Path) -> list[tuple[str, int, str]]:
         if folder.is_dir():
             found += sorted(p for p in folder.glob("*.ckpt") if not p.name.startswith("."))
     aliases = [p for p in found if p.stem in ("best", "last")]
+    why = kept_because(layout)
     rows = []
     for path in found:
         if path in aliases:
@@ -99,9 +105,25 @@ def checkpoint_files(run: Path) -> list[tuple[str, int, str]]:
         elif path == layout.stored_base:
             note = "base model the adapters apply to"
         else:
-            note = ", ".join(a.stem for a in aliases if _same_file(path, a))
+            links = [a.stem for a in aliases if _same_file(path, a)]
+            kept = f"kept: {', '.join(why[path.stem])}" if path.stem in why else ""
+            note = "; ".join(filter(None, [", ".join(links), kept]))
         rows.append((str(path.relative_to(run)), path.stat().st_size, note))
     return rows
+
+
+def kept_because(layout: RunLayout) -> dict[str, list[str]]:
+    """Why retention keeps each committed checkpoint of the run (its rules, as the run is configured)."""
+    try:
+        policy = from_dict(CheckpointConfig, read_config(layout.path).get("checkpoint") or {}, "checkpoint.")
+        meta = read_metadata(layout.path)
+    except (UserError, OSError, ValueError):
+        return {}
+    best = meta.get("best") or {}
+    scores = Scores.from_history(meta.get("history") or [], best)
+    return plan_retention(
+        read_manifests(layout.checkpoints), policy.retention(), best.get("epoch"), scores
+    ).keep
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -127,6 +149,9 @@ def format_show(run: Path) -> str:
         f"  dataset: {dataset.get('name', '-')} ({dataset.get('num_classes', '?')} classes)   epochs: "
         f"{meta.get('epochs_completed', '-')}/{meta.get('epochs_total') or '?'}",
     ]
+    if meta.get("forked_from") or meta.get("init_from"):
+        how = "forked from" if meta.get("forked_from") else "weights from"
+        lines.append(f"  {how}: run {origin(meta)}")
     if best:
         lines.append(
             f"  best: {best.get('metric')} = {_cell(best.get('value'))} at epoch {best.get('epoch')} "

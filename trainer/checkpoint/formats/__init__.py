@@ -57,10 +57,6 @@ class CheckpointFormat(Protocol):
 
     payload_key: str
     """The entry every ``.ckpt`` file of this kind holds (``state_dict`` or ``lora_state_dict``)."""
-    roots: list[tuple[Path, str]]
-    """Where a tag's files live, as (folder, suffix): tag ``T`` owns ``folder/T+suffix``."""
-    leftover_folders: list[Path]
-    """Folders where a crashed writer may have left ``.tmp-`` files."""
 
     def snapshot(
         self, tag: str, states: TrainingStates, progress: dict[str, Any], metrics: dict[str, float],

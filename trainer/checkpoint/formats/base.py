@@ -44,8 +44,6 @@ class BaseFormat:
     def __init__(self, layout: RunLayout, topo: Topology, config: dict[str, Any], faults: Faults = NO_FAULTS):
         self.layout, self.topo, self.config, self.faults = layout, topo, config, faults
         self.state_root = layout.state_root
-        self.roots = [(layout.checkpoints, ".ckpt"), (self.state_root, "")]
-        self.leftover_folders = [layout.checkpoints, self.state_root]
         if topo.deepspeed_stage is not None:
             compat.verify_touches()
 

@@ -38,8 +38,6 @@ class LoraFormat:
 
     def __init__(self, layout: RunLayout, topo: Topology, config: dict[str, Any]) -> None:
         self.layout, self.topo, self.config = layout, topo, config
-        self.roots = [(layout.checkpoints, ".ckpt")]
-        self.leftover_folders = [layout.checkpoints, layout.path]  # the run folder: a half-written adapter/
         if topo.deepspeed_stage is not None:
             compat.verify_touches()
 
