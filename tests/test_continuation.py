@@ -1,0 +1,153 @@
+"""Runs that continue by themselves, under real 2-process DeepSpeed launches: one command line for every
+attempt of a job (``--auto-resume``), torch elastic restarts, the run lock, time-based saves, and what a
+launch does when its launcher is killed or signalled.
+
+The reference is tests/test_faults.py's: 4 epochs x 3 steps straight, 2 processes, ZeRO-2.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    EPOCHS,
+    REPO,
+    assert_all_committed_intact,
+    assert_bit_identical,
+    base_argv,
+    child_env,
+    launch_command,
+    power_cut_at,
+    power_off,
+    train_base,
+)
+
+pytestmark = pytest.mark.distributed
+RUN = Path("base_training") / "run_001"
+
+
+def metadata(run: Path) -> dict:
+    return json.loads((run / "metadata.json").read_text())
+
+
+def saves(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "logs" / "events.jsonl").read_text().splitlines()]
+
+
+def test_one_command_line_serves_every_attempt_of_a_job(reference: dict, tmp_path: Path) -> None:
+    """Three attempts of the same command (killed twice: kill -9 of everything) make one run, bit-identical
+    to an uninterrupted one; saves every few seconds of wall clock happen on the way; a fourth attempt finds
+    the run completed and trains nothing."""
+    root, run = tmp_path / "checkpoints", tmp_path / "checkpoints" / RUN
+    job = [
+        *EPOCHS,
+        "--auto-resume",
+        "--run-key",
+        "sweep-7/lr-0.002",
+        "--set",
+        "checkpoint.save_every_n_minutes=0.005",
+    ]
+    for cut in ("pause@step:step=5", "pause@step:step=10"):
+        assert power_cut_at(root, f"delay@step:seconds=0.2;{cut}", job)  # 0.2 s steps: the clock saves
+        assert_all_committed_intact(run)
+    last = train_base(root, *job)
+    assert "took over the lock of run run_001 from a launch that is gone" in last.stderr
+    assert sorted(p.name for p in (root / "base_training").iterdir()) == ["run_001"]
+    assert_bit_identical(run, reference["weights"])
+    meta = metadata(run)
+    assert meta["status"] == "completed" and meta["run_key"] == "sweep-7/lr-0.002"
+    assert [a["attempt"] for a in meta["attempts"]] == [1, 2, 3]
+    assert [a["previous_ended"] for a in meta["attempts"][1:]] == [
+        "killed or lost (it never recorded an end)"
+    ] * 2
+    timed = [s["tag"] for s in saves(run) if s["tag"].startswith("step_")]  # save_every_n_steps is off
+    assert timed, "no save on the clock"
+
+    again = train_base(root, *job)
+    assert "Run 001 of job 'sweep-7/lr-0.002' has completed: nothing to train" in again.stdout
+    assert len(metadata(run)["attempts"]) == 3 and not list((root / "base_training").glob("run_002"))
+
+
+def test_torch_elastic_restarts_continue_the_run(reference: dict, tmp_path: Path) -> None:
+    """``accelerate launch --max_restarts 2 ... --auto-resume`` with a worker dying in the first two
+    attempts: one run, completed, bit-identical."""
+    root = tmp_path / "checkpoints"
+    dies = "exit@step:step=4:rank=1:restart=0;exit@step:step=8:rank=1:restart=1"
+    result = train_base(root, *EPOCHS, "--auto-resume", launch_args=["--max_restarts", "2"],
+                        env={"DIFFIT_FAULTS": dies})  # fmt: skip
+    run = root / RUN
+    assert result.returncode == 0
+    assert sorted(p.name for p in (root / "base_training").iterdir()) == ["run_001"]
+    meta = metadata(run)
+    assert meta["status"] == "completed" and [a["restart_count"] for a in meta["attempts"]] == [0, 1, 2]
+    assert_bit_identical(run, reference["weights"])
+
+
+def test_a_second_launch_is_refused_and_a_killed_launcher_stops_its_workers(
+    reference: dict, tmp_path: Path
+) -> None:
+    """While a run trains, a launch that would resume it is refused before it touches anything; the run goes
+    on undisturbed. Then its launcher is SIGKILLed alone: its workers save, stop as interrupted, and the
+    resume is bit-identical."""
+    root, run = tmp_path / "checkpoints", tmp_path / "checkpoints" / RUN
+    cmd = launch_command("train_base.py", base_argv(root, *EPOCHS), accelerate_config="cpu_zero2")
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(cmd, env=child_env({"DIFFIT_FAULTS": "delay@step:seconds=1"}), stdout=out,
+                                 stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "manifests" / "epoch_001.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        second = train_base(root, *EPOCHS, "--resume", "1", accelerate_config=None, check=False)
+        assert second.returncode == 2 and "is being trained by another launch (process" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.send_signal(signal.SIGKILL)  # the launcher alone: its workers are in sessions of their own
+        killed = time.monotonic()
+        while any(f"{root}" in p for p in _cmdlines()):
+            assert time.monotonic() - killed < 60, "the workers outlived their launcher"
+            time.sleep(0.2)
+    finally:
+        power_off(first, root)
+    meta = metadata(run)
+    assert meta["status"] == "interrupted"
+    assert [e["signal"] for e in meta["events"] if e["kind"] == "interrupted"] == ["the launcher's death"]
+    train_base(root, *EPOCHS, "--resume", "1")
+    assert_bit_identical(run, reference["weights"])
+
+
+def _cmdlines() -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                found.append((proc / "cmdline").read_bytes().decode(errors="replace"))
+            except OSError:
+                continue
+    return found
+
+
+def test_sigterm_to_the_launcher_saves_and_marks_the_run_interrupted(tmp_path: Path) -> None:
+    """What SLURM and Kubernetes do at preemption: SIGTERM to the launcher. It forwards the signal, the
+    workers save and exit 0, and torch elastic's launcher itself then exits 1 (README says so)."""
+    root, run = tmp_path / "checkpoints", tmp_path / "checkpoints" / RUN
+    cmd = launch_command("train_base.py", base_argv(root, *EPOCHS), accelerate_config="cpu_zero2")
+    launcher = subprocess.Popen(cmd, env=child_env({"DIFFIT_FAULTS": "delay@step:seconds=0.5"}),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "manifests" / "epoch_001.json").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, out[-3000:]  # torch elastic's SignalException, after the workers' exit 0
+    assert "saved a resumable checkpoint and is marked interrupted" in out
+    assert metadata(run)["status"] == "interrupted"
+    assert assert_all_committed_intact(run)[-1].startswith("step_")
