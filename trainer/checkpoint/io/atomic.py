@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -150,6 +150,21 @@ def write_file(
     return hashed.entry()
 
 
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` for the block to write; when the block ends, the file takes ``path``'s
+    place atomically and durably (readers see the old or the new file, never a part), or is removed if the
+    block failed."""
+    tmp = tmp_path_for(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def atomic_write(
     path: Path,
     write: Callable[[Any], Any],
@@ -161,22 +176,15 @@ def atomic_write(
 
     Returns the file's (bytes, sha256), computed as it was written (``hash_on_thread``: ``HashingWriter``).
     ``before_publish(path)`` runs once the data is written, before it takes the final name (a fault point)."""
-    tmp = tmp_path_for(path)
 
     def write_all(f: Any) -> None:
         write(f)
         if before_publish is not None:
             before_publish(path)
 
-    try:
-        with Flusher() as flusher:
-            entry = write_file(tmp, write_all, flusher, hash_on_thread=hash_on_thread)
-            flusher.wait()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with replacing(path) as tmp, Flusher() as flusher:
+        entry = write_file(tmp, write_all, flusher, hash_on_thread=hash_on_thread)
+        flusher.wait()
     return entry
 
 
@@ -193,20 +201,14 @@ def atomic_rename(src: Path, dst: Path) -> None:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src``: a hard link where possible, else a copy; replaced atomically."""
-    tmp = tmp_path_for(dst)
-    tmp.unlink(missing_ok=True)
-    try:
+    with replacing(dst) as tmp:
+        tmp.unlink(missing_ok=True)
         try:
             os.link(src, tmp)
         except OSError:  # filesystems without hard links (some network/FAT mounts)
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dst.parent)
 
 
 FICLONE = 0x40049409
@@ -216,22 +218,15 @@ FICLONE = 0x40049409
 def copy_file(src: Path, dst: Path) -> None:
     """Make ``dst`` a copy of ``src`` that later changes to ``src`` never reach (a reflink where the file
     system has them, else a byte copy), replaced atomically and durably."""
-    tmp = tmp_path_for(dst)
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            try:
-                import fcntl
+    with replacing(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        try:
+            import fcntl
 
-                fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-            except (ImportError, OSError):  # no reflinks here: copy the bytes
-                shutil.copyfileobj(fin, fout, 16 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dst.parent)
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        except (ImportError, OSError):  # no reflinks here: copy the bytes
+            shutil.copyfileobj(fin, fout, 16 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
 
 
 def umask() -> int:
