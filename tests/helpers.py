@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -201,6 +202,11 @@ def copy_runs(src: Path, dst: Path) -> Path:
     """A copy of a checkpoint root that keeps its hard links (``best.ckpt``, stored bases), as ``cp -a``."""
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
     return dst
+
+
+def metadata(run: Path) -> dict[str, Any]:
+    """A run folder's ``metadata.json``."""
+    return json.loads((run / "metadata.json").read_text())
 
 
 def load_ckpt(path: Path) -> dict[str, Any]:

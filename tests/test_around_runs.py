@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.helpers import base_argv, copy_runs, lora_argv, run_cli, run_script
+from tests.helpers import metadata as meta
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
 
@@ -31,10 +32,6 @@ def base(root: Path, *args: str, env: dict[str, str] | None = None) -> Any:
 
 def lora(root: Path, *args: str) -> Any:
     return run_cli("lora", lora_argv(root, *NO_GRIDS, "--max-steps-per-epoch", "1", *args))
-
-
-def meta(run: Path) -> dict[str, Any]:
-    return json.loads((run / "metadata.json").read_text())
 
 
 def ok(result: Any) -> Any:

@@ -23,6 +23,7 @@ from tests.helpers import (
     base_argv,
     child_env,
     launch_command,
+    metadata,
     power_cut_at,
     power_off,
     train_base,
@@ -30,10 +31,6 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.distributed
 RUN = Path("base_training") / "run_001"
-
-
-def metadata(run: Path) -> dict:
-    return json.loads((run / "metadata.json").read_text())
 
 
 def saves(run: Path) -> list[dict]:

@@ -20,7 +20,6 @@ the test can cut the power exactly there.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -44,16 +43,13 @@ from tests.helpers import (
     free_port,
     load_ckpt,
     machine_command,
+    metadata,
     power_cut_at,
     power_off,
     train_base,
 )
 
 pytestmark = pytest.mark.distributed
-
-
-def metadata(run: Path) -> dict:
-    return json.loads((run / "metadata.json").read_text())
 
 
 def events(run: Path, kind: str) -> list[dict]:

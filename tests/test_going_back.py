@@ -28,6 +28,9 @@ from tests.helpers import (
     run_script,
     train_base,
 )
+from tests.helpers import (
+    metadata as meta,
+)
 from trainer.config import TrainConfig, from_dict
 from trainer.factory import build_model
 
@@ -41,10 +44,6 @@ def folder_hash(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-
-def meta(run: Path) -> dict[str, Any]:
-    return json.loads((run / "metadata.json").read_text())
 
 
 def test_going_back_to_an_epoch_continues_bit_identically_and_keeps_what_came_after(
