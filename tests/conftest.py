@@ -1,4 +1,5 @@
-"""Shared test set-up: CPU DeepSpeed and one thread per process (2-core CI machines)."""
+"""Shared test set-up: CPU DeepSpeed and one thread per process (2-core CI machines), and the expensive runs
+that many tests read, launched once per test session even when pytest-xdist runs the tests in workers."""
 
 import os
 
@@ -7,25 +8,59 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from filelock import FileLock
 
 TinyRuns = tuple[Path, dict[str, subprocess.CompletedProcess[str]]]
 """(checkpoint root, {"base": its launch's result, "lora": its launch's result})."""
+
+T = TypeVar("T")
+
+
+def once_per_session(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], T],
+                     load: Callable[[Path], T]) -> T:  # fmt: skip
+    """``make(folder)`` once for the whole session, then ``load(folder)`` in every process that asks.
+
+    Under pytest-xdist each worker has its own session fixtures; the first worker to ask builds ``folder``
+    (beside the workers' temporary folders) while the others wait on its lock, so a launch shared by tests
+    in several workers still runs once. A folder left by a build that failed is built again.
+    """
+    shared = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder every worker's basetemp lies in
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():
+                subprocess.run(["rm", "-rf", str(folder)], check=True)
+            folder.mkdir()
+            result = make(folder)
+            done.touch()
+            return result
+    return load(folder)
 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """4 epochs × 3 steps straight (2 processes, ZeRO-2), every epoch kept: what the fault and continuation
-    suites' runs must end equal to."""
+    suites' runs must end equal to. Tests read it or copy it; none changes it."""
     from tests.helpers import EPOCHS, final_weights, train_base
 
-    root = tmp_path_factory.mktemp("reference")
-    train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0")
-    run = root / "base_training" / "run_001"
-    return {"root": root, "run": run, "weights": final_weights(run)}
+    def load(root: Path) -> dict:
+        run = root / "base_training" / "run_001"
+        return {"root": root, "run": run, "weights": final_weights(run)}
+
+    def make(root: Path) -> dict:
+        train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0")
+        return load(root)
+
+    return once_per_session(tmp_path_factory, "reference", make, load)
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +68,21 @@ def tiny_runs_launched(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     """The launches behind `tiny_runs`, for tests that check what a good run prints."""
     from tests.helpers import train_base, train_lora
 
-    root = tmp_path_factory.mktemp("tiny_runs") / "checkpoints"
-    base = train_base(root, "--epochs", "1", accelerate_config=None)
-    lora = train_lora(root, "--epochs", "1", "--base-checkpoint", str(root / "base_training" / "run_001"),
-                      accelerate_config=None)  # fmt: skip
-    return root, {"base": base, "lora": lora}
+    def load(folder: Path) -> TinyRuns:
+        results = json.loads((folder / "launches.json").read_text())
+        return folder / "checkpoints", {k: subprocess.CompletedProcess(*v) for k, v in results.items()}
+
+    def make(folder: Path) -> TinyRuns:
+        root = folder / "checkpoints"
+        base = train_base(root, "--epochs", "1", accelerate_config=None)
+        lora = train_lora(root, "--epochs", "1", "--base-checkpoint", str(root / "base_training" / "run_001"),
+                          accelerate_config=None)  # fmt: skip
+        launches = {"base": base, "lora": lora}
+        saved = {k: [r.args, r.returncode, r.stdout, r.stderr] for k, r in launches.items()}
+        (folder / "launches.json").write_text(json.dumps(saved))
+        return root, launches
+
+    return once_per_session(tmp_path_factory, "tiny_runs", make, load)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +96,16 @@ def tiny_runs(tiny_runs_launched: TinyRuns) -> Path:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs the shared tiny runs launches real training processes (the fixture does), so it is
-    ``distributed`` whatever its module says."""
+    ``distributed`` whatever its module says.
+
+    A module's tests that use any of its module-scoped fixtures (sets of launched runs) form one
+    ``xdist_group``, so that under ``pytest -n N --dist loadgroup`` one worker launches those runs once and runs
+    all of them; the module's other tests go wherever a worker is free.
+    """
     for item in items:
         if "tiny_runs_launched" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.distributed)
+        info = getattr(item, "_fixtureinfo", None)
+        fixtures = info.name2fixturedefs.values() if info else ()
+        if any(defs and defs[-1].scope == "module" for defs in fixtures):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -1,12 +1,15 @@
 """The one place tests launch the real scripts: plain `python` or `accelerate launch` with N processes.
 
-`run_cli` is the in-process twin of a plain `python scripts/train_<kind>.py` launch, for tests that only
-check how bad input is refused: it saves a torch import and process start-up per case.
+`run_in_process` (and `run_cli` for the training scripts) is the in-process twin of a plain
+`python scripts/<script>` launch, for tests that need one process and no process boundary (bad input, the
+export and sample scripts, single-process resumes): it saves an interpreter's start and torch's import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import io
 import json
 import os
@@ -16,7 +19,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +146,34 @@ def run_cli(
     env: dict[str, str] | None = None,
     cwd: Path = REPO,
 ) -> subprocess.CompletedProcess[str]:
-    """``trainer.cli.main(args, kind)`` in this process, as ``run_script(..., check=False)`` would see it.
+    """``trainer.cli.main(args, kind)`` in this process, as ``run_script(f"train_{kind}.py", ..., check=False)``
+    would see it (see ``run_in_process``)."""
+    from trainer.cli import main
+
+    return run_in_process(f"train_{kind}.py", args, lambda argv: main(argv, kind=kind), env=env, cwd=cwd)
+
+
+@functools.cache
+def _script_main(path: Path) -> Callable[[list[str]], int]:
+    """The ``main`` of the script at ``path``, loaded once per test process."""
+    spec = importlib.util.spec_from_file_location(f"scripts.{path.stem}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main  # type: ignore[no-any-return]
+
+
+def run_in_process(
+    script: str,
+    args: list[str],
+    main: Callable[[list[str]], int] | None = None,
+    *,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> subprocess.CompletedProcess[str]:
+    """``scripts/<script>``'s ``main(args)`` (or ``main`` given) in this process, as ``run_script(...,
+    check=check)`` would see it: it saves the interpreter's start and torch's import.
 
     Same environment (``child_env``), working directory and ``sys.argv`` as the plain `python` launch;
     stdout and stderr are captured, argparse's ``SystemExit`` becomes the return code. An exception that
@@ -151,9 +181,9 @@ def run_cli(
     printed a ``Traceback`` and exited 1. Accelerate's singletons, the environment, the working directory,
     ``sys.argv``, the warning filters and torch's global RNG are restored afterwards.
     """
-    from trainer.cli import main
-
-    script = REPO / "scripts" / f"train_{kind}.py"
+    path = REPO / "scripts" / script
+    if main is None:
+        main = _script_main(path)
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_environ(child_env(env)))
@@ -163,20 +193,23 @@ def run_cli(
         stack.callback(_reset_accelerate)
         saved_argv = sys.argv
         stack.callback(setattr, sys, "argv", saved_argv)
-        sys.argv = [str(script), *args]
+        sys.argv = [str(path), *args]
         _reset_accelerate()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
-                code = main(list(args), kind=kind)
+                code = main(list(args))
             except SystemExit as e:  # argparse: --help, or a flag it cannot parse
                 if e.code is None or isinstance(e.code, int):
                     code = e.code or 0
                 else:
                     print(e.code, file=sys.stderr)
                     code = 1
-    return subprocess.CompletedProcess(
-        [sys.executable, str(script), *args], code, stdout.getvalue(), stderr.getvalue()
-    )
+    result = subprocess.CompletedProcess([sys.executable, str(path), *args], code, stdout.getvalue(),
+                                         stderr.getvalue())  # fmt: skip
+    if check and code != 0:
+        raise AssertionError(f"{script} {' '.join(args)} returned {code}\n--- stdout ---\n{result.stdout[-4000:]}"
+                             f"\n--- stderr ---\n{result.stderr[-6000:]}")  # fmt: skip
+    return result
 
 
 def machine_command(script: str, args: list[str], *, machine: int, port: int) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import base_argv, copy_runs, lora_argv, run_cli, run_script
+from tests.helpers import base_argv, copy_runs, lora_argv, run_cli, run_in_process
 from tests.helpers import metadata as meta
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
@@ -137,9 +137,10 @@ def test_every_reader_of_a_changed_stored_base_refuses_it(tiny_runs: Path, tmp_p
 
     with pytest.raises(UserError, match="changed since the run started"):
         load_model(run)
-    exported = run_script("export.py", [str(run), "--out", str(tmp_path / "out.ckpt")], check=False)
-    sampled = run_script("sample.py", [str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")],
-                         check=False)  # fmt: skip
+    exported = run_in_process("export.py", [str(run), "--out", str(tmp_path / "out.ckpt")])
+    sampled = run_in_process(
+        "sample.py", [str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    )
     for result in (exported, sampled, lora(root, "--resume", "1")):
         refused(result, "changed since the run started")
 

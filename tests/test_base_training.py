@@ -1,11 +1,11 @@
 """Base training under real `accelerate launch` with 2 processes and DeepSpeed on the CPU.
 
-One module-scoped set of runs serves every test here (launches are the expensive part):
-  run 001: 4 epochs straight (ZeRO-2, background saves);  run 002: 2 epochs saved synchronously, then
-  `--resume 2 --epochs 4` (ZeRO-2, background saves). Resumes from background-saved checkpoints are
-  checked bit-identical in tests/test_faults.py.
-Both use keep_last_n=2 and pick ``best`` by the *highest* val loss, so the best epoch is an early one that
-retention must keep although it is not among the last two.
+One module-scoped run serves every test here (launches are the expensive part): run 001, 2 epochs saved
+synchronously, then `--resume 1 --epochs 4` (ZeRO-2, background saves), compared with the session's
+uninterrupted `reference` run of the same seed. Resumes from background-saved checkpoints are checked
+bit-identical in tests/test_faults.py.
+It keeps the last 2 epochs and picks ``best`` by the *highest* val loss, so the best epoch is an early one
+that retention must keep although it is not among the last two.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import assert_same_tensors, load_ckpt, run_script, train_base
+from tests.helpers import assert_same_tensors, load_ckpt, run_cli, train_base
 from trainer.config import TrainConfig, from_dict
 from trainer.factory import build_model
 
@@ -28,18 +28,20 @@ POLICY = ["--set", "checkpoint.keep_last_n=2", "--set", "checkpoint.mode=max"]
 
 
 @pytest.fixture(scope="module")
-def zero2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def zero2(reference: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("zero2")
-    straight = train_base(root, "--epochs", "4", *POLICY)
-    first = train_base(root, "--epochs", "2", *POLICY, "--set", "checkpoint.async_save=false")
-    resumed = train_base(root, "--resume", "2", "--epochs", "4", *POLICY)
-    base = root / "base_training"
-    return {"root": root, "straight": base / "run_001", "resumed": base / "run_002", "log": resumed.stdout,
-            "first_log": first.stdout, "straight_log": straight.stdout}  # fmt: skip
+    train_base(root, "--epochs", "2", *POLICY, "--set", "checkpoint.async_save=false")
+    resumed = train_base(root, "--resume", "1", "--epochs", "4", *POLICY)
+    return {
+        "root": root,
+        "run": root / "base_training" / "run_001",
+        "log": resumed.stdout,
+        "reference": reference,
+    }
 
 
 def test_two_process_zero2_run_trains_and_loss_falls(zero2: dict) -> None:
-    meta = json.loads((zero2["straight"] / "metadata.json").read_text())
+    meta = json.loads((zero2["run"] / "metadata.json").read_text())
     assert meta["world_size"] == 2 and meta["distributed"] == "deepspeed-zero2"
     losses = [entry["train_loss"] for entry in meta["history"]]
     assert len(losses) == 4
@@ -47,7 +49,7 @@ def test_two_process_zero2_run_trains_and_loss_falls(zero2: dict) -> None:
 
 
 def test_base_run_has_the_documented_layout(zero2: dict) -> None:
-    run = zero2["straight"]
+    run = zero2["run"]
     assert (run / "config.json").is_file() and (run / "metadata.json").is_file() and (run / "logs").is_dir()
     ckpts = run / "checkpoints"
     for name in ("best.ckpt", "last.ckpt", "epoch_004.ckpt", "epoch_003.ckpt"):
@@ -68,7 +70,7 @@ def test_base_run_has_the_documented_layout(zero2: dict) -> None:
 
 
 def test_checkpoint_loads_weights_only_into_the_model_strictly(zero2: dict) -> None:
-    ckpt = load_ckpt(zero2["straight"] / "checkpoints" / "last.ckpt")
+    ckpt = load_ckpt(zero2["run"] / "checkpoints" / "last.ckpt")
     for key in ("state_dict", "ema_state_dict", "epoch", "global_step", "metrics", "config"):
         assert key in ckpt, key
     assert ckpt["epoch"] == 4 and ckpt["global_step"] == 12 and "val_loss" in ckpt["metrics"]
@@ -81,8 +83,8 @@ def test_checkpoint_loads_weights_only_into_the_model_strictly(zero2: dict) -> N
 
 
 def test_best_and_last_are_hard_links_to_epoch_files(zero2: dict) -> None:
-    ckpts = zero2["straight"] / "checkpoints"
-    meta = json.loads((zero2["straight"] / "metadata.json").read_text())
+    ckpts = zero2["run"] / "checkpoints"
+    meta = json.loads((zero2["run"] / "metadata.json").read_text())
     best_epoch = meta["best"]["epoch"]
     assert os.path.samefile(ckpts / "last.ckpt", ckpts / "epoch_004.ckpt")
     assert os.path.samefile(ckpts / "best.ckpt", ckpts / f"epoch_{best_epoch:03d}.ckpt")
@@ -92,8 +94,8 @@ def test_best_and_last_are_hard_links_to_epoch_files(zero2: dict) -> None:
 
 
 def test_retention_keeps_last_n_and_never_deletes_best(zero2: dict) -> None:
-    ckpts = zero2["straight"] / "checkpoints"
-    meta = json.loads((zero2["straight"] / "metadata.json").read_text())
+    ckpts = zero2["run"] / "checkpoints"
+    meta = json.loads((zero2["run"] / "metadata.json").read_text())
     expected = sorted({3, 4, meta["best"]["epoch"]})
     on_disk = sorted(int(p.stem[-3:]) for p in ckpts.glob("epoch_*.ckpt"))
     states = sorted(int(p.name[-3:]) for p in (ckpts / "state").glob("epoch_*"))
@@ -102,19 +104,18 @@ def test_retention_keeps_last_n_and_never_deletes_best(zero2: dict) -> None:
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(zero2: dict) -> None:
-    straight = load_ckpt(zero2["straight"] / "checkpoints" / "last.ckpt")
-    resumed = load_ckpt(zero2["resumed"] / "checkpoints" / "last.ckpt")
-    assert resumed["epoch"] == 4 and resumed["global_step"] == straight["global_step"]
-    assert_same_tensors(straight["state_dict"], resumed["state_dict"])
-    assert_same_tensors(straight["ema_state_dict"], resumed["ema_state_dict"])
-    a = json.loads((zero2["straight"] / "metadata.json").read_text())["history"]
-    b = json.loads((zero2["resumed"] / "metadata.json").read_text())["history"]
+    resumed = load_ckpt(zero2["run"] / "checkpoints" / "last.ckpt")
+    assert resumed["epoch"] == 4 and resumed["global_step"] == 12
+    assert_same_tensors(zero2["reference"]["weights"]["state_dict"], resumed["state_dict"])
+    assert_same_tensors(zero2["reference"]["weights"]["ema_state_dict"], resumed["ema_state_dict"])
+    a = json.loads((zero2["reference"]["run"] / "metadata.json").read_text())["history"]
+    b = json.loads((zero2["run"] / "metadata.json").read_text())["history"]
     assert [h["train_loss"] for h in a] == [h["train_loss"] for h in b]
 
 
 def test_resume_says_where_it_continues_and_records_it(zero2: dict) -> None:
-    assert "Resuming run 002 from epoch 2 (checkpoint" in zero2["log"]
-    meta = json.loads((zero2["resumed"] / "metadata.json").read_text())
+    assert "Resuming run 001 from epoch 2 (checkpoint" in zero2["log"]
+    meta = json.loads((zero2["run"] / "metadata.json").read_text())
     assert len(meta["resumes"]) == 1 and meta["resumes"][0]["from_epoch"] == 2
     assert meta["status"] == "completed" and meta["epochs_completed"] == 4
 
@@ -122,22 +123,20 @@ def test_resume_says_where_it_continues_and_records_it(zero2: dict) -> None:
 def test_merged_weights_equal_deepspeed_zero_to_fp32_zero2(zero2: dict) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = zero2["straight"] / "checkpoints" / "state"
+    state = zero2["run"] / "checkpoints" / "state"
     reference = get_fp32_state_dict_from_zero_checkpoint(str(state), tag="epoch_004")
-    merged = load_ckpt(zero2["straight"] / "checkpoints" / "epoch_004.ckpt")["state_dict"]
+    merged = load_ckpt(zero2["run"] / "checkpoints" / "epoch_004.ckpt")["state_dict"]
     assert_same_tensors({k: v.contiguous() for k, v in reference.items()}, merged)
 
 
 def test_list_runs_prints_table_and_json(zero2: dict) -> None:
     root = str(zero2["root"])
-    table = run_script("train_base.py", ["--list-runs", "--checkpoint-root", root]).stdout
+    table = run_cli("base", ["--list-runs", "--checkpoint-root", root]).stdout
     for column in ("Run #", "Experiment", "Dataset", "Epochs", "Checkpoints", "Best", "Status"):
         assert column in table
-    assert "001" in table and "002" in table and "<- best" in table and "Digits (10)" in table
-    rows = json.loads(
-        run_script("train_base.py", ["--list-runs", "--json", "--checkpoint-root", root]).stdout
-    )
-    assert [r["number"] for r in rows] == [1, 2]
+    assert "001" in table and "<- best" in table and "Digits (10)" in table
+    rows = json.loads(run_cli("base", ["--list-runs", "--json", "--checkpoint-root", root]).stdout)
+    assert [r["number"] for r in rows] == [1]
     assert all(r["status"] == "completed" and r["epochs_completed"] == 4 for r in rows)
     assert sum(r["is_best"] for r in rows) == 1
 
@@ -179,13 +178,12 @@ def test_merged_weights_equal_deepspeed_zero_to_fp32_zero3(zero3: Path) -> None:
     model.load_state_dict({**ckpt["state_dict"], **ckpt["ema_state_dict"]}, strict=True)  # EMA is full-size
 
 
-def test_single_process_run_writes_the_same_files(zero2: dict, tmp_path: Path) -> None:
-    train_base(tmp_path, "--epochs", "2", accelerate_config=None)
-    run = tmp_path / "base_training" / "run_001"
+def test_single_process_run_writes_the_same_files(zero2: dict, tiny_runs: Path) -> None:
+    run = tiny_runs / "base_training" / "run_001"  # one epoch, one process without DeepSpeed
     names = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
-    assert names == {"epoch_001.ckpt", "epoch_002.ckpt", "best.ckpt", "last.ckpt"}
+    assert names == {"epoch_001.ckpt", "best.ckpt", "last.ckpt"}
     single = load_ckpt(run / "checkpoints" / "last.ckpt")
-    sharded = load_ckpt(zero2["straight"] / "checkpoints" / "last.ckpt")
+    sharded = load_ckpt(zero2["run"] / "checkpoints" / "last.ckpt")
     assert single.keys() == sharded.keys()
     assert single["state_dict"].keys() == sharded["state_dict"].keys()
     meta = json.loads((run / "metadata.json").read_text())

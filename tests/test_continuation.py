@@ -26,6 +26,7 @@ from tests.helpers import (
     metadata,
     power_cut_at,
     power_off,
+    run_cli,
     train_base,
 )
 
@@ -66,7 +67,8 @@ def test_one_command_line_serves_every_attempt_of_a_job(reference: dict, tmp_pat
     timed = [s["tag"] for s in saves(run) if s["tag"].startswith("step_")]  # save_every_n_steps is off
     assert timed, "no save on the clock"
 
-    again = train_base(root, *job)
+    again = run_cli("base", base_argv(root, *job))  # in this process: the decision comes before training
+    assert again.returncode == 0, again.stderr[-3000:]
     assert "Run 001 of job 'sweep-7/lr-0.002' has completed: nothing to train" in again.stdout
     assert len(metadata(run)["attempts"]) == 3 and not list((root / "base_training").glob("run_002"))
 
@@ -96,14 +98,15 @@ def test_a_second_launch_is_refused_and_a_killed_launcher_stops_its_workers(
     cmd = launch_command("train_base.py", base_argv(root, *EPOCHS), accelerate_config="cpu_zero2")
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        first = subprocess.Popen(cmd, env=child_env({"DIFFIT_FAULTS": "delay@step:seconds=1"}), stdout=out,
+        # 2 s steps: the 9 steps after epoch 1 outlast the refused launch and the kill, even on a busy machine
+        first = subprocess.Popen(cmd, env=child_env({"DIFFIT_FAULTS": "delay@step:seconds=2"}), stdout=out,
                                  stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while not (run / "checkpoints" / "manifests" / "epoch_001.json").exists():
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        second = train_base(root, *EPOCHS, "--resume", "1", accelerate_config=None, check=False)
+        second = run_cli("base", base_argv(root, *EPOCHS, "--resume", "1"))  # in this process: refused early
         assert second.returncode == 2 and "is being trained by another launch (process" in second.stderr
         assert "Traceback" not in second.stderr
         first.send_signal(signal.SIGKILL)  # the launcher alone: its workers are in sessions of their own

@@ -1,6 +1,6 @@
 """LoRA fine-tuning under real `accelerate launch` (2 processes, DeepSpeed ZeRO-2 and ZeRO-3 on the CPU).
 
-One tiny base run (one process) is fine-tuned on digits 0-4 (5 classes, so the label embedding is resized):
+The session's tiny base run (one process, `tiny_runs`) is fine-tuned on digits 0-4 (5 classes, so the label embedding is resized):
   run 001: 4 epochs straight (ZeRO-2, keep_last_n=2);
   run 002: 4 epochs, stopped by SIGTERM on rank 1 inside epoch 2, then `--resume 2` (ZeRO-2, every epoch
   kept); a copy of the stopped run resumes on one process without DeepSpeed instead;
@@ -19,7 +19,16 @@ import pytest
 import torch
 
 from tests.fake_world import ThreadWorld, end_epoch, new_run, tiny_manager
-from tests.helpers import REPO, assert_same_tensors, load_ckpt, run_script, train_base, train_lora
+from tests.helpers import (
+    REPO,
+    assert_same_tensors,
+    copy_runs,
+    load_ckpt,
+    lora_argv,
+    run_cli,
+    run_script,
+    train_lora,
+)
 from trainer import load_model
 from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.checkpoint.formats.base import BaseFormat
@@ -35,9 +44,9 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def lora(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def lora(tiny_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("lora")
-    train_base(root, "--epochs", "1", accelerate_config=None)
+    copy_runs(tiny_runs / "base_training", root / "base_training")  # the session's one-epoch base run
     straight = train_lora(root, "--epochs", "4", "--set", "checkpoint.keep_last_n=2")
     # run 002: every epoch kept; rank 1 gets SIGTERM after step 5 (inside epoch 2); a copy is kept
     interrupted = train_lora(root, "--epochs", "4", "--set", "checkpoint.keep_last_n=0",
@@ -47,7 +56,8 @@ def lora(tmp_path_factory: pytest.TempPathFactory) -> dict:
     resumed = train_lora(root, "--resume", "2", "--epochs", "4")
     train_lora(root, "--epochs", "2", accelerate_config="cpu_zero3")
     # the copy of run 002 resumes on one process without DeepSpeed
-    single = train_lora(copy, "--resume", "2", "--epochs", "4", accelerate_config=None)
+    single = run_cli("lora", lora_argv(copy, "--resume", "2", "--epochs", "4"))  # in this process
+    assert single.returncode == 0, single.stderr[-3000:]
     runs = root / "lora_finetuning"
     return {"root": root, "straight": runs / "run_001", "resumed": runs / "run_002", "zero3": runs / "run_003",
             "base": root / "base_training" / "run_001", "log": straight.stdout, "resume_log": resumed.stdout,
@@ -146,7 +156,7 @@ def test_export_matches_the_adapted_model_and_loads_like_a_base_checkpoint(
     lora: dict, tmp_path: Path
 ) -> None:
     out = tmp_path / "merged.ckpt"
-    run_script("export.py", [str(lora["straight"]), "--out", str(out)])
+    run_script("export.py", [str(lora["straight"]), "--out", str(out)])  # the script as users run it
     merged = load_model(out)
     adapted = load_model(lora["straight"])
     x, sigma, labels = torch.randn(4, 1, 16, 16), torch.full((4,), 2.0), torch.tensor([0, 1, 3, 4])
@@ -173,7 +183,7 @@ def test_a_lora_run_written_before_the_checkpoint_package_resumes_bit_identicall
 
 
 def test_list_runs_shows_lora_datasets_and_class_counts(lora: dict) -> None:
-    table = run_script("train_lora.py", ["--list-runs", "--checkpoint-root", str(lora["root"])]).stdout
+    table = run_cli("lora", ["--list-runs", "--checkpoint-root", str(lora["root"])]).stdout
     assert "LoRA fine-tuning runs" in table and "Digits 0-4 (5)" in table and "<- best" in table
     assert table.count("completed") == 3
 

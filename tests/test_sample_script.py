@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import run_script
+from tests.helpers import run_in_process, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -30,9 +30,9 @@ def test_sample_script_draws_one_row_per_class_for_base_and_lora_runs(
     fast = ["--steps", "4", "--seed", "1"]
 
     base_png = tmp_path / "base.png"
+    # the script as users run it; the LoRA case below in this process
     result = run_script(
-        "sample.py",
-        [str(base_run), "--classes", "0,3,7", "--n", "6", *fast, "--out", str(base_png)],
+        "sample.py", [str(base_run), "--classes", "0,3,7", "--n", "6", *fast, "--out", str(base_png)]
     )
     assert "3 row(s) x 2 images" in result.stdout
     width, height = Image.open(base_png).size
@@ -41,9 +41,8 @@ def test_sample_script_draws_one_row_per_class_for_base_and_lora_runs(
 
     # The LoRA run fine-tunes on digits 0-4: classes by name, and by default every one of its 5 classes.
     lora_png = tmp_path / "lora.png"
-    result = run_script(
-        "sample.py",
-        [str(lora_run), "--which", "last", "--n", "5", *fast, "--out", str(lora_png)],
+    result = run_in_process(
+        "sample.py", [str(lora_run), "--which", "last", "--n", "5", *fast, "--out", str(lora_png)], check=True
     )
     assert "5 row(s) x 1 images" in result.stdout
     assert Image.open(lora_png).size[1] == grid_height(5)
