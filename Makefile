@@ -39,11 +39,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q -m "not distributed and not slow"
 
-# Everything: the fast checks first, then the multi-process and slow suites, in TEST_WORKERS pytest workers
-# (tests/conftest.py keeps each set of shared runs to one launch; TEST_WORKERS=0 runs them in this process).
+# Everything: the fast checks first, then the multi-process and slow suites in TEST_WORKERS pytest workers,
+# one test module per worker at a time, so that a module's launched runs (module fixtures) are launched once;
+# the runs every module shares are launched once per session (tests/conftest.py). TEST_WORKERS=0: no workers.
 TEST_WORKERS ?= 2
 test: check
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "(distributed or slow) and not soak" --durations=15
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "(distributed or slow) and not soak" --durations=15
 
 # Random power cuts (SOAK_CUTS, default 20; SOAK_SEED) at every fault point until the run completes.
 soak: $(STAMP)

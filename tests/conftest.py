@@ -96,16 +96,7 @@ def tiny_runs(tiny_runs_launched: TinyRuns) -> Path:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs the shared tiny runs launches real training processes (the fixture does), so it is
-    ``distributed`` whatever its module says.
-
-    A module's tests that use any of its module-scoped fixtures (sets of launched runs) form one
-    ``xdist_group``, so that under ``pytest -n N --dist loadgroup`` one worker launches those runs once and runs
-    all of them; the module's other tests go wherever a worker is free.
-    """
+    ``distributed`` whatever its module says."""
     for item in items:
         if "tiny_runs_launched" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.distributed)
-        info = getattr(item, "_fixtureinfo", None)
-        fixtures = info.name2fixturedefs.values() if info else ()
-        if any(defs and defs[-1].scope == "module" for defs in fixtures):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
