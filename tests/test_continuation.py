@@ -2,7 +2,8 @@
 attempt of a job (``--auto-resume``), torch elastic restarts, the run lock, time-based saves, and what a
 launch does when its launcher is killed or signalled.
 
-The reference is the session's `reference` run (conftest.py): 4 epochs x 3 steps straight, 2 processes, ZeRO-2.
+The reference is the session's `reference` run (conftest.py): 4 epochs x 3 steps straight, 2 processes,
+ZeRO-2.
 """
 
 from __future__ import annotations

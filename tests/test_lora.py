@@ -1,6 +1,7 @@
 """LoRA fine-tuning under real `accelerate launch` (2 processes, DeepSpeed ZeRO-2 and ZeRO-3 on the CPU).
 
-The session's tiny base run (one process, `tiny_runs`) is fine-tuned on digits 0-4 (5 classes, so the label embedding is resized):
+The session's tiny base run (one process, `tiny_runs`) is fine-tuned on digits 0-4 (5 classes, so the label
+embedding is resized):
   run 001: 4 epochs straight (ZeRO-2, keep_last_n=2);
   run 002: 4 epochs, stopped by SIGTERM on rank 1 inside epoch 2, then `--resume 2` (ZeRO-2, every epoch
   kept); a copy of the stopped run resumes on one process without DeepSpeed instead;
