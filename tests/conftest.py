@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import json
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ TinyRuns = tuple[Path, dict[str, subprocess.CompletedProcess[str]]]
 T = TypeVar("T")
 
 
-def once_per_session(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], T],
+def once_per_session(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None],
                      load: Callable[[Path], T]) -> T:  # fmt: skip
     """``make(folder)`` once for the whole session, then ``load(folder)`` in every process that asks.
 
@@ -37,12 +38,10 @@ def once_per_session(factory: pytest.TempPathFactory, name: str, make: Callable[
     folder, done = shared / name, shared / f"{name}.done"
     with FileLock(str(shared / f"{name}.lock")):
         if not done.exists():
-            if folder.exists():
-                subprocess.run(["rm", "-rf", str(folder)], check=True)
+            shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            result = make(folder)
+            make(folder)
             done.touch()
-            return result
     return load(folder)
 
 
@@ -56,9 +55,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
         run = root / "base_training" / "run_001"
         return {"root": root, "run": run, "weights": final_weights(run)}
 
-    def make(root: Path) -> dict:
+    def make(root: Path) -> None:
         train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0")
-        return load(root)
 
     return once_per_session(tmp_path_factory, "reference", make, load)
 
@@ -72,15 +70,15 @@ def tiny_runs_launched(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
         results = json.loads((folder / "launches.json").read_text())
         return folder / "checkpoints", {k: subprocess.CompletedProcess(*v) for k, v in results.items()}
 
-    def make(folder: Path) -> TinyRuns:
+    def make(folder: Path) -> None:
         root = folder / "checkpoints"
         base = train_base(root, "--epochs", "1", accelerate_config=None)
         lora = train_lora(root, "--epochs", "1", "--base-checkpoint", str(root / "base_training" / "run_001"),
                           accelerate_config=None)  # fmt: skip
-        launches = {"base": base, "lora": lora}
-        saved = {k: [r.args, r.returncode, r.stdout, r.stderr] for k, r in launches.items()}
+        saved = {
+            k: [r.args, r.returncode, r.stdout, r.stderr] for k, r in {"base": base, "lora": lora}.items()
+        }
         (folder / "launches.json").write_text(json.dumps(saved))
-        return root, launches
 
     return once_per_session(tmp_path_factory, "tiny_runs", make, load)
 
