@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import assert_same_tensors, load_ckpt, run_cli, train_base
+from tests.helpers import assert_same_tensors, load_ckpt, metadata, run_cli, train_base
 from trainer.config import TrainConfig, from_dict
 from trainer.factory import build_model
 
@@ -41,7 +41,7 @@ def zero2(reference: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_two_process_zero2_run_trains_and_loss_falls(zero2: dict) -> None:
-    meta = json.loads((zero2["run"] / "metadata.json").read_text())
+    meta = metadata(zero2["run"])
     assert meta["world_size"] == 2 and meta["distributed"] == "deepspeed-zero2"
     losses = [entry["train_loss"] for entry in meta["history"]]
     assert len(losses) == 4
@@ -56,7 +56,7 @@ def test_base_run_has_the_documented_layout(zero2: dict) -> None:
         assert (ckpts / name).is_file(), name
     assert (ckpts / "state" / "epoch_004" / "trainer_state.json").is_file()
     assert len(list((ckpts / "state" / "epoch_004").glob("*_optim_states.pt"))) == 2  # one shard per rank
-    meta = json.loads((run / "metadata.json").read_text())
+    meta = metadata(run)
     for key in ("run_number", "kind", "experiment", "dataset", "status", "created_at", "updated_at",
                 "world_size", "distributed", "epochs_completed", "global_step", "best", "history", "resumes"):  # fmt: skip
         assert key in meta, key
@@ -84,7 +84,7 @@ def test_checkpoint_loads_weights_only_into_the_model_strictly(zero2: dict) -> N
 
 def test_best_and_last_are_hard_links_to_epoch_files(zero2: dict) -> None:
     ckpts = zero2["run"] / "checkpoints"
-    meta = json.loads((zero2["run"] / "metadata.json").read_text())
+    meta = metadata(zero2["run"])
     best_epoch = meta["best"]["epoch"]
     assert os.path.samefile(ckpts / "last.ckpt", ckpts / "epoch_004.ckpt")
     assert os.path.samefile(ckpts / "best.ckpt", ckpts / f"epoch_{best_epoch:03d}.ckpt")
@@ -95,7 +95,7 @@ def test_best_and_last_are_hard_links_to_epoch_files(zero2: dict) -> None:
 
 def test_retention_keeps_last_n_and_never_deletes_best(zero2: dict) -> None:
     ckpts = zero2["run"] / "checkpoints"
-    meta = json.loads((zero2["run"] / "metadata.json").read_text())
+    meta = metadata(zero2["run"])
     expected = sorted({3, 4, meta["best"]["epoch"]})
     on_disk = sorted(int(p.stem[-3:]) for p in ckpts.glob("epoch_*.ckpt"))
     states = sorted(int(p.name[-3:]) for p in (ckpts / "state").glob("epoch_*"))
@@ -108,14 +108,14 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(zero2: dict) -> None:
     assert resumed["epoch"] == 4 and resumed["global_step"] == 12
     assert_same_tensors(zero2["reference"]["weights"]["state_dict"], resumed["state_dict"])
     assert_same_tensors(zero2["reference"]["weights"]["ema_state_dict"], resumed["ema_state_dict"])
-    a = json.loads((zero2["reference"]["run"] / "metadata.json").read_text())["history"]
-    b = json.loads((zero2["run"] / "metadata.json").read_text())["history"]
+    a = metadata(zero2["reference"]["run"])["history"]
+    b = metadata(zero2["run"])["history"]
     assert [h["train_loss"] for h in a] == [h["train_loss"] for h in b]
 
 
 def test_resume_says_where_it_continues_and_records_it(zero2: dict) -> None:
     assert "Resuming run 001 from epoch 2 (checkpoint" in zero2["log"]
-    meta = json.loads((zero2["run"] / "metadata.json").read_text())
+    meta = metadata(zero2["run"])
     assert len(meta["resumes"]) == 1 and meta["resumes"][0]["from_epoch"] == 2
     assert meta["status"] == "completed" and meta["epochs_completed"] == 4
 
@@ -161,7 +161,7 @@ def test_zero3_really_shards_the_parameters(zero3: Path) -> None:
     )
     assert states["module"], "no parameters recorded"
     assert all(t.numel() == 0 for t in states["module"].values()), "ZeRO-3 left parameters unpartitioned"
-    meta = json.loads((zero3 / "metadata.json").read_text())
+    meta = metadata(zero3)
     assert meta["distributed"] == "deepspeed-zero3" and meta["status"] == "completed"
 
 
@@ -186,5 +186,5 @@ def test_single_process_run_writes_the_same_files(zero2: dict, tiny_runs: Path) 
     sharded = load_ckpt(zero2["run"] / "checkpoints" / "last.ckpt")
     assert single.keys() == sharded.keys()
     assert single["state_dict"].keys() == sharded["state_dict"].keys()
-    meta = json.loads((run / "metadata.json").read_text())
+    meta = metadata(run)
     assert meta["distributed"] == "single" and meta["world_size"] == 1

@@ -10,7 +10,6 @@ embedding is resized):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.helpers import (
     copy_runs,
     load_ckpt,
     lora_argv,
+    metadata,
     run_cli,
     run_script,
     train_lora,
@@ -72,7 +72,7 @@ def test_lora_run_has_the_documented_layout(lora: dict) -> None:
                  "lora_weights/last.ckpt", "lora_weights/epoch_004.ckpt", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "logs/samples/epoch_004.png"):  # fmt: skip
         assert (run / path).is_file(), path
-    meta = json.loads((run / "metadata.json").read_text())
+    meta = metadata(run)
     assert meta["kind"] == "lora" and meta["status"] == "completed" and meta["epochs_completed"] == 4
     assert meta["dataset"] == {"name": "Digits 0-4", "num_classes": 5}
     assert meta["base_checkpoint"]["source"].endswith("base_training/run_001/checkpoints/best.ckpt")
@@ -107,7 +107,7 @@ def test_lora_resume_is_bit_identical_to_an_uninterrupted_run(lora: dict) -> Non
 
 def test_lora_stop_signal_saves_an_adapter_step_checkpoint_and_exits_0(lora: dict) -> None:
     assert lora["interrupted"].returncode == 0 and "Received SIGTERM" in lora["interrupted"].stderr
-    meta = json.loads((lora["resumed"] / "metadata.json").read_text())
+    meta = metadata(lora["resumed"])
     assert [e["kind"] for e in meta["events"]] == ["interrupted"]
     assert meta["resumes"][0]["checkpoint"] == "step_0000005"
 
