@@ -92,9 +92,29 @@ def tiny_runs(tiny_runs_launched: TinyRuns) -> Path:
     return tiny_runs_launched[0]
 
 
+SLOWEST_FIRST = (
+    "test_faults.py",  # 13 min (wall time in one worker of `make test` on 2 cores); launches `reference`
+    "test_lora.py",  # 11 min; launches the shared tiny runs meanwhile
+    "test_continuation.py",  # 10 min
+    "test_preemption.py",  # 10 min
+    "test_power_cuts.py",  # 6 min
+    "test_run_allocation.py",  # 5 min
+    "test_slurm.py",  # 5 min, mostly waiting for the scheduler and the job's time limit
+    "test_base_training.py",  # 4 min
+    "test_around_runs.py",  # 4 min
+    "test_going_back.py",  # 3 min
+    "test_bad_input.py",  # 2 min
+)
+"""Test modules in the order the workers take them: the longest first, so that no long module is left to
+run alone at the end (pytest-xdist hands whole modules to workers in collection order). The others follow
+in collection order."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that needs the shared tiny runs launches real training processes (the fixture does), so it is
-    ``distributed`` whatever its module says."""
+    """Modules in `SLOWEST_FIRST` order. A test that needs the shared tiny runs launches real training
+    processes (the fixture does), so it is ``distributed`` whatever its module says."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
     for item in items:
         if "tiny_runs_launched" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.distributed)

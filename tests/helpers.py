@@ -242,6 +242,11 @@ def metadata(run: Path) -> dict[str, Any]:
     return json.loads((run / "metadata.json").read_text())
 
 
+def events(run: Path, kind: str) -> list[dict[str, Any]]:
+    """The events of one kind in a run folder's ``metadata.json``."""
+    return [e for e in metadata(run)["events"] if e["kind"] == kind]
+
+
 def load_ckpt(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -3,7 +3,7 @@
 One module-scoped run serves every test here (launches are the expensive part): run 001, 2 epochs saved
 synchronously, then `--resume 1 --epochs 4` (ZeRO-2, background saves), compared with the session's
 uninterrupted `reference` run of the same seed. Resumes from background-saved checkpoints are checked
-bit-identical in tests/test_faults.py.
+bit-identical in tests/test_preemption.py.
 It keeps the last 2 epochs and picks ``best`` by the *highest* val loss, so the best epoch is an early one
 that retention must keep although it is not among the last two.
 """

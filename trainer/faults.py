@@ -1,9 +1,9 @@
 """Fault injection for the crash tests: pause, signal or fail writes at named points of a run.
 
-Used only by tests (``tests/test_faults.py``, ``tests/test_power_cuts.py`` with its soak test,
-``tests/test_continuation.py``). The command line builds one ``Faults`` from ``DIFFIT_FAULTS`` when a
-launch starts and hands it to the code that has fault points; everything else gets ``NO_FAULTS``, which does
-nothing. A spec is a ``;``-separated list of ``ACTION@POINT[:KEY=VALUE...]``:
+Used only by tests (``tests/test_faults.py``, ``tests/test_preemption.py``, ``tests/test_power_cuts.py`` with
+its soak test, ``tests/test_continuation.py``). The command line builds one ``Faults`` from ``DIFFIT_FAULTS``
+when a launch starts and hands it to the code that has fault points; everything else gets ``NO_FAULTS``, which
+does nothing. A spec is a ``;``-separated list of ``ACTION@POINT[:KEY=VALUE...]``:
 
   ``pause@save.merge:step=6``      at that point, write ``$DIFFIT_FAULT_MARKER`` (where, and this process's
                                    pid) and sleep until killed (the test then cuts the power: SIGKILL of
