@@ -212,13 +212,26 @@ def run_in_process(
     return result
 
 
-def machine_command(script: str, args: list[str], *, machine: int, port: int) -> list[str]:
+def machine_command(
+    script: str, args: list[str], *, machine: int, port: int, worker_logs: Path | None = None
+) -> list[str]:
     """One of two launchers on loopback, one process each, as two machines (``--num_machines 2``) running
-    ``script`` with 2-process ZeRO-2 between them."""
+    ``script`` with 2-process ZeRO-2 between them. With ``worker_logs``, torch elastic also writes the
+    worker's own stdout and stderr under that folder (see ``worker_output``), apart from the launcher's log."""
     launch = ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine),
               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
               "--deepspeed_multinode_launcher", "standard"]  # fmt: skip
+    if worker_logs is not None:
+        launch += ["--log_dir", str(worker_logs), "--tee", "3"]
     return launch_command(script, args, accelerate_config="cpu_zero2", launch_args=launch)
+
+
+def worker_output(worker_logs: Path) -> str:
+    """What the workers of one launch printed (stdout, then stderr), from the folder given to
+    ``machine_command(worker_logs=...)``; the launcher's own log records are not in it."""
+    files = sorted(worker_logs.rglob("stdout.log")) + sorted(worker_logs.rglob("stderr.log"))
+    assert files, f"no worker output under {worker_logs}"
+    return "".join(f.read_text() for f in files)
 
 
 def train_base(root: Path, *args: str, accelerate_config: str | None = "cpu_zero2", **kwargs: Any):

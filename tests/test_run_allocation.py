@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, TINY_RUN, child_env, free_port, launch_command, machine_command
+from tests.helpers import REPO, TINY_RUN, child_env, free_port, launch_command, machine_command, worker_output
 
 pytestmark = pytest.mark.distributed
 
@@ -54,12 +54,15 @@ def test_four_simultaneous_launches_get_four_distinct_runs(tmp_path: Path) -> No
 
 
 def _two_machines(root: Path, *args: str) -> list[str]:
-    """Two launchers on loopback, one process each, as two machines sharing ``root``."""
+    """Two launchers on loopback, one process each, as two machines sharing ``root``: what each machine's
+    worker printed. The launchers' own logs are left out: torch elastic may log a lost connection when
+    machine 1's launcher waits at its exit barrier after machine 0's, which hosts the store, has left."""
     port = free_port()
-    procs = []
+    procs, logs = [], []
     for machine in (0, 1):
+        logs.append(root.parent / f"{root.name}-logs" / f"machine{machine}-{port}")
         cmd = machine_command("train_base.py", [*TINY_RUN, "--checkpoint-root", str(root), *args], machine=machine,
-                              port=port)  # fmt: skip
+                              port=port, worker_logs=logs[-1])  # fmt: skip
         procs.append(
             subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(), cwd=REPO
@@ -67,13 +70,14 @@ def _two_machines(root: Path, *args: str) -> list[str]:
         )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n\n".join(outputs)
-    return outputs
+    return [worker_output(log) for log in logs]
 
 
 def test_two_machines_agree_on_the_run_and_only_global_rank0_writes(tmp_path: Path) -> None:
-    first = _two_machines(tmp_path, "--epochs", "1")
-    resumed = _two_machines(tmp_path, "--resume", "--epochs", "2")
-    runs = sorted((tmp_path / "base_training").glob("run_*"))
+    root = tmp_path / "runs"
+    first = _two_machines(root, "--epochs", "1")
+    resumed = _two_machines(root, "--resume", "--epochs", "2")
+    runs = sorted((root / "base_training").glob("run_*"))
     assert [r.name for r in runs] == ["run_001"]  # both machines used the one run rank 0 allocated
     meta = json.loads((runs[0] / "metadata.json").read_text())
     assert meta["world_size"] == 2 and meta["distributed"] == "deepspeed-zero2"
