@@ -1,8 +1,9 @@
 """Starting the benchmarked scripts and timing them.
 
 Commands and environments come from ``tests/helpers.py``, as in the tests (``launch_command``,
-``child_env``), except that a caller's ``OMP_NUM_THREADS`` and ``DS_ACCELERATOR`` are kept and DeepSpeed
-is put on the CPU only where there is no CUDA: the benchmarks also run on GPUs (gpu.md).
+``child_env``), except that a caller's ``OMP_NUM_THREADS`` and ``DS_ACCELERATOR`` are kept, DeepSpeed
+is put on the CPU only where there is no CUDA (the benchmarks also run on GPUs: gpu.md), and Python's
+bytecode cache is on (``bench_env``).
 
 ``launch`` runs a command to completion, stamping each stdout line with the seconds since ``Popen``;
 ``time_sliced`` runs several at once in turns, each stamped on its own running clock; ``seconds_to_step``
@@ -32,8 +33,13 @@ EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+): ")
 
 
 def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a launched script (``tests.helpers.child_env``, the caller's settings kept)."""
-    return child_env(extra, cpu_only=False)
+    """The environment of a launched script (``tests.helpers.child_env``, the caller's settings kept), with
+    Python's bytecode cache on, as in a user's environment: with ``PYTHONDONTWRITEBYTECODE`` set (some CI
+    and sandbox images do), every launch compiles the project's modules again, and start-up bound figures
+    (the listing, the resume latency) would measure that instead."""
+    env = child_env(extra, cpu_only=False)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def command(
