@@ -8,12 +8,14 @@ multi-process launches of the same paths are tests/test_faults.py's and tests/te
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from launch import PeerLost, Topology
 from tests.fake_world import ThreadWorld, end_epoch, new_run, tiny_manager, tiny_states
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.manifest import read_manifests, verify
@@ -182,6 +184,55 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path)
     )
     assert [m.tag for m in read_manifests(layout.checkpoints)] == ["epoch_001"]
     assert not (layout.state_root / "epoch_002").exists() and not list(layout.path.rglob(".tmp-*"))
+
+
+class LosesItsPeerIn:
+    """Rank 0's collectives in a world of 2 whose rank 1 dies while it saves ``tag``: that save's rendezvous
+    fails as it would in a launch, every other collective answers as a lone rank's."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def broadcast(self, value: Any, *, what: str) -> Any:
+        return value
+
+    def all_reduce_sum(self, values: list[float], *, what: str) -> list[float]:
+        return list(values)
+
+    def all_gather(self, value: Any, *, what: str) -> list[Any]:
+        return [value, value]
+
+    def barrier(self, *, what: str) -> None:
+        pass
+
+    def background_exchange(self, value: Any, *, what: str) -> list[Any] | None:
+        if self.tag in what:
+            raise PeerLost(what, "Connection closed by peer", timedelta(minutes=0.5))
+        return [value, (None, {})]
+
+    def background_broadcast(self, value: Any, *, what: str) -> Any:
+        return value
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["background", "synchronous"])
+def test_a_rank_lost_in_a_save_is_reported_as_a_lost_rank_and_the_save_discarded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], async_save: bool
+) -> None:
+    layout = new_run(tmp_path / "run_001")
+    topo = Topology(rank=0, world_size=2, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"),
+                    comm=LosesItsPeerIn("epoch_002"))  # fmt: skip
+    manager = tiny_manager(layout, topo, tiny_states(), async_save=async_save, keep_last_n=0)
+    with pytest.raises(PeerLost, match=r"the save of epoch_002 .*: another process of this launch died"):
+        try:
+            train_epochs(manager, range(1, 4))
+        except PeerLost:
+            manager.close(failed=True)
+            raise
+    assert "warning: rank 0: checkpoint epoch_002 was not saved" in capsys.readouterr().err
+    assert [m.tag for m in read_manifests(layout.checkpoints)] == ["epoch_001"]
+    assert not (layout.state_root / "epoch_002").exists() and not list(layout.path.rglob(".tmp-*"))
+    events = json.loads(layout.metadata.read_text())["events"]
+    assert [e["tag"] for e in events if e["kind"] == "save_failed"] == ["epoch_002"]
 
 
 class Counter:

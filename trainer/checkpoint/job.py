@@ -47,7 +47,8 @@ class SaveJob:
     """``time.perf_counter()`` when the save began (its figures count from it)."""
     outcome: dict[str, Any] = field(default_factory=dict)
     """``tag``, ``global_step``, ``snapshot_bytes``, ``blocked_seconds``; then ``file``, ``bytes`` and
-    ``seconds``, or ``error`` (with ``peer_lost``, and ``committed``: whether rank 0 had committed it)."""
+    ``seconds``, or ``error`` (with ``peer_lost``: the ``PeerLost`` when a rank was lost, and ``committed``:
+    whether rank 0 had committed it)."""
     thread: threading.Thread | None = None
 
     @property
@@ -103,7 +104,7 @@ class Committer:
             committed = outcome is not None and "file" in outcome  # rank 0 committed before the peer was lost
             if self.topo.is_main and not committed:
                 self.protocol.discard(tag)
-            outcome = {"error": str(e), "peer_lost": True, "committed": committed}
+            outcome = {"error": str(e), "peer_lost": e, "committed": committed}
         except Exception as e:  # a bug: still end the job, so that no rank waits for it forever
             outcome = {"error": f"{type(e).__name__}: {e}"}
         finally:

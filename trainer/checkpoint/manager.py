@@ -258,16 +258,15 @@ class CheckpointManager:
                 run.record_event("save_failed", tag=job.tag, error=outcome["error"])
             if job.is_epoch and not outcome.get("committed"):
                 self.states.progress.set_checkpoint(job.progress["epoch"], None)
+            if outcome.get("peer_lost"):  # reported as any lost process is, wherever it is noticed
+                self._warn_unsaved(job)
+                raise outcome["peer_lost"]
             message = (
                 f"checkpoint {job.tag} is committed, but then {outcome['error']}"
                 if outcome.get("committed")
                 else f"checkpoint {job.tag} could not be written ({outcome['error']}); its partial files were "
                 "removed and every earlier checkpoint is intact"
             )
-            if outcome.get("peer_lost"):
-                raise SaveFailed(
-                    f"{message}. Continue with --resume {run.number} once every process of the launch can run"
-                )
             if self.policy.on_save_error == "fail":
                 raise SaveFailed(
                     f"{message}. The run stops (checkpoint.on_save_error: {self.policy.on_save_error}): free "
@@ -315,10 +314,14 @@ class CheckpointManager:
         if job is not None and job.thread is not None:
             job.thread.join()
         self.protocol.join()
-        if job is not None and "error" in job.outcome:  # every rank says it: the others may be gone
-            fate = "is committed, but then" if job.outcome.get("committed") else "was not saved"
-            print(f"warning: rank {self.topo.rank}: checkpoint {job.tag} {fate} ({job.outcome['error']})",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        if job is not None and "error" in job.outcome:
+            self._warn_unsaved(job)
+
+    def _warn_unsaved(self, job: SaveJob) -> None:
+        """Every rank says what became of a save that failed while the run failed: the others may be gone."""
+        fate = "is committed, but then" if job.outcome.get("committed") else "was not saved"
+        print(f"warning: rank {self.topo.rank}: checkpoint {job.tag} {fate} ({job.outcome['error']})",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _same(obj: Any) -> Any:
