@@ -21,6 +21,7 @@ import torch
 from tests.fake_world import ThreadWorld, end_epoch, new_run, tiny_manager
 from tests.helpers import (
     REPO,
+    assert_close_tensors,
     assert_same_tensors,
     copy_runs,
     load_ckpt,
@@ -28,6 +29,7 @@ from tests.helpers import (
     metadata,
     run_cli,
     run_script,
+    same_arithmetic,
     train_lora,
 )
 from trainer import load_model
@@ -118,8 +120,7 @@ def test_lora_resume_on_one_process_continues_the_two_process_run(lora: dict) ->
     single = load_ckpt(lora["single"] / "lora_weights" / "last.ckpt")
     assert single["epoch"] == 4 and single["global_step"] == straight["global_step"]
     for key in ("lora_state_dict", "ema_state_dict"):
-        for name, tensor in straight[key].items():  # equal up to the order of float sums
-            torch.testing.assert_close(single[key][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+        assert_close_tensors(straight[key], single[key])  # equal up to the order of float sums
 
 
 def test_zero3_adapters_are_real_tensors_equal_to_zero2s(lora: dict) -> None:
@@ -129,8 +130,8 @@ def test_zero3_adapters_are_real_tensors_equal_to_zero2s(lora: dict) -> None:
     assert z3["distributed"] == "deepspeed-zero3"
     for name, tensor in z3["lora_state_dict"].items():
         assert tensor.numel() > 0 and tensor.shape == z2["lora_state_dict"][name].shape, name
-        # equal up to the order of float sums (ZeRO-3 reduce-scatters where ZeRO-2 all-reduces)
-        torch.testing.assert_close(tensor, z2["lora_state_dict"][name], rtol=1e-4, atol=1e-5)
+    # equal up to the order of float sums (ZeRO-3 reduce-scatters where ZeRO-2 all-reduces)
+    assert_close_tensors(z2["lora_state_dict"], z3["lora_state_dict"])
     model = load_model(lora["zero3"], which=2, ema=False)  # the adapters arrive in the model
     params = dict(model.named_parameters())
     for name, tensor in z3["lora_state_dict"].items():
@@ -171,16 +172,22 @@ def test_a_lora_run_written_before_the_checkpoint_package_resumes_bit_identicall
     lora: dict, tmp_path: Path
 ) -> None:
     """tests/fixtures/before_checkpoint_package: a LoRA run on the same base as run 001 here, written by the
-    trainer as it was before checkpointing became a package, stopped by SIGTERM after step 5."""
+    trainer as it was before checkpointing became a package, stopped by SIGTERM after step 5. Bit-identical
+    to the straight run on a machine that computes as the one that wrote it; elsewhere, equal up to rounding."""
+    fixture = REPO / "tests" / "fixtures" / "before_checkpoint_package" / "lora_finetuning"
     root = tmp_path / "checkpoints"
-    shutil.copytree(REPO / "tests" / "fixtures" / "before_checkpoint_package" / "lora_finetuning",
-                    root / "lora_finetuning")  # fmt: skip
+    shutil.copytree(fixture, root / "lora_finetuning")
     result = train_lora(root, "--resume", "1", "--epochs", "4")
     assert "Resuming run 001 from step 5 (epoch 2, step 2 of the epoch)" in result.stdout
     straight = load_ckpt(lora["straight"] / "lora_weights" / "epoch_004.ckpt")
     resumed = load_ckpt(root / "lora_finetuning" / "run_001" / "lora_weights" / "epoch_004.ckpt")
-    assert_same_tensors(straight["lora_state_dict"], resumed["lora_state_dict"])
-    assert_same_tensors(straight["ema_state_dict"], resumed["ema_state_dict"])
+    same = (
+        assert_same_tensors
+        if same_arithmetic(fixture / "run_001", lora["straight"])
+        else assert_close_tensors
+    )
+    same(straight["lora_state_dict"], resumed["lora_state_dict"])
+    same(straight["ema_state_dict"], resumed["ema_state_dict"])
 
 
 def test_list_runs_shows_lora_datasets_and_class_counts(lora: dict) -> None:
