@@ -284,14 +284,26 @@ def assert_close_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert distance <= 1e-4, f"relative distance {distance:.2e} > 1e-4; most changed: {worst}"
 
 
-def same_arithmetic(written_elsewhere: Path, written_here: Path) -> bool:
-    """Whether this machine computes as the one that wrote ``written_elsewhere`` (a run kept in
-    tests/fixtures) did: ``written_here`` is the same training (seed, settings) run here, and their first
-    epochs' losses are equal to the last bit. CPUs of another kind (AVX-512 vs AVX2 kernels) round
+OLD_RUNS = sorted((REPO / "tests" / "fixtures").glob("before_checkpoint_package*"))
+"""Runs written by the trainer as it was before checkpointing became a package (55ec783), each stopped by
+SIGTERM after step 5: the same recipe on two kinds of machine, ``before_checkpoint_package`` on the CI
+machine of 2026-11-30 and ``before_checkpoint_package_amd_avx2`` on an AMD EPYC with AVX2 only."""
+
+
+def old_run(kind_folder: str, written_here: Path) -> tuple[Path, bool]:
+    """The copy in ``OLD_RUNS`` of the old run in ``kind_folder`` (``base_training``, ``lora_finetuning``)
+    written on a machine that computes as this one, and True; else the first copy, and False.
+
+    ``written_here`` is the same training (seed, settings) run here; a machine computes as another if the
+    first epochs' losses are equal to the last bit. CPUs of another kind (AVX-512 vs AVX2 kernels) round
     differently, so a run begun on one continues on the other equal only up to rounding: bit-identity across
     a resume is a promise about one kind of machine."""
-    first = [metadata(run)["history"][0] for run in (written_elsewhere, written_here)]
-    return all(first[0][key] == first[1][key] for key in ("train_loss", "val_loss"))
+    here = metadata(written_here)["history"][0]
+    for folder in OLD_RUNS:
+        there = metadata(folder / kind_folder / "run_001")["history"][0]
+        if all(there[key] == here[key] for key in ("train_loss", "val_loss")):
+            return folder / kind_folder, True
+    return OLD_RUNS[0] / kind_folder, False
 
 
 def train_lora(root: Path, *args: str, accelerate_config: str | None = "cpu_zero2", **kwargs: Any):

@@ -24,7 +24,6 @@ import pytest
 
 from tests.helpers import (
     EPOCHS,
-    REPO,
     assert_all_committed_intact,
     assert_bit_identical,
     assert_same_tensors,
@@ -32,8 +31,8 @@ from tests.helpers import (
     events,
     load_ckpt,
     metadata,
+    old_run,
     run_cli,
-    same_arithmetic,
     train_base,
 )
 
@@ -124,18 +123,17 @@ def test_run_killed_before_its_first_checkpoint_resumes_from_scratch(tiny_runs: 
 def test_a_run_written_before_the_checkpoint_package_resumes_bit_identically(
     reference: dict, tmp_path: Path
 ) -> None:
-    """tests/fixtures/before_checkpoint_package: written by the trainer as it was before checkpointing became
-    a package (2 processes, ZeRO-2, SIGTERM on rank 1 after step 5), the same training as `reference`.
-    Bit-identical on a machine that computes as the one that wrote it. Elsewhere, equal up to rounding: a lost
+    """Written by the trainer as it was before checkpointing became a package (2 processes, ZeRO-2, SIGTERM on
+    rank 1 after step 5; ``OLD_RUNS``), the same training as `reference`. Bit-identical where one of its
+    copies was written on a machine that computes as this one. Elsewhere, equal up to rounding: a lost
     optimizer state measures 2e-2 against the bound of 1e-4, but the tiny run's EMA (a half-life of one step)
     forgets what it was resumed with, so there only the bit-identical check would see the EMA's."""
-    fixture = REPO / "tests" / "fixtures" / "before_checkpoint_package" / "base_training"
+    fixture, exact = old_run("base_training", reference["run"])
     root = tmp_path / "checkpoints"
     shutil.copytree(fixture, root / "base_training")
     result = train_base(root, *EPOCHS, "--resume", "1")
     assert "Resuming run 001 from step 5 (epoch 2, step 2 of the epoch)" in result.stdout
     run = root / "base_training" / "run_001"
-    exact = same_arithmetic(fixture / "run_001", reference["run"])
     assert_bit_identical(run, reference["weights"], exact=exact)
     assert metadata(run)["status"] == "completed"
 

@@ -20,16 +20,15 @@ import torch
 
 from tests.fake_world import ThreadWorld, end_epoch, new_run, tiny_manager
 from tests.helpers import (
-    REPO,
     assert_close_tensors,
     assert_same_tensors,
     copy_runs,
     load_ckpt,
     lora_argv,
     metadata,
+    old_run,
     run_cli,
     run_script,
-    same_arithmetic,
     train_lora,
 )
 from trainer import load_model
@@ -171,21 +170,17 @@ def test_export_matches_the_adapted_model_and_loads_like_a_base_checkpoint(
 def test_a_lora_run_written_before_the_checkpoint_package_resumes_bit_identically(
     lora: dict, tmp_path: Path
 ) -> None:
-    """tests/fixtures/before_checkpoint_package: a LoRA run on the same base as run 001 here, written by the
-    trainer as it was before checkpointing became a package, stopped by SIGTERM after step 5. Bit-identical
-    to the straight run on a machine that computes as the one that wrote it; elsewhere, equal up to rounding."""
-    fixture = REPO / "tests" / "fixtures" / "before_checkpoint_package" / "lora_finetuning"
+    """A LoRA run on the same base as run 001 here, written by the trainer as it was before checkpointing became
+    a package, stopped by SIGTERM after step 5 (``OLD_RUNS``). Bit-identical to the straight run where one of
+    its copies was written on a machine that computes as this one; elsewhere, equal up to rounding."""
+    fixture, exact = old_run("lora_finetuning", lora["straight"])
     root = tmp_path / "checkpoints"
     shutil.copytree(fixture, root / "lora_finetuning")
     result = train_lora(root, "--resume", "1", "--epochs", "4")
     assert "Resuming run 001 from step 5 (epoch 2, step 2 of the epoch)" in result.stdout
     straight = load_ckpt(lora["straight"] / "lora_weights" / "epoch_004.ckpt")
     resumed = load_ckpt(root / "lora_finetuning" / "run_001" / "lora_weights" / "epoch_004.ckpt")
-    same = (
-        assert_same_tensors
-        if same_arithmetic(fixture / "run_001", lora["straight"])
-        else assert_close_tensors
-    )
+    same = assert_same_tensors if exact else assert_close_tensors
     same(straight["lora_state_dict"], resumed["lora_state_dict"])
     same(straight["ema_state_dict"], resumed["ema_state_dict"])
 
