@@ -318,7 +318,7 @@ class CheckpointManager:
             self._warn_unsaved(job)
 
     def _warn_unsaved(self, job: SaveJob) -> None:
-        """Every rank says what became of a save that failed while the run failed: the others may be gone."""
+        """Say what became of a failed save that ends the run: every rank says it, as the others may be gone."""
         fate = "is committed, but then" if job.outcome.get("committed") else "was not saved"
         print(f"warning: rank {self.topo.rank}: checkpoint {job.tag} {fate} ({job.outcome['error']})",
               file=sys.stderr, flush=True)  # fmt: skip
