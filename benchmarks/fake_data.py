@@ -10,7 +10,7 @@ from typing import Any
 def write_fake_cifar(root: Path, *, train_images: int, seed: int = 0) -> Path:
     """``root/cifar-10-batches-py`` with ``train_images`` random images over the 5 training files, an empty
     test split (no validation: the hand loop has none either), and ``root/cifar-100-python`` with 4 random
-    training images and 1 test image per fine class (for the LoRA run on the trees superclass)."""
+    training images per fine class and an empty test split (for the LoRA runs on the trees superclass)."""
     import numpy as np
 
     from data.cifar import CIFAR10_NAMES, CIFAR100_FINE_NAMES, CIFAR100_SUPERCLASSES
@@ -35,7 +35,7 @@ def write_fake_cifar(root: Path, *, train_images: int, seed: int = 0) -> Path:
     c100 = root / "cifar-100-python"
     c100.mkdir(parents=True, exist_ok=True)
     coarse = {f: c for c, name in enumerate(CIFAR100_SUPERCLASSES) for f in CIFAR100_SUPERCLASSES[name]}
-    for file, per_class in (("train", 4), ("test", 1)):
+    for file, per_class in (("train", 4), ("test", 0)):
         fine = [i % 100 for i in range(100 * per_class)]
         dump(c100 / file, {"data": images(len(fine)), "fine_labels": fine,
                            "coarse_labels": [coarse[CIFAR100_FINE_NAMES[i]] for i in fine]})  # fmt: skip

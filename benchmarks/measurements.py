@@ -14,7 +14,16 @@ from benchmarks.fake_data import write_fake_cifar
 from benchmarks.harness import median
 from benchmarks.launching import HAND_LOOP, Job, command, epoch_stamps, launch, time_sliced
 from benchmarks.runs import TrainerRun, trainer_run
-from benchmarks.settings import ASYNC_STEPS_PER_EPOCH, MODEL, REPS, SYNC_STEPS_PER_EPOCH, WRITE_REPS, Setup
+from benchmarks.settings import (
+    ASYNC_STEPS_PER_EPOCH,
+    LORA_EPOCHS,
+    LORA_STEPS_PER_EPOCH,
+    MODEL,
+    REPS,
+    SYNC_STEPS_PER_EPOCH,
+    WRITE_REPS,
+    Setup,
+)
 from trainer.runs.layout import RunLayout, epoch_tag
 
 
@@ -112,17 +121,43 @@ class Measurements:
         )
         return RunLayout.of(root, "base", 1).state_root / epoch_tag(1)
 
+    def lora_args(self, root: Path, *, steps: int, epochs: int, extra: tuple[str, ...] = ()) -> list[str]:
+        """``train_lora.py``'s flags: the synchronous run's model adapted on CIFAR-100 trees (the default
+        blockwise config), as ``trainer_args`` trains the base."""
+        args = ["--base-checkpoint", str(self.sync_run.path), "--data", "cifar100_trees_only",
+                "--set", f"data.root={self.data_root}", "--batch-size", str(self.setup.batch),
+                "--max-steps-per-epoch", str(steps), "--epochs", str(epochs), "--set", "warmup_steps=0",
+                "--set", "logging.sample_every_n_epochs=0", "--checkpoint-root", str(root)]  # fmt: skip
+        return args + list(extra)
+
     @cached_property
     def lora_run(self) -> RunLayout:
         """A LoRA run of one step on the synchronous run's model (CIFAR-100 trees; blockwise, the default)."""
         root = self.work / "lora"
-        args = ["--base-checkpoint", str(self.sync_run.path), "--data", "cifar100_trees_only",
-                "--set", f"data.root={self.data_root}", "--batch-size", str(self.setup.batch),
-                "--max-steps-per-epoch", "1", "--epochs", "1", "--set", "warmup_steps=0",
-                "--set", "logging.sample_every_n_epochs=0", "--checkpoint-root", str(root)]  # fmt: skip
         print("  train_lora.py: 1 step ...", flush=True)
-        launch(self.command("train_lora.py", args), self.logs / "lora.log")
+        launch(self.command("train_lora.py", self.lora_args(root, steps=1, epochs=1)), self.logs / "lora.log")
         return RunLayout.of(root, "lora", 1)
+
+    @cached_property
+    def lora_and_base_steps(self) -> tuple[TrainerRun, TrainerRun]:
+        """The lora-step figure's launches: LoRA and base training of the same model, batch and processes,
+        at once, taking turns (``time_sliced``); (the LoRA run, the base run), in running clock. Each saves
+        only after epoch 1 (its warm-up) and with its last epoch: the figure times training steps."""
+        s, steps, epochs = self.setup, LORA_STEPS_PER_EPOCH, LORA_EPOCHS
+        # a falling loss is never again the best in mode max: saved after epoch 1 (the best) and the last
+        saves = ("--set", "checkpoint.save_every_n_epochs=1000", "--set", "checkpoint.monitor=train_loss",
+                 "--set", "checkpoint.mode=max")  # fmt: skip
+        roots = (self.work / "lora_steps", self.work / "base_steps")
+        jobs = [
+            Job(self.command("train_lora.py", self.lora_args(roots[0], steps=steps, epochs=epochs, extra=saves)),
+                self.logs / "lora_steps.log", finite=True),
+            Job(self.command("train_base.py", self.trainer_args(roots[1], steps=steps, epochs=epochs, extra=saves)),
+                self.logs / "base_steps.log", finite=True),
+        ]  # fmt: skip
+        print(f"  train_lora.py and train_base.py ({epochs} epochs of {steps} steps), taking turns of "
+              f"{s.slice_seconds:g} s ...", flush=True)  # fmt: skip
+        lora, base = time_sliced(jobs, slice_seconds=s.slice_seconds)
+        return trainer_run(lora, roots[0], "lora"), trainer_run(base, roots[1])
 
     @cached_property
     def write_rates(self) -> tuple[list[float], list[float], float]:

@@ -74,8 +74,8 @@ class TrainerRun:
         return [s for s in self.saves if s.is_epoch]
 
 
-def trainer_run(result: Launch, root: Path) -> TrainerRun:
-    """The first base run under the checkpoint root ``root``, made by the launch ``result``."""
-    layout = RunLayout.of(root, "base", 1)
+def trainer_run(result: Launch, root: Path, kind: str = "base") -> TrainerRun:
+    """The first run of ``kind`` (base, lora) under the checkpoint root ``root``, made by the launch ``result``."""
+    layout = RunLayout.of(root, kind, 1)
     history = json.loads(layout.metadata.read_text())["history"]
     return TrainerRun(layout, epoch_stamps(result), read_saves(layout), history)

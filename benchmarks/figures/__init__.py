@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from benchmarks.figures import adapter, listing, merge, overhead, resume, stall, write
+from benchmarks.figures import adapter, listing, lora_step, merge, overhead, resume, stall, write
 from benchmarks.harness import Figure
 from benchmarks.measurements import Measurements
 
@@ -24,6 +24,7 @@ FIGURES: dict[str, FigureGroup] = {
     "write": write.measure,
     "merge": merge.measure,
     "adapter": adapter.measure,
+    "lora-step": lora_step.measure,
     "resume": resume.measure,
     "listing": listing.measure,
 }

@@ -1,0 +1,39 @@
+"""lora-step: a LoRA training step's time over a base training step's (LoRA / base), same model and batch.
+
+``scripts/train_lora.py`` (the default blockwise config: adapters on the transformer blocks' linear layers,
+the label embedding trained in full, lora dropout) adapting the synchronous run's ``diffit_cifar`` on
+CIFAR-100 trees, and ``scripts/train_base.py`` training the same model on CIFAR-10, with the same global
+batch and process count, EMA and logging. Both run at once taking turns (``time_sliced``), each on its own
+running clock, as the overhead figure's sides do; medians of the time between consecutive "Epoch N/M"
+lines over epochs 2..5 of 6 (epoch 1 warms up and is saved, epoch 6 ends in a save: the figure times the
+training steps, which the save figures do not). Neither has validation or sample grids.
+
+What bounds it: a LoRA step still runs the whole forward pass, plus the adapters' small matmuls and their
+dropout, and its backward pass still goes through every frozen layer for the input gradients; it saves
+the frozen weights' gradients (about half of a base backward pass), their optimizer and EMA updates. With a
+backward pass of about twice the forward, that bounds the ratio near (1 + 1) / (1 + 2) = 0.67 plus the
+adapters' cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from benchmarks.harness import BenchError, Figure, figure, median, spread
+from benchmarks.measurements import Measurements
+
+TARGET = ("<=", 0.85)
+
+
+def measure(m: Measurements) -> list[Figure]:
+    lora, base = m.lora_and_base_steps
+    steps = {run.history[-1]["global_step"] // len(run.history) for run in (lora, base)}
+    if len(steps) != 1:
+        raise BenchError(f"the LoRA and base runs' epochs differ in steps ({sorted(steps)}): not comparable")
+    timed = [[b - a for a, b in itertools.pairwise(run.epoch_stamps[1:-1])] for run in (lora, base)]
+    detail = (
+        f"epoch of {steps.pop()} steps x {m.setup.batch} images: LoRA {spread(timed[0])} vs base "
+        f"{spread(timed[1])}, taking turns of {m.setup.slice_seconds:g} s; {m.setup.describe()}"
+    )
+    return [figure(TARGET, "LoRA step / base step (same model, batch)", median(timed[0]) / median(timed[1]),
+                   detail)]  # fmt: skip
