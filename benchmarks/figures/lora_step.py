@@ -11,8 +11,10 @@ training steps, which the save figures do not). Neither has validation or sample
 What bounds it: a LoRA step still runs the whole forward pass, plus the adapters' small matmuls and their
 dropout, and its backward pass still goes through every frozen layer for the input gradients; it saves
 the frozen weights' gradients (about half of a base backward pass), their optimizer and EMA updates. With a
-backward pass of about twice the forward, that bounds the ratio near (1 + 1) / (1 + 2) = 0.67 plus the
-adapters' cost.
+backward pass of about twice the forward, that bounds the ratio in one process near (1 + 1) / (1 + 2) = 0.67
+plus the adapters' cost. With several processes, base training also reduces every weight's gradient (ZeRO-2
+all-reduces, ZeRO-3 reduce-scatters), LoRA only the adapters'; ZeRO-3's all-gathers of every weight in the
+forward and the backward pass are the same for both, which brings the ratio towards 1 as they dominate.
 """
 
 from __future__ import annotations
