@@ -20,6 +20,8 @@ from benchmarks.settings import (
     LORA_STEPS_PER_EPOCH,
     MODEL,
     REPS,
+    SAVE_INTERVAL_EPOCHS,
+    SAVE_INTERVALS,
     SYNC_STEPS_PER_EPOCH,
     WRITE_REPS,
     Setup,
@@ -79,6 +81,30 @@ class Measurements:
         runs = [trainer_run(result, root) for result, root in zip(launches[0::2], roots)]
         seconds = [b - a for result in launches[1::2] for a, b in itertools.pairwise(epoch_stamps(result))]
         return seconds, runs
+
+    @cached_property
+    def save_intervals(self) -> tuple[list[float], dict[int, TrainerRun]]:
+        """The save-interval figure's launches: a trainer run per interval in ``SAVE_INTERVALS``, saving in the
+        background every that many steps (and every epoch), and one hand-written loop, all at once, taking
+        turns (``time_sliced``). Returns (seconds per epoch of the hand loop, the runs by interval), in
+        running clock."""
+        s, epochs = self.setup, SAVE_INTERVAL_EPOCHS
+        jobs, roots = [], {}
+        for n in SAVE_INTERVALS:
+            roots[n] = self.work / f"every{n}"
+            extra = ("--set", "checkpoint.async_save=true", "--set", f"checkpoint.save_every_n_steps={n}")
+            args = self.trainer_args(roots[n], steps=s.steps, epochs=epochs, extra=extra)
+            jobs.append(Job(self.command("train_base.py", args), self.logs / f"every{n}.log", finite=True))
+        hand = hand_loop.command_args(
+            self.data_root, batch=s.batch, steps=s.steps, epochs=10 * len(jobs) * epochs
+        )
+        jobs.append(Job(self.command(HAND_LOOP, hand), self.logs / "hand_loop_intervals.log", finite=False))
+        print(f"  {len(SAVE_INTERVALS)} x train_base.py ({epochs} epochs of {s.steps} steps, a save every "
+              f"{', '.join(map(str, SAVE_INTERVALS))} steps) and a hand-written loop, taking turns of "
+              f"{s.slice_seconds:g} s ...", flush=True)  # fmt: skip
+        *launches, loop = time_sliced(jobs, slice_seconds=s.slice_seconds)
+        runs = {n: trainer_run(result, roots[n]) for n, result in zip(SAVE_INTERVALS, launches)}
+        return [b - a for a, b in itertools.pairwise(epoch_stamps(loop))], runs
 
     @property
     def baseline(self) -> list[float]:

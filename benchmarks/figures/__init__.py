@@ -12,7 +12,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from benchmarks.figures import adapter, listing, lora_step, merge, overhead, resume, stall, write
+from benchmarks.figures import (
+    adapter,
+    listing,
+    lora_step,
+    merge,
+    overhead,
+    resume,
+    save_interval,
+    stall,
+    write,
+)
 from benchmarks.harness import Figure
 from benchmarks.measurements import Measurements
 
@@ -21,6 +31,7 @@ FigureGroup = Callable[[Measurements], list[Figure]]
 FIGURES: dict[str, FigureGroup] = {
     "overhead": overhead.measure,
     "stall": stall.measure,
+    "save-interval": save_interval.measure,
     "write": write.measure,
     "merge": merge.measure,
     "adapter": adapter.measure,
