@@ -1,6 +1,6 @@
 """Sizes and repetitions of `make bench`, and ``Setup``: the part of them the command line may change.
 
-The defaults are sized so that `make bench` takes ~12 minutes on 2 CPU cores (measured; see results.md);
+The defaults are sized so that `make bench` takes ~16 minutes on 2 CPU cores (measured; see results.md);
 gpu.md has values for GPUs.
 """
 

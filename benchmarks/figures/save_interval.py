@@ -8,7 +8,7 @@ turns (``time_sliced``), each timed on its own running clock; medians of the tim
 "Epoch N/M" lines over the trainer runs' epochs 2..4 and over the hand loop's epochs. The value is the time
 the trainer adds per epoch over the hand loop's, as a fraction: the whole trainer overhead at that save
 frequency (CheckFreq bounds checkpoint overhead at 3.5%). Target: saving every 2 steps costs <= 3.5%; each
-point of the curve is printed, and which points are within 3.5% (a point moves by ±2% from run to run).
+point of the curve is printed, and which points are within 3.5% (a point moves by a few % from run to run).
 
 What bounds it: a save's snapshot blocks training (~0.04 s here), and its writing (serialization, sha256,
 fsync: ~0.6 s of CPU for 367 MB) runs on the second core meanwhile, competing with the training step for
@@ -31,7 +31,7 @@ def measure(m: Measurements) -> list[Figure]:
         n: [b - a for a, b in zip(run.epoch_stamps[1:], run.epoch_stamps[2:])] for n, run in runs.items()
     }
     cost = {n: median(times) / median(loop) - 1 for n, times in epochs.items()}
-    within = [str(n) for n in cost if cost[n] <= TARGET[1]]  # the points are ±2% apart run to run
+    within = [str(n) for n in cost if cost[n] <= TARGET[1]]  # a point moves by a few % from run to run
     crossing = f"at every {', '.join(within)} steps" if within else "at none of them"
     n, run = TARGET_INTERVAL, runs[TARGET_INTERVAL]
     detail = (
