@@ -10,8 +10,9 @@ Every figure is a ratio of two things measured in this run on this machine, each
 the listing time, which is bounded by reading metadata. The model is ``diffit_cifar`` (15.3 M parameters,
 61 MB of fp32 weights; a checkpoint with EMA, Adam moments and the merged file is 367 MB), so checkpoint
 I/O is far above noise. Data: a fake CIFAR-10 folder of random images in the official pickle layout,
-written here (no download). Except in the overhead figure, the sides of a ratio run one after the other,
-so run it on a quiet machine: other load during one side only moves the figure.
+written here (no download). Except in the overhead, save-interval and lora-step figures, whose sides take
+turns, the sides of a ratio run one after the other, so run it on a quiet machine: other load during one
+side only moves the figure.
 
 Saves are read from each run's ``logs/events.jsonl`` (one JSON line per finished save, written by the
 trainer), never from its stdout; stdout gives only the times of the "Epoch N/M" lines, stamped by this

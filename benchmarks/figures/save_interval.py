@@ -17,6 +17,8 @@ memory bandwidth; a save that is still being written when the next one is due ma
 
 from __future__ import annotations
 
+import itertools
+
 from benchmarks.harness import Figure, figure, median, spread
 from benchmarks.measurements import Measurements
 
@@ -27,9 +29,7 @@ TARGET_INTERVAL = 2
 
 def measure(m: Measurements) -> list[Figure]:
     loop, runs = m.save_intervals
-    epochs = {
-        n: [b - a for a, b in zip(run.epoch_stamps[1:], run.epoch_stamps[2:])] for n, run in runs.items()
-    }
+    epochs = {n: [b - a for a, b in itertools.pairwise(run.epoch_stamps[1:])] for n, run in runs.items()}
     cost = {n: median(times) / median(loop) - 1 for n, times in epochs.items()}
     within = [str(n) for n in cost if cost[n] <= TARGET[1]]  # a point moves by a few % from run to run
     crossing = f"at every {', '.join(within)} steps" if within else "at none of them"
