@@ -127,7 +127,7 @@ def test_a_run_written_before_the_checkpoint_package_resumes_bit_identically(
     rank 1 after step 5; ``OLD_RUNS``), the same training as `reference`. Bit-identical where one of its
     copies was written on a machine that computes as this one. Elsewhere, equal up to rounding: a lost
     optimizer state measures 2e-2 against the bound of 1e-4, but the tiny run's EMA (a half-life of one step)
-    forgets what it was resumed with, so there only the bit-identical check would see the EMA's."""
+    forgets what it was resumed with, so a lost EMA state shows only in the bit-identical check."""
     fixture, exact = old_run("base_training", reference["run"])
     root = tmp_path / "checkpoints"
     shutil.copytree(fixture, root / "base_training")
