@@ -93,7 +93,7 @@ def tiny_runs(tiny_runs_launched: TinyRuns) -> Path:
 
 
 SLOWEST_FIRST = (
-    "test_faults.py",  # 13 min (wall time in one worker of `make test` on 2 cores); launches `reference`
+    "test_faults.py",  # 13 min (wall time in one worker of `make test` on a slow 2-core day); launches `reference`
     "test_lora.py",  # 11 min; launches the shared tiny runs meanwhile
     "test_continuation.py",  # 10 min
     "test_preemption.py",  # 10 min
