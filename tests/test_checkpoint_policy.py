@@ -7,6 +7,7 @@ The run folders are fake (tiny torch.save dicts and empty state folders): no mod
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -355,11 +356,26 @@ def test_write_manifest_then_verify_detects_missing_truncated_and_altered_files(
 
     with open(files[1], "r+b") as f:  # same size, one byte changed
         f.write(b"X")
-    assert "sha256" in (verify(folder, loaded) or "")
+    assert "does not match the checksum (xxh3_128)" in (verify(folder, loaded) or "")
     os.truncate(files[1], 10)
     assert "has 10 bytes, 1000 were written" in (verify(folder, loaded) or "")
     files[1].unlink()
     assert verify(folder, loaded) == "state/epoch_001/shard.pt is missing"
+
+
+def test_manifests_of_earlier_versions_are_checked_with_the_sha256_they_recorded(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    ckpt = folder / "epoch_001.ckpt"
+    ckpt.write_bytes(b"0123456789" * 100)
+    old = {"bytes": 1000, "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+    manifest = Manifest("epoch_001", 1, 0, 3, 1, "single", files={"epoch_001.ckpt": old})
+    assert verify(folder, manifest) is None
+    with open(ckpt, "r+b") as f:
+        f.write(b"X")
+    assert "does not match the checksum (sha256)" in (verify(folder, manifest) or "")
+    manifest.files["epoch_001.ckpt"] = {"bytes": 1000, "md5": "0" * 32}
+    assert "its manifest is damaged: no checksum of a known algorithm" in (verify(folder, manifest) or "")
 
 
 def test_runs_without_manifests_are_adopted_not_deleted(tmp_path: Path) -> None:
@@ -397,7 +413,7 @@ def test_resume_point_falls_back_past_damaged_checkpoints_and_moves_them_aside(t
 
     assert point.manifest is not None and point.manifest.tag == "epoch_002"
     assert [(d["tag"], d["moved_to"]) for d in point.damaged] == [("epoch_003", "damaged/epoch_003")]
-    assert "sha256" in point.damaged[0]["reason"]
+    assert "checksum" in point.damaged[0]["reason"]
     moved = run / "damaged" / "epoch_003"
     assert names(moved) == {"manifests__epoch_003.json", "epoch_003.ckpt", "state__epoch_003"}
     assert [m.tag for m in checkpoints.committed()] == ["epoch_001", "epoch_002"]

@@ -1,4 +1,4 @@
-"""How a checkpoint's files are written: safetensors straight from the tensors, sha256 as the bytes go out
+"""How a checkpoint's files are written: safetensors straight from the tensors, checksums as the bytes go out
 (large blocks on a helper thread), fsync in the background, the merged file from the snapshot, and old
 checkpoints purged in the background. In-process, one process, a tiny model: the multi-process paths are
 tests/test_faults.py's and tests/test_base_training.py's.
@@ -6,7 +6,6 @@ tests/test_faults.py's and tests/test_base_training.py's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -38,7 +38,7 @@ def write_hashed(path: Path, write) -> tuple[int, str]:  # type: ignore[no-untyp
 
 def file_entry(path: Path) -> tuple[int, str]:
     data = path.read_bytes()
-    return len(data), hashlib.sha256(data).hexdigest()
+    return len(data), xxhash.xxh3_128(data).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def test_hashing_writer_hashes_large_and_small_blocks_in_order(tmp_path: Path) -
     blocks = [b"head", os.urandom(3 * HASH_ON_THREAD_BYTES), b"middle", os.urandom(HASH_ON_THREAD_BYTES), b""]
     path = tmp_path / "blocks.bin"
     entry = write_hashed(path, lambda f: [f.write(memoryview(b)) for b in blocks])
-    assert entry == (sum(map(len, blocks)), hashlib.sha256(b"".join(blocks)).hexdigest())
+    assert entry == (sum(map(len, blocks)), xxhash.xxh3_128(b"".join(blocks)).hexdigest())
     assert entry == file_entry(path)
 
 
@@ -122,7 +122,9 @@ def test_files_handed_to_the_flusher_are_on_disk_and_closed_after_wait(tmp_path:
         flusher.wait()
     for i, block in enumerate(blocks):
         assert (
-            entries[i] == file_entry(tmp_path / f"{i}.bin") == (len(block), hashlib.sha256(block).hexdigest())
+            entries[i]
+            == file_entry(tmp_path / f"{i}.bin")
+            == (len(block), xxhash.xxh3_128(block).hexdigest())
         )
 
 

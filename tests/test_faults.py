@@ -70,7 +70,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_epoch(reference: dic
     result = train_base(run.parent.parent, *EPOCHS, "--resume", "1")
 
     for tag, reason in (
-        ("epoch_004", "does not match the sha256"),
+        ("epoch_004", "does not match the checksum"),
         ("epoch_003", "bytes"),
         ("epoch_002", "is missing"),
     ):

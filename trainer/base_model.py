@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint.formats import load_checkpoint_file
-from trainer.checkpoint.manifest import sha256_file
+from trainer.checkpoint.io.checksums import sha256_file
 from trainer.config import ModelConfig, TrainConfig, from_dict
 from trainer.errors import UserError
 from trainer.runs.layout import DEFAULT_BASE, RunLayout, kind_root

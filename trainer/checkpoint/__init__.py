@@ -7,10 +7,10 @@
                          + peft export); load_checkpoint_file for any .ckpt of this trainer
     protocol.py          the commit order on rank 0: commit, publish (links, retention), discard, clean start,
                          resume point with fallback (damaged/)
-    manifest.py          manifests/<tag>.json: sizes and sha256 of a checkpoint's files, the commit record
+    manifest.py          manifests/<tag>.json: sizes and checksums of a checkpoint's files, the commit record
     retention.py         which committed checkpoints are kept, and why
-    io/                  atomic writes, hashing, fsync (atomic.py); safetensors (serialization.py); host
-                         staging of a background save's snapshot (staging.py)
+    io/                  atomic writes, fsync (atomic.py); the manifest's checksums (checksums.py); safetensors
+                         (serialization.py); host staging of a background save's snapshot (staging.py)
     sharding/            ZeRO shards merged to full tensors (zero_merge.py); the trained state by name,
                          gathered and scattered on any number of processes (full_state.py)
     deepspeed_compat.py  every touch of DeepSpeed internals, each version-checked

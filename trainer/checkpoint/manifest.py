@@ -1,7 +1,8 @@
 """Checkpoint manifests: the last file written for a checkpoint, and the proof that it is whole.
 
 A checkpoint (``epoch_003`` or, inside an epoch, ``step_0000042``) is *committed* when its manifest exists:
-``<checkpoint folder>/manifests/<tag>.json`` lists every file of the checkpoint with its size and sha256,
+``<checkpoint folder>/manifests/<tag>.json`` lists every file of the checkpoint with its size and checksum
+(``io/checksums.py``: XXH3-128; sha256 in manifests of earlier versions),
 plus the counters it was taken at. Anything without a manifest is an unfinished write; readers ignore it and
 the next start of the run removes it. Before a resume loads a checkpoint, ``verify`` re-reads every listed
 file: a missing, truncated or altered file makes the whole checkpoint damaged.
@@ -9,7 +10,6 @@ file: a missing, truncated or altered file makes the whole checkpoint damaged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -18,18 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint.io.atomic import atomic_write_json
+from trainer.checkpoint.io.checksums import ALGORITHM, file_digest, recorded
 from trainer.runs.layout import MANIFESTS as MANIFEST_DIR
 
 FORMAT = "diffit-trainer/manifest-v1"
-CHUNK = 4 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -43,7 +35,7 @@ class Manifest:
     world_size: int
     distributed: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Path relative to the checkpoint folder → ``{"bytes": int, "sha256": str}``."""
+    """Path relative to the checkpoint folder → ``{"bytes": int, "xxh3_128": str}`` (or ``"sha256"``)."""
     best: dict[str, Any] | None = None
     """The best epoch when the checkpoint was taken (``TrainState.best``), so that a listing knows it even
     when the process died before writing metadata.json."""
@@ -80,14 +72,14 @@ def write_manifest(
 ) -> None:
     """Record ``files`` (paths under ``folder``) in ``manifest`` and commit it atomically, fsynced.
 
-    ``known``: (bytes, sha256) of files hashed while they were written; the others are read and hashed."""
+    ``known``: (bytes, checksum) of files hashed while they were written; the others are read and hashed."""
     known = known or {}
     entries = {}
     for path in sorted(files):
         size, digest = known.get(path, (-1, ""))
         if size != path.stat().st_size:
-            size, digest = path.stat().st_size, sha256_file(path)
-        entries[str(path.relative_to(folder))] = {"bytes": size, "sha256": digest}
+            size, digest = path.stat().st_size, file_digest(path)
+        entries[str(path.relative_to(folder))] = {"bytes": size, ALGORITHM: digest}
     manifest.files = entries
     (folder / MANIFEST_DIR).mkdir(exist_ok=True)
     atomic_write_json(manifest_path(folder, manifest.tag), manifest.to_dict())
@@ -144,10 +136,10 @@ def committed_file(path: Path) -> bool:
 
 
 def verify(folder: Path, manifest: Manifest) -> str | None:
-    """None if every file of the checkpoint is present with its recorded size and sha256, else why not.
+    """None if every file of the checkpoint is present with its recorded size and checksum, else why not.
 
-    Sizes are checked first (cheap); the files are then hashed in parallel, one per core (hashlib releases
-    the GIL), since a resume waits for this."""
+    Sizes are checked first (cheap); the files are then hashed in parallel, one per core, since a resume
+    waits for this."""
     if not manifest.files:
         return "its manifest lists no files"
     for relative, expected in manifest.files.items():
@@ -158,9 +150,15 @@ def verify(folder: Path, manifest: Manifest) -> str | None:
         if size != expected["bytes"]:
             return f"{relative} has {size} bytes, {expected['bytes']} were written (truncated or overwritten)"
     relatives = list(manifest.files)
+    try:
+        expected = {relative: recorded(manifest.files[relative]) for relative in relatives}
+    except KeyError as e:
+        return f"its manifest is damaged: {e.args[0]}"
     with ThreadPoolExecutor(max_workers=min(len(relatives), os.cpu_count() or 1)) as pool:
-        digests = pool.map(sha256_file, [folder / r for r in relatives])
+        digests = pool.map(lambda r: file_digest(folder / r, expected[r][0]), relatives)
         for relative, digest in zip(relatives, digests):
-            if digest != manifest.files[relative]["sha256"]:
-                return f"{relative} does not match the sha256 recorded when it was written (the file was altered)"
+            algorithm, value = expected[relative]
+            if digest != value:
+                return (f"{relative} does not match the checksum ({algorithm}) recorded when it was written (the "
+                        "file was altered)")  # fmt: skip
     return None

@@ -1,7 +1,7 @@
 """The commit protocol: global rank 0's file work on a run's checkpoints, in the order that keeps every
 committed checkpoint whole through a crash or a full disk at any point.
 
-A checkpoint is *committed* by its manifest (``manifests/<tag>.json``: size and sha256 of every file),
+A checkpoint is *committed* by its manifest (``manifests/<tag>.json``: size and checksum of every file),
 written last:
   1. every file is written under a ``.tmp-`` name and renamed when complete (the format's job);
   2. ``commit``: the manifest is written (atomically, fsynced);

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.manifest import Manifest, sha256_file
+from trainer.checkpoint.io.checksums import sha256_file
+from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.protocol import CommitProtocol
 from trainer.request import RunRequest
 from trainer.runs.layout import KIND_FOLDERS, MANIFESTS, RunLayout, kind_root, run_dir

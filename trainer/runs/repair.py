@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint.io.atomic import atomic_write_json
-from trainer.checkpoint.manifest import Manifest, read_manifests, sha256_file, verify
+from trainer.checkpoint.io.checksums import sha256_file
+from trainer.checkpoint.manifest import Manifest, read_manifests, verify
 from trainer.runs.layout import RunLayout
 from trainer.runs.metadata import new_metadata, now, read_metadata, write_metadata
 from trainer.runs.store import RunError

@@ -18,7 +18,8 @@ from trainer.checkpoint.io.atomic import (
     make_read_only,
     remove_tmp_leftovers,
 )
-from trainer.checkpoint.manifest import committed_file, sha256_file
+from trainer.checkpoint.io.checksums import sha256_file
+from trainer.checkpoint.manifest import committed_file
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout, run_dir, run_number
 from trainer.runs.lock import RunLock

@@ -30,7 +30,7 @@ CKPT_FORMAT = "diffit-trainer/checkpoint-v1"
 """``format`` of every ``.ckpt`` file this trainer writes."""
 
 Hashes = dict[str, tuple[int, str]]
-"""File name → (bytes, sha256) of files hashed while they were written."""
+"""File name → (bytes, checksum) of files hashed while they were written."""
 
 
 @dataclass
@@ -70,7 +70,7 @@ class CheckpointFormat(Protocol):
         self, tag: str, snapshot: Snapshot, written: Hashes, progress: dict[str, Any],
         metrics: dict[str, float], before_publish: Callable[[Path], None],
     ) -> dict[Path, tuple[int, str]]:  # fmt: skip
-        """Rank 0, after every rank wrote its files. Returns (bytes, sha256) by final path of the files
+        """Rank 0, after every rank wrote its files. Returns (bytes, checksum) by final path of the files
         whose hashes are already known; may raise OSError (nothing of the tag counts until committed)."""
         ...
 

@@ -4,14 +4,13 @@ Every write goes to a temporary name in the same folder, is fsynced, renamed ove
 folder fsynced, so a power cut at any instant leaves one whole version. Temporary names start with
 ``.tmp-`` so a later start can recognise and remove leftovers.
 
-Checkpoint files are also hashed (sha256, for the manifest) as they are written, and made durable by a
+Checkpoint files are also hashed (``checksums.py``, for the manifest) as they are written, and made durable by a
 helper thread (``Flusher``) while the next file is written, so a save runs at about the disk's speed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
+
+from trainer.checkpoint.io.checksums import new_digest
 
 TMP_PREFIX = ".tmp-"
 
@@ -36,7 +37,7 @@ def tmp_path_for(path: Path) -> Path:
 
 
 class HashingWriter:
-    """A binary file wrapper that hashes (sha256) and counts what is written through it, so a checkpoint
+    """A binary file wrapper that hashes (``checksums.ALGORITHM``) and counts what is written through it, so a checkpoint
     file's manifest entry costs no second read of the file.
 
     With ``hash_on_thread``, a large block is hashed on a helper thread while this one writes it (both
@@ -47,7 +48,7 @@ class HashingWriter:
     def __init__(
         self, raw: IO[bytes], flusher: Flusher | None = None, *, hash_on_thread: bool = True
     ) -> None:
-        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+        self.raw, self.digest, self.size = raw, new_digest(), 0
         self.flusher = flusher
         self.hash_on_thread = hash_on_thread
 
@@ -89,7 +90,7 @@ class Flusher:
 
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
-        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum")
         """Hashes a large block while the writing thread writes it (threads start on first use)."""
         self._pending: list[Future[None]] = []
         self._unflushed = 0
@@ -138,7 +139,7 @@ def write_file(
 ) -> tuple[int, str]:
     """Write ``path`` through ``write(file)``, hashed as it goes (see ``HashingWriter``), and hand it to
     ``flusher`` to be made durable (the disk starts on it while it is being written). Returns its
-    (bytes, sha256)."""
+    (bytes, checksum)."""
     f = open(path, "wb")  # noqa: SIM115 (closed by the flusher once it is on disk)
     try:
         hashed = HashingWriter(f, flusher, hash_on_thread=hash_on_thread)
@@ -174,7 +175,7 @@ def atomic_write(
 ) -> tuple[int, str]:
     """Write ``path`` through ``write(file)`` so that readers see the old or the new file, never a part.
 
-    Returns the file's (bytes, sha256), computed as it was written (``hash_on_thread``: ``HashingWriter``).
+    Returns the file's (bytes, checksum), computed as it was written (``hash_on_thread``: ``HashingWriter``).
     ``before_publish(path)`` runs once the data is written, before it takes the final name (a fault point)."""
 
     def write_all(f: Any) -> None:
