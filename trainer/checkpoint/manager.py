@@ -299,6 +299,11 @@ class CheckpointManager:
             }
         )  # fmt: skip
 
+    @property
+    def staged_bytes(self) -> int:
+        """Host memory this rank keeps for background saves' snapshots (reused from one save to the next)."""
+        return self._staging.nbytes
+
     def epochs_on_disk(self) -> list[int]:
         """The committed epoch checkpoints (rank 0; other ranks get [])."""
         return self.protocol.epochs_on_disk() if self.topo.is_main else []

@@ -8,8 +8,9 @@ Files of a base run (``run_NNN/checkpoints/``), per tag (``epoch_NNN`` or ``step
                         slice (``ema_rankN.safetensors``) and RNG (``rng_rankN.pt``), and ``trainer_state.json``
                         (counters, history, world size, parameter shapes)
 Step checkpoints have no merged file. Every rank writes its files into ``state/.tmp-<tag>/``; rank 0 then
-renames the folder and writes the merged file (from the snapshot when every tensor is at hand, else merged
-from the shards just written).
+renames the folder. The merged file is written with the rest by a rank that holds every tensor of it
+(``_merged_writer``: without ZeRO-3 or half-precision weights, the last rank, which has the fewest files
+of its own), else merged by rank 0 from the shards just written.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class BaseFormat:
         topo.comm.barrier(what=f"the snapshot of {tag}")
         files: list[PendingFile] = []
         weights = None
+        merges = progress["step_in_epoch"] == 0 and self._merged_writer(states) == topo.rank
         if topo.deepspeed_stage is not None:  # DeepSpeed's own save, each file it writes held back
 
             def hold(state_dict: Any, path: str) -> None:
@@ -73,21 +75,39 @@ class BaseFormat:
 
             with compat.engine_file_hooks(states.model, save=hold):
                 states.model.save_checkpoint(str(self.state_root), tag=tmp.name, save_latest=False)
+            if merges:
+                weights = keep(unwrap_model(states.model).state_dict())
         elif topo.is_main:
             weights = keep(unwrap_model(states.model).state_dict())
             files.append(PendingFile(tmp / "model.safetensors", weights, write_safetensors))
             files.append(PendingFile(tmp / "optimizer.pt", keep(states.optimizer.state_dict()), torch.save))
-        ema = states.ema
+        ema, ema_state = states.ema, None
         if ema.partitioned or topo.is_main:  # unpartitioned EMA is identical on every rank
             ema_state = keep(ema.state_dict())
             files.append(PendingFile(tmp / f"ema_rank{topo.rank}.safetensors", ema_state, write_safetensors))
         files.append(PendingFile(tmp / f"rng_rank{topo.rank}.pt", states.rng.state_dict(), torch.save))
-        if weights is not None and not ema.partitioned and progress["step_in_epoch"] == 0:
+        if merges and weights is not None:
             # Every tensor of the merged file is at hand: write it with the rest, not from the files later.
-            merged = self._merged(weights, ema_state, progress, metrics)
+            full_ema = ema_state if ema_state is not None else keep(ema.state_dict())
+            merged = self._merged(weights, full_ema, progress, metrics)
             files.append(PendingFile(self._merged_tmp(tag), merged, torch.save))
         saved = self._trainer_state(progress, states) if topo.is_main else None
         return Snapshot(files, saved)
+
+    def _merged_writer(self, states: TrainingStates) -> int | None:
+        """The rank that writes an epoch's merged file from its snapshot, or None when no rank holds every
+        tensor of it (ZeRO-3 slices, or half-precision weights beside partitioned fp32 master weights): rank 0
+        then merges it from the files. Under ZeRO-1/2 with fp32 weights every rank holds them all, equal to
+        the master weights; the last rank writes it, as rank 0 already writes the most files."""
+        topo = self.topo
+        if states.ema.partitioned:
+            return None
+        if topo.deepspeed_stage is None:
+            return 0  # rank 0 writes the whole state
+        module = unwrap_model(states.model)
+        if topo.deepspeed_stage >= 3 or any(p.dtype != torch.float32 for p in module.parameters()):
+            return None
+        return topo.world_size - 1
 
     def finish(
         self, tag: str, snapshot: Snapshot, written: Hashes, progress: dict[str, Any],
