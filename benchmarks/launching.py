@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import psutil
+
 from benchmarks.harness import BenchError
 from tests.helpers import REPO, child_env, launch_command
 
@@ -123,6 +125,56 @@ def launch(cmd: list[str], log: Path, *, timeout: float = 900, env: dict[str, st
     return Launch(lines, log)
 
 
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group ``pgid``, if any process is left in it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _descendant_groups(pid: int) -> list[int]:
+    """The process groups of the processes ``pid`` has started, of those they have started, and so on
+    (none once it has exited)."""
+    groups = []
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(ProcessLookupError):
+                groups.append(os.getpgid(child.pid))
+    except psutil.NoSuchProcess:
+        pass
+    return list(dict.fromkeys(groups))
+
+
+def stop_tree(pid: int) -> list[int]:
+    """Stop (SIGSTOP) the process group of ``pid`` (``start_process`` made it lead one), then that of each
+    of its descendants; returns the descendants' groups.
+
+    ``accelerate launch`` starts torch elastic, which starts each worker in a session of its own: stopping
+    the launcher's group alone leaves the workers running. The launcher's group stops first, so that it
+    starts no new worker meanwhile; descendants are looked for again until a look finds no new group (a
+    worker may have started a session of its own before it was stopped).
+    """
+    _signal_group(pid, signal.SIGSTOP)
+    stopped: list[int] = []
+    while new := [g for g in _descendant_groups(pid) if g not in stopped and g != pid]:
+        for group in new:
+            _signal_group(group, signal.SIGSTOP)
+        stopped += new
+    return stopped
+
+
+def continue_tree(pid: int) -> None:
+    """Continue (SIGCONT) what ``stop_tree(pid)`` stopped: the descendants' groups, then the launcher's."""
+    for group in _descendant_groups(pid):
+        _signal_group(group, signal.SIGCONT)
+    _signal_group(pid, signal.SIGCONT)
+
+
+def kill_tree(pid: int) -> None:
+    """Kill (SIGKILL) the process group of ``pid`` and that of each of its descendants, stopped ones too."""
+    for group in [pid, *stop_tree(pid)]:
+        _signal_group(group, signal.SIGKILL)
+
+
 class Job(NamedTuple):
     """One process of ``time_sliced``."""
 
@@ -134,7 +186,8 @@ class Job(NamedTuple):
 
 class _Group:
     """The processes of ``time_sliced``: started stopped, let run one turn at a time, their stdout read by
-    one thread each and stamped with ``perf_counter``."""
+    one thread each and stamped with ``perf_counter``. A process is its whole tree (``stop_tree``): an
+    ``accelerate launch`` and its workers."""
 
     def __init__(self, jobs: list[Job]) -> None:
         self.jobs = jobs
@@ -146,7 +199,7 @@ class _Group:
     def start(self) -> None:
         for i, job in enumerate(self.jobs):
             self.procs.append(start_process(job.cmd, job.log))
-            os.killpg(self.procs[i].pid, signal.SIGSTOP)
+            stop_tree(self.procs[i].pid)
             self.readers.append(threading.Thread(target=self._read, args=(i,), daemon=True))
             self.readers[-1].start()
 
@@ -172,17 +225,15 @@ class _Group:
         if proc.poll() is not None:
             return
         start = time.perf_counter()
-        os.killpg(proc.pid, signal.SIGCONT)
+        continue_tree(proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(seconds)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGSTOP)
+        stop_tree(proc.pid)
         self.turns[i].append((start, time.perf_counter()))
 
     def end(self) -> None:
         for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # also ends a stopped group, and any orphaned workers
+            kill_tree(proc.pid)  # also ends stopped processes
             proc.wait()
         for reader in self.readers:
             reader.join()
