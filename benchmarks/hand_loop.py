@@ -22,14 +22,21 @@ if not __package__:  # run as a script: import from the checkout, and this folde
 from benchmarks.settings import BATCH, EPOCHS, HAND_LOOP_WARMUP_STEPS, MODEL, STEPS_PER_EPOCH  # noqa: E402
 
 
-def bench_overrides(data_root: Path, *, batch: int, steps: int, epochs: int) -> list[tuple[str, Any]]:
-    """The run both sides train: diffit_cifar on the fake CIFAR-10 folder."""
-    return [("model", MODEL), ("data", "cifar10"), ("data.root", str(data_root)), ("batch_size", batch),
+def bench_overrides(
+    data_root: Path, *, batch: int, steps: int, epochs: int, model: str = MODEL
+) -> list[tuple[str, Any]]:
+    """The run both sides train: diffit_cifar (or ``model``) on the fake CIFAR-10 folder."""
+    return [("model", model), ("data", "cifar10"), ("data.root", str(data_root)), ("batch_size", batch),
             ("max_steps_per_epoch", steps), ("epochs", epochs)]  # fmt: skip
 
 
-def prepare(data_root: Path, *, batch: int, steps: int, epochs: int) -> tuple[Any, ...]:
-    """(config, data splits, accelerator, model, optimizer): what the trainer builds, built plainly."""
+def prepare(
+    data_root: Path, *, batch: int, steps: int, epochs: int, model_name: str = MODEL,
+    model_overrides: list[tuple[str, Any]] | None = None, deepspeed: dict[str, Any] | None = None,
+) -> tuple[Any, ...]:  # fmt: skip
+    """(config, data splits, accelerator, model, optimizer): what the trainer builds, built plainly;
+    ``model_overrides``: config keys set after the model's (``("model.time_dim", 1024)``); ``deepspeed``:
+    further keys of the DeepSpeed config, if DeepSpeed is on."""
     import torch
 
     from launch import build_accelerator, configure_deepspeed
@@ -39,7 +46,8 @@ def prepare(data_root: Path, *, batch: int, steps: int, epochs: int) -> tuple[An
 
     config: TrainConfig = build_config(
         CONFIG_DIR / "training" / "base_training.yaml",
-        bench_overrides(data_root, batch=batch, steps=steps, epochs=epochs),
+        bench_overrides(data_root, batch=batch, steps=steps, epochs=epochs, model=model_name)
+        + list(model_overrides or []),
     )
     splits = load_data(config)
     resolve_model_against_data(config, splits)
@@ -47,6 +55,8 @@ def prepare(data_root: Path, *, batch: int, steps: int, epochs: int) -> tuple[An
     configure_deepspeed(
         accelerator, micro_batch=batch // accelerator.num_processes, grad_clip=config.grad_clip
     )
+    if deepspeed and accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(deepspeed)
     torch.manual_seed(config.seed)
     model = build_model(config)
     betas = (config.betas[0], config.betas[1])
@@ -57,6 +67,17 @@ def prepare(data_root: Path, *, batch: int, steps: int, epochs: int) -> tuple[An
     return config, splits, accelerator, model, optimizer
 
 
+def batch_loss(
+    config: Any, model: Any, images: Any, labels: Any, generator: Any, share: tuple[int, int]
+) -> Any:
+    """The EDM loss of this rank's ``share`` of a batch, as the trainer computes it."""
+    from model import edm_loss
+
+    return edm_loss(model, images, labels, num_classes=int(config.model.num_classes or 0),
+                    label_dropout=config.model.label_dropout, generator=generator, p_mean=config.edm.p_mean,
+                    p_std=config.edm.p_std, sigma_data=config.edm.sigma_data, share=share)  # fmt: skip
+
+
 def hand_loop(data_root: Path, *, batch: int, steps: int, epochs: int, warmup_steps: int) -> None:
     """The simplest loop that trains the same model on the same batches: ``warmup_steps`` steps, then
     ``epochs`` epochs of ``steps`` steps. Rank 0 prints "Epoch 0/N: warm-up" after the warm-up and
@@ -64,7 +85,6 @@ def hand_loop(data_root: Path, *, batch: int, steps: int, epochs: int, warmup_st
     import torch
 
     from data.order import epoch_order
-    from model import edm_loss
 
     config, splits, accelerator, model, optimizer = prepare(
         data_root, batch=batch, steps=steps, epochs=epochs
@@ -80,11 +100,8 @@ def hand_loop(data_root: Path, *, batch: int, steps: int, epochs: int, warmup_st
         for step in range(steps if epoch else warmup_steps):
             indices, flips = order.for_rank(step % order.steps, rank, world)  # warm-up may wrap around
             images, labels = splits.train.batch(indices, flips)
-            loss = edm_loss(model, images.to(accelerator.device), labels.to(accelerator.device),
-                            num_classes=int(config.model.num_classes or 0),
-                            label_dropout=config.model.label_dropout, generator=generator,
-                            p_mean=config.edm.p_mean, p_std=config.edm.p_std, sigma_data=config.edm.sigma_data,
-                            share=(rank, world))  # fmt: skip
+            loss = batch_loss(config, model, images.to(accelerator.device), labels.to(accelerator.device),
+                              generator, share=(rank, world))  # fmt: skip
             accelerator.backward(loss)
             if not deepspeed:  # DeepSpeed clips inside its step
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -69,7 +69,7 @@ def table(figures: list[Figure]) -> str:
     return "\n".join(lines)
 
 
-def markdown(figures: list[Figure], context: dict[str, str]) -> str:
+def markdown(figures: list[Figure], context: dict[str, str], notes: list[str] | None = None) -> str:
     out = [
         "# Performance ratios",
         "",
@@ -83,4 +83,6 @@ def markdown(figures: list[Figure], context: dict[str, str]) -> str:
         "|---|---|---|---|---|",
     ]
     out += ["| " + " | ".join(c.replace("|", "/") for c in f.row()) + " |" for f in figures]
+    for note in notes or []:
+        out += ["", note]
     return "\n".join(out) + "\n"

@@ -30,6 +30,10 @@ from tests.helpers import REPO, child_env, launch_command
 
 HAND_LOOP = REPO / "benchmarks" / "hand_loop.py"
 """The baseline's script (``benchmarks/hand_loop.py``)."""
+PEER_TIMINGS = REPO / "benchmarks" / "peer_timings.py"
+"""The peers figure's script (``benchmarks/peer_timings.py``)."""
+SCALE_TIMINGS = REPO / "benchmarks" / "scale_timings.py"
+"""The scaling figures' script (``benchmarks/scale_timings.py``)."""
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+): ")
 """The line the trainer and the hand loop print after each epoch (rank 0)."""
 

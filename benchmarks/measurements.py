@@ -4,15 +4,28 @@ in a scratch folder (``Measurements``)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import shutil
 import time
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from benchmarks import hand_loop
 from benchmarks.fake_data import write_fake_cifar
 from benchmarks.harness import median
-from benchmarks.launching import HAND_LOOP, Job, command, epoch_stamps, launch, time_sliced
+from benchmarks.launching import (
+    HAND_LOOP,
+    PEER_TIMINGS,
+    SCALE_TIMINGS,
+    Job,
+    command,
+    epoch_stamps,
+    launch,
+    time_sliced,
+)
 from benchmarks.runs import TrainerRun, trainer_run
 from benchmarks.settings import (
     ASYNC_STEPS_PER_EPOCH,
@@ -24,9 +37,25 @@ from benchmarks.settings import (
     SAVE_INTERVALS,
     SYNC_STEPS_PER_EPOCH,
     WRITE_REPS,
+    ZERO_OVERHEAD_EPOCHS,
+    ZERO_OVERHEAD_ROUNDS,
     Setup,
 )
+from trainer.checkpoint.manifest import read_manifests
 from trainer.runs.layout import RunLayout, epoch_tag
+
+
+class Interleaved(NamedTuple):
+    """An overhead figure's launches: ``setup.rounds`` trainer runs of ``setup.epochs`` epochs and as many
+    hand-written loops, all at once, taking turns (``time_sliced``), timed in running clock."""
+
+    loop: list[float]
+    """Seconds per epoch of the hand loops (no epoch limit that they reach: they run until the trainer
+    runs have ended)."""
+    runs: list[TrainerRun]
+    """The trainer's runs."""
+    setup: Setup
+    """How both sides were launched."""
 
 
 class Measurements:
@@ -37,6 +66,13 @@ class Measurements:
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.data_root = write_fake_cifar(work / "datasets", train_images=setup.batch * setup.steps)
+        self._runs: dict[str, dict[str, Any]] = {}
+        self.notes: list[str] = []
+        """Markdown sections figures add to results.md (tables beside their rows)."""
+        self.plots: dict[str, Path] = {}
+        """Plots figures drew in the scratch folder, by the name they get in docs/."""
+        """Launches made on demand, by key (``peer_timings``, ``scale_run``)."""
+        self._overhead: dict[Setup, Interleaved] = {}
 
     def command(self, script: str | Path, args: list[str]) -> list[str]:
         """A training-side launch (``scripts/<script>``, or ``HAND_LOOP``) as ``setup`` says."""
@@ -58,29 +94,43 @@ class Measurements:
         result = launch(self.command("train_base.py", args), self.logs / f"{name}.log")
         return trainer_run(result, root)
 
-    @cached_property
-    def interleaved(self) -> tuple[list[float], list[TrainerRun]]:
-        """The overhead figure's launches: ``rounds`` trainer runs and as many hand loops, all at once,
-        taking turns (``time_sliced``), so that a machine that speeds up or slows down meanwhile moves
-        both sides alike.
+    @property
+    def interleaved(self) -> Interleaved:
+        """The overhead figure's launches, as ``setup`` says."""
+        return self.overhead_runs(self.setup)
 
-        Returns (seconds per epoch of the hand-written loops, the trainer's runs), in running clock. The
-        hand loops have no epoch limit that they reach: they run until the trainer runs have ended."""
-        s = self.setup
+    def zero_overhead(self, config: str) -> Interleaved:
+        """The zero-overhead figure's launches: both sides on 2 processes under
+        ``configs/accelerate/<config>.yaml``, ``ZERO_OVERHEAD_ROUNDS`` trainer runs of ``ZERO_OVERHEAD_EPOCHS``
+        epochs; the batch (global), steps and turns are ``setup``'s."""
+        s = replace(self.setup, accelerate_config=config, num_processes=2, rounds=ZERO_OVERHEAD_ROUNDS,
+                    epochs=ZERO_OVERHEAD_EPOCHS)  # fmt: skip
+        return self.overhead_runs(s)
+
+    def overhead_runs(self, s: Setup) -> Interleaved:
+        """``s.rounds`` trainer runs of ``s.epochs`` epochs of ``s.steps`` steps and as many hand loops, both
+        launched as ``s`` says, all at once, taking turns (``time_sliced``), so that a machine that speeds up
+        or slows down meanwhile moves both sides alike. Made once per setup."""
+        if s in self._overhead:
+            return self._overhead[s]
+        name = "" if s == self.setup else f"{s.accelerate_config}_{s.num_processes}p_"  # folders and logs
         extra = ("--set", "checkpoint.async_save=true", "--set", "logging.trackers=[tensorboard]")
         hand = hand_loop.command_args(self.data_root, batch=s.batch, steps=s.steps, epochs=10 * s.epochs)
         jobs, roots = [], []
         for i in range(1, s.rounds + 1):
-            roots.append(self.work / f"async{i}")
+            roots.append(self.work / f"{name}async{i}")
             args = self.trainer_args(roots[-1], steps=s.steps, epochs=s.epochs, extra=extra)
-            jobs.append(Job(self.command("train_base.py", args), self.logs / f"async{i}.log", finite=True))
-            jobs.append(Job(self.command(HAND_LOOP, hand), self.logs / f"hand_loop_{i}.log", finite=False))
+            cmd = command("train_base.py", args, s.accelerate_config, s.num_processes)
+            jobs.append(Job(cmd, self.logs / f"{name}async{i}.log", finite=True))
+            cmd = command(HAND_LOOP, hand, s.accelerate_config, s.num_processes)
+            jobs.append(Job(cmd, self.logs / f"{name}hand_loop_{i}.log", finite=False))
         print(f"  {s.rounds} x train_base.py ({s.epochs} epochs of {s.steps} steps) and {s.rounds} hand-written "
-              f"loops, taking turns of {s.slice_seconds:g} s ...", flush=True)  # fmt: skip
+              f"loops, {s.describe()}, taking turns of {s.slice_seconds:g} s ...", flush=True)  # fmt: skip
         launches = time_sliced(jobs, slice_seconds=s.slice_seconds)
         runs = [trainer_run(result, root) for result, root in zip(launches[0::2], roots)]
         seconds = [b - a for result in launches[1::2] for a, b in itertools.pairwise(epoch_stamps(result))]
-        return seconds, runs
+        self._overhead[s] = Interleaved(seconds, runs, s)
+        return self._overhead[s]
 
     @cached_property
     def save_intervals(self) -> tuple[list[float], dict[int, TrainerRun]]:
@@ -109,13 +159,13 @@ class Measurements:
     @property
     def baseline(self) -> list[float]:
         """Seconds per epoch of the hand-written loop."""
-        return self.interleaved[0]
+        return self.interleaved.loop
 
     @property
     def trainer_runs(self) -> list[TrainerRun]:
         """The trainer as users run it (async saves every epoch, progress bar, tensorboard logging), timed
         in running clock: the overhead figure's runs."""
-        return self.interleaved[1]
+        return self.interleaved.runs
 
     @cached_property
     def step_seconds(self) -> float:
@@ -184,6 +234,47 @@ class Measurements:
               f"{s.slice_seconds:g} s ...", flush=True)  # fmt: skip
         lora, base = time_sliced(jobs, slice_seconds=s.slice_seconds)
         return trainer_run(lora, roots[0], "lora"), trainer_run(base, roots[1])
+
+    def peer_timings(self, config: str, model: str = MODEL) -> dict[str, Any]:
+        """The peers figure's launches under ``configs/accelerate/<config>.yaml``: ``peer_timings.py save``
+        on 2 processes, then ``resume`` on 1; their records (``save``, ``resume``), each made once."""
+        key = f"peers-{config}-{model}"
+        if key not in self._runs:
+            work, logs = self.work / f"peers_{key}", self.logs / f"peers_{key}"
+            args = [str(self.data_root), str(work), "--model", model, "--batch-size", str(self.setup.batch)]
+            print(f"  peer_timings.py ({model}): saves and loads on 2 processes ({config}), then loads on 1 ...",
+                  flush=True)  # fmt: skip
+            launch(command(PEER_TIMINGS, ["save", *args], config, num_processes=2), Path(f"{logs}_save.log"))
+            launch(
+                command(PEER_TIMINGS, ["resume", *args], config, num_processes=1), Path(f"{logs}_resume.log")
+            )
+            self._runs[key] = {p: json.loads((work / f"{p}.json").read_text()) for p in ("save", "resume")}
+        return self._runs[key]
+
+    def scale_run(self, width: int, config: str | None) -> dict[str, Any]:
+        """The scaling figures' launch of diffit_cifar widened ``width`` times, in one process (``config``
+        None) or on 2 under ``configs/accelerate/<config>.yaml``, each made once: every rank's record of
+        ``scale_timings.py`` (``ranks``), and under ZeRO the merges of its last synchronous save's shards
+        (``merge_seconds`` by merge, ``merge_peak`` and ``merged_bytes``). Its files are removed after."""
+        key = f"scale-w{width}-{config or 'single'}"
+        if key not in self._runs:
+            work = self.work / key
+            args = [str(self.data_root), str(work), "--width", str(width)]
+            processes = 2 if config else None
+            where = f"2 processes ({config})" if config else "one process"
+            print(f"  scale_timings.py: diffit_cifar x{width}, {where} ...", flush=True)
+            launch(command(SCALE_TIMINGS, args, config, processes), self.logs / f"{key}.log", timeout=1800)
+            ranks = [json.loads(p.read_text()) for p in sorted(work.glob("scale_rank*.json"))]
+            record: dict[str, Any] = {"ranks": ranks}
+            if config:
+                layout = RunLayout.of(work / "sync", "base", 1)
+                tag = read_manifests(layout.checkpoints)[-1].tag
+                from benchmarks.figures.merge import merge_costs
+
+                record.update(merge_costs(layout.state_root / tag, self.logs / f"{key}_merge.log"))
+            shutil.rmtree(work, ignore_errors=True)
+            self._runs[key] = record
+        return self._runs[key]
 
     @cached_property
     def write_rates(self) -> tuple[list[float], list[float], float]:

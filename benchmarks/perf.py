@@ -1,4 +1,4 @@
-"""Performance benchmarks as side-by-side ratios (issue 7): `make bench`.
+"""Performance benchmarks as side-by-side ratios: `make bench`.
 
     python benchmarks/perf.py                      # every figure; prints the table, writes benchmarks/results.md
     python benchmarks/perf.py --only stall,write   # some figures (the runs they need are made too)
@@ -6,13 +6,15 @@
     python benchmarks/perf.py --flops              # training FLOPs per image of the model (for MFU, gpu.md)
 
 Every figure is a ratio of two things measured in this run on this machine, each timed side the median of
->= 5 repetitions after a warm-up (sizes are measured once), never an absolute time; the one exception is
-the listing time, which is bounded by reading metadata. The model is ``diffit_cifar`` (15.3 M parameters,
-61 MB of fp32 weights; a checkpoint with EMA, Adam moments and the merged file is 367 MB), so checkpoint
-I/O is far above noise. Data: a fake CIFAR-10 folder of random images in the official pickle layout,
-written here (no download). Except in the overhead, save-interval and lora-step figures, whose sides take
-turns, the sides of a ratio run one after the other, so run it on a quiet machine: other load during one
-side only moves the figure.
+repetitions after a warm-up (5 or more; 3 for the peers, 2 per size for the scale figures, whose saves
+write up to 6 GB each; sizes are measured once), never an absolute time; the one exception is the listing
+time, which is bounded by reading metadata. The model is ``diffit_cifar`` (15.3 M parameters, 61 MB of
+fp32 weights; a checkpoint with EMA, Adam moments and the merged file is 367 MB), so checkpoint I/O is far
+above noise; the scale figures widen it to 61 M and 244 M. Data: a fake CIFAR-10 folder of random images
+in the official pickle layout, written here (no download). In the overhead, zero-overhead, save-interval
+and lora-step figures the sides' processes take turns, and the peers figure's sides take turns in the same
+processes; elsewhere the sides of a ratio run one after the other, so run it on a quiet machine: other
+load during one side only moves the figure.
 
 Saves are read from each run's ``logs/events.jsonl`` (one JSON line per finished save, written by the
 trainer), never from its stdout; stdout gives only the times of the "Epoch N/M" lines, stamped by this
@@ -86,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-processes", type=int, help="with --accelerate-config: accelerate's --num_processes"
     )
     parser.add_argument("--zero-config", default="cpu_zero2", metavar="NAME", help="ZeRO-2 accelerate config of the "
-                        "merge run, launched with 2 processes (default cpu_zero2; multi_gpu_zero2 on GPUs)")  # fmt: skip
+                        "runs on 2 processes (merge, peers, zero-overhead, scale; default cpu_zero2; multi_gpu_zero2 "
+                        "on GPUs)")  # fmt: skip
+    parser.add_argument("--zero3-config", default="cpu_zero3", metavar="NAME", help="ZeRO-3 accelerate config of the "
+                        "peers and zero-overhead runs (default cpu_zero3; multi_gpu_zero3 on GPUs)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=BATCH, help=f"global batch (default {BATCH})")
     parser.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH,
                         help=f"steps per epoch of the overhead runs (default {STEPS_PER_EPOCH})")  # fmt: skip
@@ -117,25 +122,33 @@ def checked(args: argparse.Namespace) -> tuple[list[str], Setup]:
     if args.slice_seconds <= 0:
         raise SystemExit("error: --slice-seconds must be positive")
     setup = Setup(args.batch_size, args.steps_per_epoch, args.epochs, args.accelerate_config, args.num_processes,
-                  args.zero_config, args.rounds, args.slice_seconds)  # fmt: skip
+                  args.zero_config, args.zero3_config, args.rounds, args.slice_seconds)  # fmt: skip
     return wanted, setup
 
 
-def measure(wanted: list[str], setup: Setup, *, keep: bool, start: float) -> list[Figure]:
-    """The figures ``wanted``, measured in a scratch folder under demo_output/ (kept only with ``keep``)."""
+def measure(
+    wanted: list[str], setup: Setup, *, keep: bool, record: bool, start: float
+) -> tuple[list[Figure], list[str]]:
+    """The figures ``wanted``, measured in a scratch folder under demo_output/ (kept only with ``keep``),
+    and the markdown notes they add to results.md; with ``record``, the plots they drew go to docs/."""
     (REPO / "demo_output").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="perf_", dir=REPO / "demo_output"))
     print(f"Scratch folder: {work}", flush=True)
     figures: list[Figure] = []
+    notes: list[str] = []
     try:
         m = Measurements(work, setup)
+        notes = m.notes
         for key in wanted:
             print(f"[{time.perf_counter() - start:5.0f} s] {key}", flush=True)
             figures += FIGURES[key](m)
+        for name, path in m.plots.items() if record else ():
+            shutil.copyfile(path, REPO / "docs" / name)
+            print(f"Wrote docs/{name}")
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    return figures
+    return figures, notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         context = {"note": args.note, **context}
     start, load_at_start = time.perf_counter(), load_average()
-    figures = measure(wanted, setup, keep=args.keep, start=start)
+    figures, notes = measure(wanted, setup, keep=args.keep, record=not args.no_record, start=start)
     context["load average (1, 5, 15 min)"] = f"{load_at_start} at the start, {load_average()} at the end"
     context["wall time of the whole benchmark"] = f"{time.perf_counter() - start:.0f} s"
     print("\n" + table(figures))
     print(f"\nWall time: {time.perf_counter() - start:.0f} s")
     if not args.no_record:
-        RESULTS.write_text(markdown(figures, context))
+        RESULTS.write_text(markdown(figures, context, notes))
         print(f"Wrote {RESULTS.relative_to(REPO)}")
     return 0 if all(f.passed is not False for f in figures) else 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results.md"
@@ -26,6 +27,12 @@ LORA_STEPS_PER_EPOCH = 5  # the lora-step figure's epochs: every training image 
 LORA_EPOCHS = 6  # per side of the lora-step figure: epochs 2..5 are timed (1 warms up, 6 ends in a save)
 SAVE_INTERVALS = (1, 2, 5, 10)  # the save-interval figure's curve: a background save every N steps
 SAVE_INTERVAL_EPOCHS = 4  # per trainer launch of that figure: epochs 2..4 are timed
+PEER_REPS = 3  # repetitions of each peer's save and load after a warm-up, in one launch (~2 min per config)
+ZERO_OVERHEAD_ROUNDS = 1  # trainer launches per config of that figure, each run beside a hand-loop launch
+ZERO_OVERHEAD_EPOCHS = 4  # per trainer launch of that figure: epochs 2..4 are timed
+SCALE_WIDTHS = (1, 2, 4)  # the scale figure: diffit_cifar widened 1, 2, 4 x (15.3 M, 61 M, 244 M
+#                           parameters), in one process and on 2 under ZeRO-2
+SCALE_REPS = 2  # saves of each kind per size, after a warm-up (a 244 M save writes ~6 GB)
 REPS = 5  # repetitions after one warm-up, for everything timed
 WRITE_REPS = 10  # for the write figure: a shared disk's speed varies by ±20% from one write to the next
 LISTED_RUNS = 1000
@@ -43,14 +50,28 @@ class Setup:
     num_processes: int | None = None
     """accelerate launch --num_processes (overrides the config's)."""
     zero_config: str = "cpu_zero2"
-    """The ZeRO-2 config of the merge run (always launched with 2 processes)."""
+    """The ZeRO-2 config of the runs on 2 processes: the merge, peers, zero-overhead and scale figures'."""
+    zero3_config: str = "cpu_zero3"
+    """The ZeRO-3 config of the peers and zero-overhead figures' runs on 2 processes."""
     rounds: int = ROUNDS
     """Trainer launches of the overhead figure (``epochs`` each), and as many hand-loop launches."""
     slice_seconds: float = SLICE_SECONDS
     """How long each of the overhead figure's processes runs at a turn."""
+
+    def zero_configs(self) -> dict[str, str]:
+        """The ZeRO configs of the runs on 2 processes, by the stage the figures name."""
+        return {"ZeRO-2": self.zero_config, "ZeRO-3": self.zero3_config}
 
     def describe(self) -> str:
         if self.accelerate_config is None:
             return "one process (python)"
         n = f", {self.num_processes} processes" if self.num_processes else ""
         return f"accelerate launch {self.accelerate_config}{n}"
+
+
+def widened(width: int) -> list[tuple[str, Any]]:
+    """Config overrides that widen diffit_cifar (channels [128, 256, 256], time embedding 512) ``width`` times:
+    parameters grow about ``width**2`` times. Width 1 overrides nothing (any model as configured)."""
+    if width == 1:
+        return []
+    return [("model.channels", [128 * width, 256 * width, 256 * width]), ("model.time_dim", 512 * width)]

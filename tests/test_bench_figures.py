@@ -1,22 +1,24 @@
-"""What `make bench`'s timed-in-turns figures compute from their launches, on made-up epoch timings."""
+"""What `make bench`'s figures compute from their launches' records, on made-up timings."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from benchmarks.figures import lora_step, save_interval
+from benchmarks.figures import lora_step, overhead, peers, save_interval, scale, zero_overhead
 from benchmarks.harness import BenchError
+from benchmarks.measurements import Interleaved
 from benchmarks.settings import Setup
 
 
 def run(stamps: list[float], steps_per_epoch: int = 5, blocked: float = 0.04) -> Any:
     """A trainer run as ``benchmarks/runs.py`` reads it: its epoch lines' times, saves and history."""
     history = [{"global_step": steps_per_epoch * (i + 1)} for i in range(len(stamps))]
-    return SimpleNamespace(epoch_stamps=stamps, saves=[SimpleNamespace(blocked_seconds=blocked)] * 3,
-                           history=history)  # fmt: skip
+    saves = [SimpleNamespace(blocked_seconds=blocked, nbytes=370e6)] * 3
+    return SimpleNamespace(epoch_stamps=stamps, saves=saves, history=history)
 
 
 def test_save_interval_is_the_cost_over_the_hand_loop_after_the_first_epoch() -> None:
@@ -41,3 +43,75 @@ def test_lora_step_times_the_epochs_between_the_first_and_the_last() -> None:
         lora_step.measure(
             SimpleNamespace(setup=Setup(), lora_and_base_steps=(lora, run(base.epoch_stamps, 6)))
         )  # type: ignore[arg-type]
+
+
+def test_zero_overhead_is_the_hand_loops_epoch_over_the_trainers_after_its_first_for_each_config() -> None:
+    def sides(config: str, trainer_epochs: tuple[float, ...]) -> Interleaved:
+        # the trainer's epoch 1 (with its start-up) ends at 40 s; the epochs after it are timed
+        stamps = [40.0 + sum(trainer_epochs[:i]) for i in range(len(trainer_epochs) + 1)]
+        setup = replace(Setup(), accelerate_config=config, num_processes=2, rounds=1, epochs=len(stamps))
+        return Interleaved([9.0, 10.0, 11.0, 10.0], [run(stamps)], setup)
+
+    launches = {
+        "cpu_zero2": sides("cpu_zero2", (10.5, 10.0, 10.2)),
+        "cpu_zero3": sides("cpu_zero3", (12.5, 11.0, 13.0)),
+    }
+    m = SimpleNamespace(setup=Setup(), zero_overhead=launches.__getitem__)
+    zero2, zero3 = zero_overhead.measure(m)  # type: ignore[arg-type]
+    assert Setup().zero_configs() == {"ZeRO-2": "cpu_zero2", "ZeRO-3": "cpu_zero3"}
+    assert zero2.name == "trainer overhead, 2 processes ZeRO-2 (img/s trainer / hand loop)"
+    assert zero2.value == pytest.approx(10.0 / 10.2) and zero2.passed
+    assert zero3.value == pytest.approx(10.0 / 12.5) and zero3.passed is False
+    assert (
+        "hand loop 10 s (9-11, n=4) (4.00 img/s) vs train_base.py 10.2 s (10-10.5, n=3) (3.92 img/s)"
+        in zero2.detail
+    )
+    assert zero3.detail.endswith("accelerate launch cpu_zero3, 2 processes")
+    # the one-process figure computes the same from its own launches
+    (one,) = overhead.measure(SimpleNamespace(interleaved=launches["cpu_zero2"]))  # type: ignore[arg-type]
+    assert one.value == zero2.value and one.detail == zero2.detail
+
+
+def test_peers_compare_ours_with_the_fastest_peer_after_the_warm_up() -> None:
+    save = {"ours": [9.0, 2.0, 2.2, 1.8], "accelerate": [9.0, 1.0, 1.1, 0.9], "dcp": [9.0, 4.0, 4.0, 4.0]}
+    records = {
+        "save": {"times": {"save": save, "blocked": {"ours": [1.0, 0.1, 0.1], "dcp": [1.0, 0.4, 0.5]},
+                           "load": {"ours": [5.0, 1.0, 1.0], "deepspeed": [5.0, 2.0, 2.0]}},
+                 "bytes": {"ours": 4e8, "accelerate": 3e8}, "deepspeed_async": "no async_io op"},
+        "resume": {"times": {"reshard": {"ours": [3.0, 1.0], "deepspeed": [9.0, 6.0], "dcp": [3.0, 2.0]}}},
+    }  # fmt: skip
+    m = SimpleNamespace(peer_timings=lambda config: records)
+    durable, blocked, load, reshard = peers.measure_config(m, "ZeRO-2", "cpu_zero2")  # type: ignore[arg-type]
+    assert durable.name == "durable save, 2 proc ZeRO-2 (ours / accelerate save_state)"
+    assert (
+        durable.value == pytest.approx(2.0) and durable.passed is False
+    )  # medians 2.0 vs 1.0, warm-up dropped
+    assert "bytes: ours 400 MB, accelerate save_state 300 MB" in durable.detail
+    assert blocked.value == pytest.approx(0.1 / 0.45) and "no async_io op" in blocked.detail
+    assert load.value == pytest.approx(0.5) and load.passed
+    assert reshard.value == pytest.approx(1 / 6) and "DCP's resharding load 2 s" in reshard.detail
+
+
+def test_scale_rows_divide_each_cost_by_its_floor_and_figures_show_the_worst_size() -> None:
+    def rank(rss_training: float, staged: float, rss_saving: float, memcpy: float) -> dict[str, Any]:
+        times = {"blocked": {"ours": [9.0, 0.3, 0.3]}, "memcpy": {"seconds": [9.0, memcpy, memcpy]},
+                 "write": {"seconds": [9.0, 2.0, 2.0], "bytes": [1e9, 1e9, 1e9]},
+                 "plain": {"seconds": [9.0, 1.5, 1.5]}}  # fmt: skip
+        return {"times": times, "parameters": 61e6, "rss_training": rss_training, "staged_bytes": staged,
+                "rss_saving": rss_saving}  # fmt: skip
+
+    record = {"ranks": [rank(4e9, 1e9, 5e9, 0.2), rank(4e9, 1e9, 5.5e9, 0.25)],
+              "merge_seconds": {"ours": [0.5, 0.6], "deepspeed": [1.0, 1.2]},
+              "merge_peak": {"ours": 1.5e9, "deepspeed": 3e9}, "merged_bytes": 1e9}  # fmt: skip
+    (row, *_) = scale.per_size(SimpleNamespace(scale_run=lambda *_: record), "cpu_zero2")  # type: ignore[arg-type]
+    assert row["snapshot"] == pytest.approx(0.3 / 0.25)  # the slower rank's memcpy
+    assert row["efficiency"] == pytest.approx(1.5 / 2.0)
+    assert row["memory"] == pytest.approx(5.5 / 5.0)  # the worst rank
+    assert row["merge"] == pytest.approx(0.55 / 1.1) and row["merge_memory"] == pytest.approx(1.5)
+    small = {**row, "parameters": 15e6, "efficiency": 0.95, "memory": 1.0}
+    snapshot, write, memory, merge, merge_memory = scale.figures_of("2 proc ZeRO-2", [small, row])
+    assert snapshot.value == pytest.approx(1.2) and snapshot.passed
+    assert write.value == pytest.approx(0.75) and write.passed is False  # the worst size
+    assert memory.value == pytest.approx(1.1) and memory.passed
+    assert merge.value == pytest.approx(0.5) and merge_memory.value == pytest.approx(1.5)
+    assert write.detail.startswith("15M: ") and "; 61M: 500 vs 667 MB/s (1000 MB)" in write.detail

@@ -18,10 +18,13 @@ from benchmarks.figures import (
     lora_step,
     merge,
     overhead,
+    peers,
     resume,
     save_interval,
+    scale,
     stall,
     write,
+    zero_overhead,
 )
 from benchmarks.harness import Figure
 from benchmarks.measurements import Measurements
@@ -30,12 +33,15 @@ FigureGroup = Callable[[Measurements], list[Figure]]
 
 FIGURES: dict[str, FigureGroup] = {
     "overhead": overhead.measure,
+    "zero-overhead": zero_overhead.measure,
     "stall": stall.measure,
     "save-interval": save_interval.measure,
     "write": write.measure,
     "merge": merge.measure,
     "adapter": adapter.measure,
     "lora-step": lora_step.measure,
+    "peers": peers.measure,
+    "scale": scale.measure,
     "resume": resume.measure,
     "listing": listing.measure,
 }

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import BenchError, Figure, figure, median, spread
+from benchmarks.launching import bench_env
 from benchmarks.measurements import Measurements
-from benchmarks.settings import REPS
+from benchmarks.settings import REPO, REPS, SCALE_REPS
 
 TARGET = ("<=", 1.0)
 
@@ -45,16 +48,23 @@ def check_equal(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
         )
 
 
-def measure(m: Measurements) -> list[Figure]:
-    folder = m.zero_run
-    merge = merges(folder)
-    check_equal(merge["ours"](), merge["deepspeed"]())  # also the warm-up
+def alternated(merge: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
+    """Seconds of ``reps`` runs of each merge, alternated, starting with each in turn, so that drift hits
+    both alike."""
     times: dict[str, list[float]] = {name: [] for name in merge}
-    for rep in range(REPS):  # alternated, starting with each in turn, so drift hits both alike
+    for rep in range(reps):
         for name in list(merge) if rep % 2 == 0 else list(merge)[::-1]:
             start = time.perf_counter()
             merge[name]()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def measure(m: Measurements) -> list[Figure]:
+    folder = m.zero_run
+    merge = merges(folder)
+    check_equal(merge["ours"](), merge["deepspeed"]())  # also the warm-up
+    times = alternated(merge, REPS)
     shards = sum(p.stat().st_size for p in folder.glob("*.pt"))
     detail = (
         f"{shards / 1e6:.0f} MB of ZeRO-2 shards from 2 processes: merge_zero_shards {spread(times['ours'])} "
@@ -62,3 +72,38 @@ def measure(m: Measurements) -> list[Figure]:
     )
     ratio = median(times["ours"]) / median(times["deepspeed"])
     return [figure(TARGET, "merge cost (ours / DeepSpeed zero_to_fp32)", ratio, detail)]
+
+
+MERGE_PEAK = """
+import re, sys
+from pathlib import Path
+from benchmarks.figures.merge import merges
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+merge = merges(Path(sys.argv[1]))[sys.argv[2]]
+before = kib("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current RSS
+state = merge()
+print((kib("VmHWM") - before) * 1024, sum(t.numel() * t.element_size() for t in state.values()))
+"""
+"""A merge alone in a process (Linux): (peak resident memory it added, bytes of the merged state)."""
+
+
+def merge_costs(folder: Path, log: Path) -> dict[str, Any]:
+    """Seconds of each merge of the ZeRO state ``folder`` (``merges``: ours, DeepSpeed's; equal results),
+    alternated, ``SCALE_REPS`` each after a warm-up; and the peak memory each adds, in a process of its own."""
+    merge = merges(folder)
+    check_equal(merge["ours"](), merge["deepspeed"]())  # also the warm-up
+    seconds = alternated(merge, SCALE_REPS)
+    peaks, merged = {}, 0
+    for name in merge:
+        with open(log, "a") as err:
+            out = subprocess.run([sys.executable, "-c", MERGE_PEAK, str(folder), name], cwd=REPO, text=True,
+                                 env=bench_env(), stdout=subprocess.PIPE, stderr=err, check=True).stdout  # fmt: skip
+        peak, merged = (int(x) for x in out.split()[-2:])
+        peaks[name] = peak
+    return {
+        "merge_seconds": seconds,
+        "merge_peak": peaks,
+        "merged_bytes": merged,
+    }

@@ -10,7 +10,7 @@ the trainer adds per epoch over the hand loop's, as a fraction: the whole traine
 frequency (CheckFreq bounds checkpoint overhead at 3.5%). Target: saving every 2 steps costs <= 3.5%; each
 point of the curve is printed, and which points are within 3.5% (a point moves by a few % from run to run).
 
-What bounds it: a save's snapshot blocks training (~0.04 s here), and its writing (serialization, sha256,
+What bounds it: a save's snapshot blocks training (~0.04 s here), and its writing (serialization, checksums,
 fsync: ~0.6 s of CPU for 367 MB) runs on the second core meanwhile, competing with the training step for
 memory bandwidth; a save that is still being written when the next one is due makes the loop wait.
 """

@@ -1,7 +1,7 @@
 """write: checkpoint write rate over a plain fsynced file's (checkpoint MB/s / plain file MB/s).
 
 Checkpoint bytes (every file of the save, as the run's ``logs/events.jsonl`` records them) ÷ the duration of
-a synchronous save (``write_seconds``: snapshot, serialisation, writes, fsyncs, merged file, sha256 manifest,
+a synchronous save (``write_seconds``: snapshot, serialisation, writes, fsyncs, merged file, checksums and manifest,
 last/best links, retention), over the bytes/s of writing as many bytes to one plain file in the same folder
 and fsyncing it (``dd conv=fsync``-like, 16 MiB blocks from memory). Medians of 10 saves and 10 plain
 writes: a shared disk's speed varies by ±20% from one write to the next.

@@ -1,0 +1,163 @@
+"""The peers' checkpoint code, written as each library's documentation shows it, so that a reader can check
+that the peers figure (``benchmarks/figures/peers.py``) is fair. Nothing here is used by the trainer.
+
+    Accelerate   ``accelerator.save_state(folder)`` / ``load_state(folder)``, the EMA registered with
+                 ``accelerator.register_for_checkpointing`` (Accelerate's "Checkpointing" guide)
+    DeepSpeed    ``engine.save_checkpoint(root, tag, client_state={"ema": ...})`` / ``load_checkpoint(root,
+                 tag)``; a universal checkpoint for another number of processes: ``ds_to_universal`` on the
+                 saved tag, then ``load_checkpoint`` with ``"checkpoint": {"load_universal": true}`` in the
+                 DeepSpeed config (DeepSpeed's "Universal Checkpointing" tutorial)
+    torch DCP    a model sharded with FSDP2 (``fully_shard``: DeepSpeed ZeRO's counterpart in torch) and
+                 AdamW; ``get_state_dict``, ``dcp.save`` / ``dcp.async_save`` / ``dcp.load``,
+                 ``set_state_dict`` (torch's "Getting Started with Distributed Checkpoint" and "Asynchronous
+                 Saving with DCP" recipes). Without CUDA there is no pinned memory: ``async_save`` stages the
+                 state in plain host memory (its default stager), then writes it in a thread.
+
+Every peer saves the same state as the trainer: the weights, AdamW's moments and an EMA of the weights.
+A save counts as done when its bytes are on disk: ``durable`` fsyncs every file and folder it wrote (DCP
+and the trainer fsync as they write; ``torch.save``, which Accelerate and DeepSpeed use, does not).
+DeepSpeed's own background saves (its "decoupled" and "fast" checkpoint engines) need its ``async_io`` op,
+which needs libaio and is not built on a CPU-only machine (``async_io_unavailable`` says why).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def durable(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (one process does it for all: one page cache)."""
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- Accelerate -------------------------------------------------------------------------------------------
+
+
+def accelerate_save(accelerator: Any, folder: Path) -> None:
+    """Model, optimizer, RNG and every object registered with ``register_for_checkpointing``."""
+    accelerator.save_state(str(folder))
+
+
+def accelerate_load(accelerator: Any, folder: Path) -> None:
+    accelerator.load_state(str(folder))
+
+
+# -- DeepSpeed --------------------------------------------------------------------------------------------
+
+
+def deepspeed_save(engine: Any, root: Path, tag: str, ema: Any) -> None:
+    engine.save_checkpoint(str(root), tag=tag, client_state={"ema": ema.state_dict()})
+
+
+def deepspeed_load(engine: Any, root: Path, tag: str, ema: Any | None) -> None:
+    """``ema``: None for a universal checkpoint, which converts the weights and optimizer only (an EMA in
+    ``client_state`` is one process's: under ZeRO-3, its slice, which fits no other number of processes)."""
+    _, client_state = engine.load_checkpoint(str(root), tag=tag)
+    if ema is not None:
+        ema.load_state_dict(client_state["ema"])
+
+
+def to_universal(root: Path, tag: str, universal_tag: str) -> None:
+    """DeepSpeed's conversion of a saved tag to a universal checkpoint (``ds_to_universal.py``), with the
+    flag its tutorial gives for models that are not Megatron's (``--inject_missing_state``)."""
+    import contextlib
+    import io
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    argv = ["ds_to_universal", "--input_folder", str(root / tag), "--output_folder", str(root / universal_tag),
+            "--inject_missing_state"]  # fmt: skip
+    saved, sys.argv = sys.argv, argv
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # one line per parameter
+            ds_to_universal.main(ds_to_universal.parse_arguments())
+    finally:
+        sys.argv = saved
+
+
+def async_io_unavailable() -> str | None:
+    """Why DeepSpeed's background checkpoint engines cannot run here, or None if they can."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return (
+        "DeepSpeed's decoupled and fast checkpoint engines need its async_io op (libaio), not available here"
+    )
+
+
+# -- torch.distributed.checkpoint, with FSDP2 --------------------------------------------------------------
+
+
+def fsdp2(module: torch.nn.Module, *, reshard_after_forward: bool) -> torch.nn.Module:
+    """``module`` sharded as FSDP2's documentation shows: each block (every item of a ``ModuleList``), then
+    the root. Resharding after the
+    forward pass is ZeRO-3's way; keeping the parameters gathered until the backward pass, ZeRO-2's."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [
+        block for child in module.modules() if isinstance(child, torch.nn.ModuleList) for block in child
+    ]
+    for block in reversed(blocks):  # inner blocks before the blocks that hold them
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, reshard_after_forward=reshard_after_forward)
+    return module
+
+
+def dcp_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Any]
+) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state, "ema": ema}
+
+
+def dcp_save(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Any], folder: Path
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(dcp_state(model, optimizer, ema), checkpoint_id=str(folder))
+
+
+def dcp_async_save(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Any], folder: Path,
+    cpu_group: Any = None,
+) -> Future[Any]:  # fmt: skip
+    """Returns once the state is staged in host memory; the future completes when it is written.
+    ``cpu_group``: a gloo process group, which ``async_save`` needs when the default one is NCCL's."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.async_save(
+        dcp_state(model, optimizer, ema), checkpoint_id=str(folder), process_group=cpu_group
+    )
+
+
+def dcp_load(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Any], folder: Path
+) -> None:
+    """In place, on any number of processes (DCP reshards as it reads)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = dcp_state(model, optimizer, ema)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

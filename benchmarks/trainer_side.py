@@ -1,0 +1,111 @@
+"""The trainer's checkpointing inside a benchmark's own launched script: the model and optimizer prepared by
+Accelerate and DeepSpeed as the trainer prepares them, the trainer's EMA, counters and RNG registered in
+its ``TrainingStates``, and its ``CheckpointManager`` and ``BaseFormat``, built as ``trainer/loop.py``
+builds them (``TrainerSide``). Used by ``peer_timings.py`` and ``scale_timings.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.hand_loop import batch_loss, prepare
+
+EPOCH_END = {"metrics": {"train_loss": 1.0}, "is_best": False}
+"""What the trainer's loop passes to ``maybe_save`` at an epoch's end (no validation here)."""
+
+
+class TrainerSide:
+    """One launch's trainer state, after ``train_step``s; ``times`` collects what ``timed`` measured."""
+
+    def __init__(
+        self, data_root: Path, work: Path, *, batch: int, model: str, overrides: list[tuple[str, Any]] | None = None,
+        deepspeed: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        from launch import topology
+        from trainer.checkpoint.formats.base import unwrap_model
+        from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
+        from trainer.ema import EMA
+
+        self.config, self.splits, self.accelerator, self.engine, optimizer = prepare(
+            data_root, batch=batch, steps=1, epochs=1, model_name=model, model_overrides=overrides,
+            deepspeed=deepspeed,
+        )  # fmt: skip
+        acc, config = self.accelerator, self.config
+        self.rank, self.world, self.batch = acc.process_index, acc.num_processes, batch
+        self.is_main, self.work = acc.is_main_process, work
+        self.topo = topology(acc)
+        module = unwrap_model(self.engine)
+        self.ema = EMA(module.named_parameters(), halflife_kimg=config.ema_halflife_kimg,
+                       rampup_ratio=config.ema_rampup_ratio, rank=self.rank, world_size=self.world)  # fmt: skip
+        self.states = TrainingStates(self.engine, optimizer, self.ema, TrainState(), RNGState(config.seed))
+        self.times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def batch_of(self, step: int) -> tuple[Any, Any]:
+        """This rank's share of the global batch ``step`` of epoch 1."""
+        from data.order import epoch_order
+
+        config, device = self.config, self.accelerator.device
+        order = epoch_order(len(self.splits.train), self.batch, seed=config.seed, epoch=1, random_flip=False)
+        images, labels = self.splits.train.batch(*order.for_rank(step % order.steps, self.rank, self.world))
+        return images.to(device), labels.to(device)
+
+    def train_step(self, step: int = 0) -> None:
+        """One optimizer step and EMA update of the trainer's model."""
+        import torch
+
+        images, labels = self.batch_of(step)
+        generator = torch.Generator(self.accelerator.device).manual_seed(step)
+        loss = batch_loss(self.config, self.engine, images, labels, generator, (self.rank, self.world))
+        self.accelerator.backward(loss)
+        self.states.optimizer.step()
+        self.states.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(images_seen=(step + 1) * self.batch, batch_size=self.batch)
+
+    def next_epoch(self) -> None:
+        """Move the counters on by an epoch, as the loop does before its epoch-end save."""
+        progress = self.states.progress
+        progress.global_step += 1
+        progress.end_epoch({"epoch": progress.epoch + 1, "train_loss": 1.0, "checkpoint": None})
+
+    def manager(self, name: str, *, async_save: bool) -> Any:
+        """The trainer's checkpoint manager of a run of its own (``WORK/<name>/base_training/run_001``)."""
+        from trainer.checkpoint.formats.base import BaseFormat
+        from trainer.checkpoint.manager import CheckpointManager
+        from trainer.config import CheckpointConfig
+        from trainer.runs.layout import RunLayout
+        from trainer.runs.metadata import RunHandle, new_metadata, write_metadata
+        from trainer.trackers import Trackers
+
+        layout = RunLayout.of(self.work / name, "base", 1)
+        if self.is_main and not layout.metadata.is_file():
+            for folder in layout.new_folders():
+                folder.mkdir(parents=True, exist_ok=True)
+            write_metadata(layout.path, new_metadata(number=1, kind="base", experiment=name, dataset="cifar10",
+                           num_classes=10, world_size=self.world, distributed=self.topo.distributed))  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        fmt = BaseFormat(layout, self.topo, self.config.to_dict())
+        policy = CheckpointConfig(async_save=async_save, keep_last_n=1)
+        run = RunHandle(layout, is_main=self.is_main)
+        return CheckpointManager(layout, fmt, self.topo, self.states, policy, run=run, trackers=Trackers())
+
+    def timed(self, kind: str, name: str, action: Callable[[], Any]) -> Any:
+        """``action()`` between two barriers of every process; this process's seconds are recorded."""
+        self.accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        result = action()
+        self.accelerator.wait_for_everyone()
+        self.times[kind][name].append(time.perf_counter() - start)
+        return result
+
+    def record(self, name: str, *, every_rank: bool = False, **extra: Any) -> None:
+        """Write ``times`` and ``extra`` to WORK/<name>.json (rank 0), or WORK/<name>_rank<R>.json (each)."""
+        if self.is_main or every_rank:
+            times = {kind: dict(sides) for kind, sides in self.times.items()}
+            out = {"world_size": self.world, "distributed": self.topo.distributed, "times": times, **extra}
+            path = self.work / (f"{name}_rank{self.rank}.json" if every_rank else f"{name}.json")
+            path.write_text(json.dumps(out, indent=1))
