@@ -5,7 +5,7 @@
 
 The model is diffit_cifar widened ``--width`` times (``settings.widened``: 15.3 M, 61 M and 244 M parameters
 for widths 1, 2 and 4), trained one image per process per step, on the trainer's own states and checkpoint
-manager (``TrainerSide``). After 2 training steps, every process records:
+manager (``TrainerSide``). After a training step, every process records:
 
 - ``rss_training``: its peak resident memory so far (training, no save yet);
 - ``blocked``: per background save (``async_save``), seconds until training could go on; each save is then
@@ -17,8 +17,8 @@ manager (``TrainerSide``). After 2 training steps, every process records:
   ``logs/events.jsonl``) and bytes, each followed by one plain fsynced file of as many bytes in the same
   folder (``measurements.plain_write_seconds``).
 
-The first of each is a warm-up. Each process writes WORK/scale_rank<R>.json; the run folder of the
-synchronous saves (WORK/sync/...) is kept for the merge figures.
+The first background save and memcpy are a warm-up. Each process writes WORK/scale_rank<R>.json; the run
+folder of the synchronous saves (WORK/sync/...) is kept for the merge figures.
 """
 
 from __future__ import annotations
@@ -69,17 +69,18 @@ def background_saves(side: TrainerSide, reps: int) -> dict[str, int]:
         side.next_epoch()
         side.timed("blocked", "ours", lambda: manager.maybe_save("epoch", **EPOCH_END))
         manager.close()
-    side.train_step(2)
+    side.train_step(1)
     return {"staged_bytes": manager.staged_bytes, "rss_saving": peak_rss()}
 
 
 def synchronous_saves(side: TrainerSide, reps: int) -> None:
-    """``reps`` + 1 synchronous saves, each followed (rank 0) by a plain fsynced file of as many bytes."""
+    """``reps`` synchronous saves (the background saves warmed the process up), each followed (rank 0) by a
+    plain fsynced file of as many bytes."""
     from benchmarks.measurements import plain_write_seconds
     from benchmarks.runs import read_saves
 
     manager = side.manager("sync", async_save=False)
-    for _ in range(reps + 1):
+    for _ in range(reps):
         side.next_epoch()
         manager.maybe_save("epoch", **EPOCH_END)
         if side.is_main:
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     side = TrainerSide(
         args.data_root, args.work, batch=batch, model=args.model, overrides=widened(args.width)
     )
-    for step in range(2):
-        side.train_step(step)
+    side.train_step(0)  # allocates the gradients and AdamW's moments: training's steady state
     rss_training = peak_rss()
     memory = background_saves(side, args.reps)
     device, staged = side.accelerator.device, memory["staged_bytes"]

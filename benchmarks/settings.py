@@ -1,6 +1,6 @@
 """Sizes and repetitions of `make bench`, and ``Setup``: the part of them the command line may change.
 
-The defaults are sized so that `make bench` takes ~16 minutes on 2 CPU cores (measured; see results.md);
+The defaults are sized so that `make bench` takes at most 30 minutes on 2 CPU cores (see results.md);
 gpu.md has values for GPUs.
 """
 
@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results.md"
 
 MODEL = "diffit_cifar"
-BATCH = 4  # global batch; one diffit_cifar step at batch 4 takes ~2.6 s on one CPU core
-STEPS_PER_EPOCH = 10  # ~27 s epochs, each ending in a ~370 MB checkpoint (a far heavier save load than a
-#                       real run's: a CIFAR-10 epoch is 390 steps at batch 128)
+BATCH = 4  # global batch; one diffit_cifar step at batch 4 takes ~1.8 s on one core of a 2-core AMD EPYC VM
+STEPS_PER_EPOCH = 8  # ~15 s epochs, each ending in a ~370 MB checkpoint (a far heavier save load than a
+#                      real run's: a CIFAR-10 epoch is 390 steps at batch 128)
 EPOCHS = 4  # per trainer launch of the overhead figure: epoch 1 is the warm-up, epochs 2..4 repetitions
 ROUNDS = 2  # trainer launches of the overhead figure (6 repetitions), each run beside a hand-loop launch
 SLICE_SECONDS = 1.0  # the overhead figure's processes take turns of this long (``time_sliced``)

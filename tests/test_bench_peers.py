@@ -62,7 +62,7 @@ def test_the_scaling_script_measures_saves_memory_and_merges_on_two_processes(tm
     assert len(ranks) == 2 and all(
         r["staged_bytes"] > 0 and r["rss_saving"] >= r["rss_training"] for r in ranks
     )
-    assert len(ranks[0]["times"]["write"]["seconds"]) == len(ranks[0]["times"]["plain"]["seconds"]) == 2
+    assert len(ranks[0]["times"]["write"]["seconds"]) == len(ranks[0]["times"]["plain"]["seconds"]) == 1
     assert record["merged_bytes"] > 0 and set(record["merge_peak"]) == {"ours", "deepspeed"}
     rows = scale.per_size(SimpleNamespace(scale_run=lambda *_: record), "cpu_zero2")  # type: ignore[arg-type]
     names = [f.name for f in scale.figures_of("2 proc ZeRO-2", rows)]

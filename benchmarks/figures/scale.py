@@ -42,15 +42,13 @@ def per_size(m: Measurements, config: str | None) -> list[dict[str, Any]]:
         run = m.scale_run(width, config)
         ranks, main = run["ranks"], run["ranks"][0]
         times = main["times"]
-        write_rate = median(
-            [b / s for b, s in zip(warm(times["write"]["bytes"]), warm(times["write"]["seconds"]))]
-        )
-        nbytes = median(warm(times["write"]["bytes"]))
+        write_rate = median([b / s for b, s in zip(times["write"]["bytes"], times["write"]["seconds"])])
+        nbytes = median(times["write"]["bytes"])
         row = {
             "parameters": main["parameters"], "checkpoint_bytes": nbytes, "staged_bytes": main["staged_bytes"],
             "blocked": median(warm(times["blocked"]["ours"])),
             "memcpy": max(median(warm(r["times"]["memcpy"]["seconds"])) for r in ranks),
-            "write": nbytes / write_rate, "plain": median(warm(times["plain"]["seconds"])),
+            "write": nbytes / write_rate, "plain": median(times["plain"]["seconds"]),
             "memory": max(r["rss_saving"] / (r["rss_training"] + r["staged_bytes"]) for r in ranks),
             "rss": [(r["rss_training"], r["staged_bytes"], r["rss_saving"]) for r in ranks],
         }  # fmt: skip
