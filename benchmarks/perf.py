@@ -29,6 +29,7 @@ import argparse
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -60,6 +61,16 @@ ORDER = list(FIGURES)
 
 def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def commit() -> str:
+    """The checkout's commit, with ``+changes`` when files differ from it (``unknown`` outside git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
 
 
 def machine() -> str:
@@ -174,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports DeepSpeed
     context = {
         "date (UTC)": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "commit": commit(),
         "machine": machine(),
         "model": f"{MODEL}, global batch {setup.batch}, fake CIFAR-10 (random images), {setup.describe()}",
         "torch": torch.__version__,
