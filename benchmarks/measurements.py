@@ -67,11 +67,11 @@ class Measurements:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.data_root = write_fake_cifar(work / "datasets", train_images=setup.batch * setup.steps)
         self._runs: dict[str, dict[str, Any]] = {}
+        """Launches made on demand, by key (``peer_timings``, ``scale_run``)."""
         self.notes: list[str] = []
         """Markdown sections figures add to results.md (tables beside their rows)."""
         self.plots: dict[str, Path] = {}
         """Plots figures drew in the scratch folder, by the name they get in docs/."""
-        """Launches made on demand, by key (``peer_timings``, ``scale_run``)."""
         self._overhead: dict[Setup, Interleaved] = {}
 
     def command(self, script: str | Path, args: list[str]) -> list[str]:
@@ -235,19 +235,20 @@ class Measurements:
         lora, base = time_sliced(jobs, slice_seconds=s.slice_seconds)
         return trainer_run(lora, roots[0], "lora"), trainer_run(base, roots[1])
 
-    def peer_timings(self, config: str, model: str = MODEL) -> dict[str, Any]:
+    def peer_timings(self, config: str) -> dict[str, Any]:
         """The peers figure's launches under ``configs/accelerate/<config>.yaml``: ``peer_timings.py save``
         on 2 processes, then ``resume`` on 1; their records (``save``, ``resume``), each made once."""
-        key = f"peers-{config}-{model}"
+        key = f"peers-{config}"
         if key not in self._runs:
-            work, logs = self.work / f"peers_{key}", self.logs / f"peers_{key}"
-            args = [str(self.data_root), str(work), "--model", model, "--batch-size", str(self.setup.batch)]
-            print(f"  peer_timings.py ({model}): saves and loads on 2 processes ({config}), then loads on 1 ...",
-                  flush=True)  # fmt: skip
-            launch(command(PEER_TIMINGS, ["save", *args], config, num_processes=2), Path(f"{logs}_save.log"))
-            launch(
-                command(PEER_TIMINGS, ["resume", *args], config, num_processes=1), Path(f"{logs}_resume.log")
+            work = self.work / key
+            args = [str(self.data_root), str(work), "--model", MODEL, "--batch-size", str(self.setup.batch)]
+            print(
+                f"  peer_timings.py: saves and loads on 2 processes ({config}), then loads on 1 ...",
+                flush=True,
             )
+            for phase, processes in (("save", 2), ("resume", 1)):
+                cmd = command(PEER_TIMINGS, [phase, *args], config, num_processes=processes)
+                launch(cmd, self.logs / f"{key}_{phase}.log")
             self._runs[key] = {p: json.loads((work / f"{p}.json").read_text()) for p in ("save", "resume")}
         return self._runs[key]
 

@@ -153,7 +153,8 @@ def durable_saves(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str
 
 
 def background_saves(sides: Sides, ours_async: Any, folder: Path) -> dict[str, Callable[[], Any]]:
-    """Each side's background save: returns when training could go on; ``finish`` waits for the rest."""
+    """Each side's background save, returning when training could go on (the caller then waits for the
+    rest: ``close`` for ours, the returned future for DCP's)."""
     return {
         "ours": lambda: ours_async.maybe_save("epoch", **EPOCH_END),
         "dcp": lambda: peers.dcp_async_save(
@@ -194,12 +195,7 @@ def save_phase(sides: Sides, reps: int) -> None:
                 ours_async.close()
             else:
                 future.result()
-        restores = loads(sides, ours, folders)
-        for name in rotated(restores, rep):
-            load, which = restores[name]
-            sides.shift_weights(which)
-            sides.timed("load", name, load)
-            sides.check(name, expected, which)
+        timed_loads(sides, "load", loads(sides, ours, folders), expected, rep)
         if sides.is_main:  # keep the newest saves only, for the resume phase
             for old in kept:
                 shutil.rmtree(old, ignore_errors=True)
@@ -234,21 +230,31 @@ def resume_phase(sides: Sides, reps: int) -> None:
 
         return convert_and_load
 
+    def dcp_load() -> None:
+        peers.dcp_load(sides.twin, sides.twin_optimizer, sides.twin_ema, newest["dcp"])
+
     for rep in range(reps + 1):
-        loads = {
+        reshards = {
             "ours": (ours.load, "engine"),
             "deepspeed": (universal(rep), "engine"),
-            "dcp": (lambda: peers.dcp_load(sides.twin, sides.twin_optimizer, sides.twin_ema, newest["dcp"]),
-                    "twin"),
-        }  # fmt: skip
-        for name in rotated(loads, rep):
-            load, which = loads[name]
-            sides.shift_weights(which)
-            sides.timed("reshard", name, load)
-            sides.check(name, expected, which)
+            "dcp": (dcp_load, "twin"),
+        }
+        timed_loads(sides, "reshard", reshards, expected, rep)
         if sides.is_main:
             shutil.rmtree(root / f"{tag}_universal{rep}", ignore_errors=True)
     sides.record("resume", from_world_size=saved["world_size"])
+
+
+def timed_loads(
+    sides: Sides, kind: str, restores: dict[str, tuple[Callable[[], Any], str]], expected: dict[str, float], rep: int
+) -> None:  # fmt: skip
+    """Time each load as ``kind``, in turn: the weights it restores are shifted first and must then equal
+    the saved ones exactly."""
+    for name in rotated(restores, rep):
+        load, which = restores[name]
+        sides.shift_weights(which)
+        sides.timed(kind, name, load)
+        sides.check(name, expected, which)
 
 
 def rotated(names: Any, rep: int) -> list[str]:

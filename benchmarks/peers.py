@@ -32,18 +32,13 @@ import torch
 
 def durable(folder: Path) -> None:
     """fsync every file and folder under ``folder`` (one process does it for all: one page cache)."""
+    from trainer.checkpoint.io.atomic import fsync_dir
+
     for dirpath, _, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))
 
 
 # -- Accelerate -------------------------------------------------------------------------------------------
