@@ -33,10 +33,12 @@ def bench_overrides(
 def prepare(
     data_root: Path, *, batch: int, steps: int, epochs: int, model_name: str = MODEL,
     model_overrides: list[tuple[str, Any]] | None = None, deepspeed: dict[str, Any] | None = None,
+    with_model: bool = True,
 ) -> tuple[Any, ...]:  # fmt: skip
     """(config, data splits, accelerator, model, optimizer): what the trainer builds, built plainly;
     ``model_overrides``: config keys set after the model's (``("model.time_dim", 1024)``); ``deepspeed``:
-    further keys of the DeepSpeed config, if DeepSpeed is on."""
+    further keys of the DeepSpeed config, if DeepSpeed is on; without ``with_model``, model and optimizer
+    are None (the accelerator prepares nothing)."""
     import torch
 
     from launch import build_accelerator, configure_deepspeed
@@ -57,6 +59,8 @@ def prepare(
     )
     if deepspeed and accelerator.state.deepspeed_plugin is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config.update(deepspeed)
+    if not with_model:
+        return config, splits, accelerator, None, None
     torch.manual_seed(config.seed)
     model = build_model(config)
     betas = (config.betas[0], config.betas[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from benchmarks.settings import PEER_REPS, REPS, SCALE_REPS
+from benchmarks.settings import PEER_LARGEST_REPS, PEER_REPS, REPS, SCALE_REPS
 
 Target = tuple[str, float]
 """(operator, bound) a figure must meet: ``(">=", 0.97)``; operators ``<=``, ``>=`` and ``<``."""
@@ -76,7 +76,8 @@ def markdown(figures: list[Figure], context: dict[str, str], notes: list[str] | 
         "Written by `benchmarks/perf.py` (`make bench`); what each figure compares is in the docstring of "
         "its module in `benchmarks/figures/`. Every figure is a ratio of two things measured in the same run "
         f"on the same machine (medians of {REPS} or more repetitions after a warm-up; {PEER_REPS} for the peers, "
-        f"{SCALE_REPS} per size for the scale figures), except the listing time.",
+        f"{PEER_LARGEST_REPS} for the peers at the largest size, whose 2 -> 1 resume is timed once without a "
+        f"warm-up, {SCALE_REPS} per size for the scale figures), except the listing time.",
         "",
         *[f"- {k}: {v}" for k, v in context.items()],
         "",

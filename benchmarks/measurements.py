@@ -32,6 +32,8 @@ from benchmarks.settings import (
     LORA_EPOCHS,
     LORA_STEPS_PER_EPOCH,
     MODEL,
+    PEER_LARGEST_REPS,
+    PEER_REPS,
     REPS,
     SAVE_INTERVAL_EPOCHS,
     SAVE_INTERVALS,
@@ -235,21 +237,37 @@ class Measurements:
         lora, base = time_sliced(jobs, slice_seconds=s.slice_seconds)
         return trainer_run(lora, roots[0], "lora"), trainer_run(base, roots[1])
 
-    def peer_timings(self, config: str) -> dict[str, Any]:
-        """The peers figure's launches under ``configs/accelerate/<config>.yaml``: ``peer_timings.py save``
-        on 2 processes, then ``resume`` on 1; their records (``save``, ``resume``), each made once."""
-        key = f"peers-{config}"
+    def peer_timings(self, config: str, width: int = 1) -> dict[str, Any]:
+        """The peers figure's launches of diffit_cifar widened ``width`` times, under
+        ``configs/accelerate/<config>.yaml``: ``peer_timings.py save`` on 2 processes, then ``resume`` on 1;
+        their records (``save``, ``resume``), each made once.
+
+        Widened, the state is too large for the trainer's engine and DCP's FSDP2 twin in the same processes:
+        the engine's sides and DCP's save in launches of their own (``--sides``), with ``PEER_LARGEST_REPS``
+        repetitions after the warm-up, and the resume on 1 process times the engine's sides once, without
+        DCP's resharding load. Its files are removed after."""
+        key = f"peers-{config}" + (f"-w{width}" if width > 1 else "")
         if key not in self._runs:
             work = self.work / key
             args = [str(self.data_root), str(work), "--model", MODEL, "--batch-size", str(self.setup.batch)]
-            print(
-                f"  peer_timings.py: saves and loads on 2 processes ({config}), then loads on 1 ...",
-                flush=True,
-            )
-            for phase, processes in (("save", 2), ("resume", 1)):
-                cmd = command(PEER_TIMINGS, [phase, *args], config, num_processes=processes)
-                launch(cmd, self.logs / f"{key}_{phase}.log")
-            self._runs[key] = {p: json.loads((work / f"{p}.json").read_text()) for p in ("save", "resume")}
+            # (phase, sides, processes, repetitions after the warm-up: 0, the one repetition counts)
+            launches = [("save", "all", 2, PEER_REPS), ("resume", "all", 1, PEER_REPS)]
+            if width > 1:
+                args += ["--width", str(width)]
+                launches = [("save", "engine", 2, PEER_LARGEST_REPS), ("save", "twin", 2, PEER_LARGEST_REPS),
+                            ("resume", "engine", 1, 0)]  # fmt: skip
+            print(f"  peer_timings.py: diffit_cifar x{width}, saves and loads on 2 processes ({config}), then "
+                  "loads on 1 ...", flush=True)  # fmt: skip
+            records: dict[str, dict[str, Any]] = {}
+            for phase, sides, processes, reps in launches:
+                cmd = command(PEER_TIMINGS, [phase, *args, "--sides", sides, "--reps", str(reps)], config,
+                              num_processes=processes)  # fmt: skip
+                launch(cmd, self.logs / f"{key}_{phase}_{sides}.log", timeout=1800)
+                name = phase if sides == "all" else f"{phase}_{sides}"
+                merge_records(records.setdefault(phase, {}), json.loads((work / f"{name}.json").read_text()))
+            if width > 1:
+                shutil.rmtree(work, ignore_errors=True)
+            self._runs[key] = records
         return self._runs[key]
 
     def scale_run(self, width: int, config: str | None) -> dict[str, Any]:
@@ -301,3 +319,16 @@ def plain_write_seconds(folder: Path, nbytes: int, block: int = 16 << 20) -> flo
     seconds = time.perf_counter() - start
     path.unlink()
     return seconds
+
+
+def merge_records(into: dict[str, Any], record: dict[str, Any]) -> None:
+    """Add one launch's record of ``peer_timings.py`` to ``into``: times by kind, then side; other mappings
+    (bytes, fingerprints, newest saves) by side; anything else as the first launch recorded it."""
+    for key, value in record.items():
+        if key == "times":
+            for kind, sides in value.items():
+                into.setdefault("times", {}).setdefault(kind, {}).update(sides)
+        elif isinstance(value, dict):
+            into.setdefault(key, {}).update(value)
+        else:
+            into.setdefault(key, value)

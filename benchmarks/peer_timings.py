@@ -6,12 +6,16 @@ saving and loading the same state in the same processes, taking turns, in a new 
     accelerate launch --config_file configs/accelerate/cpu_zero2.yaml --num_processes 1 \\
         benchmarks/peer_timings.py resume DATA_ROOT WORK
 
+``--sides engine`` or ``twin`` runs only the sides on the DeepSpeed engine (ours, Accelerate, DeepSpeed)
+or only DCP's, each launch holding one copy of the state: what a size too large for both at once needs.
+``--width`` widens the model as the scale figure does (``settings.widened``).
+
 ``save``: after one training step, each repetition times a durable save by each side (``save``), a
 background save's blocking of training (``blocked``: the trainer's ``async_save`` and DCP's
 ``async_save``), and a load of what was just saved (``load``). ``resume``, on another number of processes
 than ``save`` was: a load of the newest saves (``reshard``): the trainer's, DeepSpeed's universal
 checkpoint (conversion, then load) and DCP's (it reshards as it reads). Rank 0 writes the seconds to
-WORK/<phase>.json, the first repetition being a warm-up.
+WORK/<phase>.json (WORK/<phase>_<sides>.json with ``--sides``), the first repetition being a warm-up.
 
 The trainer's side is the trainer's own ``CheckpointManager``, ``BaseFormat`` and states, built as
 ``trainer/loop.py`` builds them, on the model and optimizer Accelerate and DeepSpeed prepared; DCP saves an
@@ -24,6 +28,7 @@ time nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -37,25 +42,37 @@ if not __package__:  # run as a script: import from the checkout, and this folde
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.hand_loop import batch_loss  # noqa: E402
-from benchmarks.settings import BATCH, MODEL, PEER_REPS  # noqa: E402
+from benchmarks.settings import BATCH, MODEL, PEER_REPS, widened  # noqa: E402
 from benchmarks.trainer_side import EPOCH_END, TrainerSide  # noqa: E402
+
+ENGINE_SIDES = ("ours", "accelerate", "deepspeed")
+LAUNCH_SIDES = {"all": (*ENGINE_SIDES, "dcp"), "engine": ENGINE_SIDES, "twin": ("dcp",)}
+"""The sides each ``--sides`` times: those on the DeepSpeed engine, DCP's on its FSDP2 twin, or all."""
 
 
 class Sides(TrainerSide):
-    """One launch's state, registered with every side: the trainer's engine and managers (``TrainerSide``),
-    with the EMA registered for Accelerate, and the FSDP2 twin DCP saves."""
+    """One launch's state, registered with every side it times (``names``): the trainer's engine and
+    managers (``TrainerSide``), with the EMA registered for Accelerate, and the FSDP2 twin DCP saves."""
 
     def __init__(self, args: argparse.Namespace, phase: str) -> None:
+        self.names, self.launch = LAUNCH_SIDES[args.sides], args.sides
+        universal = {"checkpoint": {"load_universal": True}} if phase == "resume" else None
+        super().__init__(args.data_root, args.work, batch=args.batch_size, model=args.model,
+                         overrides=widened(args.width), deepspeed=universal, with_engine="ours" in self.names)  # fmt: skip
+        if self.ema is not None:
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.twin: Any = None
+        if "dcp" in self.names:
+            self.build_twin()
+        self.train_step()
+
+    def build_twin(self) -> None:
+        """The FSDP2 twin of the model (the same initial weights), its AdamW and its EMA."""
         import torch
 
         from trainer.factory import build_model
 
-        universal = {"checkpoint": {"load_universal": True}} if phase == "resume" else None
-        super().__init__(
-            args.data_root, args.work, batch=args.batch_size, model=args.model, deepspeed=universal
-        )
         config = self.config
-        self.accelerator.register_for_checkpointing(self.ema)
         torch.manual_seed(config.seed)
         twin = build_model(config).to(self.accelerator.device)
         self.twin = peers.fsdp2(twin, reshard_after_forward=self.topo.deepspeed_stage == 3)
@@ -65,13 +82,15 @@ class Sides(TrainerSide):
         self.twin_ema = {k: v.detach().clone() for k, v in self.twin.state_dict().items()}
         gloo = torch.distributed.get_backend() == "gloo"
         self.cpu_group = None if gloo else torch.distributed.new_group(backend="gloo")  # for DCP's async_save
-        self.train_step()
 
     def train_step(self, step: int = 0) -> None:
         """One step of each model on the same batch, so that AdamW's moments exist."""
         import torch
 
-        super().train_step(step)
+        if self.engine is not None:
+            super().train_step(step)
+        if self.twin is None:
+            return
         images, labels = self.batch_of(step)
         generator = torch.Generator(self.accelerator.device).manual_seed(step)
         batch_loss(self.config, self.twin, images, labels, generator, (self.rank, self.world)).backward()
@@ -99,8 +118,26 @@ class Sides(TrainerSide):
                 tensor.add_(1.0)
 
     def fingerprints(self) -> dict[str, float]:
-        """Sums of the full weights of the trainer's model and of the twin (collective)."""
-        return {"engine": full_sum(self.engine, self.topo.deepspeed_stage), "twin": full_sum(self.twin, None)}
+        """Sums of the full weights of the trainer's model and of the twin, those this launch has
+        (collective)."""
+        sums = {}
+        if self.engine is not None:
+            sums["engine"] = full_sum(self.engine, self.topo.deepspeed_stage)
+        if self.twin is not None:
+            sums["twin"] = full_sum(self.twin, None)
+        return sums
+
+    def parameters(self) -> int:
+        """The model's parameters (whole tensors: ZeRO-3's and FSDP2's shards count at their full size)."""
+        model = self.engine if self.engine is not None else self.twin
+        return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+    def mine(self, sides: dict[str, Any]) -> dict[str, Any]:
+        """The entries of ``sides`` this launch times."""
+        return {name: side for name, side in sides.items() if name in self.names}
+
+    def record_name(self, phase: str) -> str:
+        return phase if self.launch == "all" else f"{phase}_{self.launch}"
 
     def check(self, name: str, expected: dict[str, float], which: str) -> None:
         got = self.fingerprints()[which]
@@ -140,16 +177,17 @@ def full_sum(model: Any, stage: int | None) -> float:
 
 
 def durable_saves(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str, Callable[[], Any]]:
-    """Each side's save of the state into a new place, until its bytes are on disk."""
+    """Each side's save of the state into a new place (the peers': ``folders``), until its bytes are on disk."""
     acc, engine, ema, twin = sides.accelerator, sides.engine, sides.ema, sides.twin
-    ds = folders["deepspeed"]
-    return {
-        "ours": lambda: ours.maybe_save("epoch", **EPOCH_END),
-        "accelerate": sides.durably(lambda: peers.accelerate_save(acc, folders["accelerate"]), folders["accelerate"]),
-        "deepspeed": sides.durably(lambda: peers.deepspeed_save(engine, ds.parent, ds.name, ema), ds),
-        "dcp": sides.durably(lambda: peers.dcp_save(twin, sides.twin_optimizer, sides.twin_ema, folders["dcp"]),
-                             folders["dcp"]),
-    }  # fmt: skip
+    into: dict[str, Callable[[Path], Any]] = {
+        "accelerate": lambda folder: peers.accelerate_save(acc, folder),
+        "deepspeed": lambda folder: peers.deepspeed_save(engine, folder.parent, folder.name, ema),
+        "dcp": lambda folder: peers.dcp_save(twin, sides.twin_optimizer, sides.twin_ema, folder),
+    }
+    saves: dict[str, Callable[[], Any]] = {"ours": lambda: ours.maybe_save("epoch", **EPOCH_END)}
+    for name, folder in folders.items():
+        saves[name] = sides.durably(functools.partial(into[name], folder), folder)
+    return saves
 
 
 def background_saves(sides: Sides, ours_async: Any, folder: Path) -> dict[str, Callable[[], Any]]:
@@ -165,9 +203,9 @@ def background_saves(sides: Sides, ours_async: Any, folder: Path) -> dict[str, C
 
 def loads(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str, tuple[Callable[[], Any], str]]:
     """Each side's load of what it saved last, and the model it restores (``engine`` or ``twin``)."""
-    ds = folders["deepspeed"]
+    ds = folders.get("deepspeed", Path())
     return {
-        "ours": (ours.load, "engine"),
+        "ours": (lambda: ours.load(), "engine"),
         "accelerate": (lambda: peers.accelerate_load(sides.accelerator, folders["accelerate"]), "engine"),
         "deepspeed": (lambda: peers.deepspeed_load(sides.engine, ds.parent, ds.name, sides.ema), "engine"),
         "dcp": (
@@ -178,24 +216,32 @@ def loads(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str, tuple[
 
 
 def save_phase(sides: Sides, reps: int) -> None:
-    ours, ours_async = sides.manager("ours", async_save=False), sides.manager("ours_async", async_save=True)
+    ours: Any = None
+    ours_async: Any = None
+    if sides.engine is not None:
+        ours, ours_async = (
+            sides.manager("ours", async_save=False),
+            sides.manager("ours_async", async_save=True),
+        )
     expected = sides.fingerprints()
     peer_root, kept = sides.work / "peers", list[Path]()
     for rep in range(reps + 1):  # repetition 0 warms up
-        sides.next_epoch()
-        folders = {name: peer_root / name / f"rep{rep}" for name in ("accelerate", "deepspeed", "dcp")}
-        saves = durable_saves(sides, ours, folders)
+        if ours is not None:
+            sides.next_epoch()
+        names: list[str] = [name for name in ("accelerate", "deepspeed", "dcp") if name in sides.names]
+        folders = {name: peer_root / name / f"rep{rep}" for name in names}
+        saves = sides.mine(durable_saves(sides, ours, folders))
         for name in rotated(saves, rep):
             sides.timed("save", name, saves[name])
         background = peer_root / "dcp_async" / f"rep{rep}"
-        started = background_saves(sides, ours_async, background)
+        started = sides.mine(background_saves(sides, ours_async, background))
         for name in rotated(started, rep):
             future = sides.timed("blocked", name, started[name])
             if name == "ours":  # each background save ends before anything else is timed
                 ours_async.close()
             else:
                 future.result()
-        timed_loads(sides, "load", loads(sides, ours, folders), expected, rep)
+        timed_loads(sides, "load", sides.mine(loads(sides, ours, folders)), expected, rep)
         if sides.is_main:  # keep the newest saves only, for the resume phase
             for old in kept:
                 shutil.rmtree(old, ignore_errors=True)
@@ -204,9 +250,11 @@ def save_phase(sides: Sides, reps: int) -> None:
     from benchmarks.runs import read_saves
 
     sizes = {name: folder_bytes(folder) for name, folder in folders.items()}
-    sizes["ours"] = read_saves(ours.layout)[-1].nbytes if sides.is_main else 0
-    sides.record("save", fingerprints=expected, newest={k: str(v) for k, v in folders.items()}, bytes=sizes,
-                 deepspeed_async=peers.async_io_unavailable())  # fmt: skip
+    if ours is not None:
+        sizes["ours"] = read_saves(ours.layout)[-1].nbytes if sides.is_main else 0
+    newest = {name: str(folder) for name, folder in folders.items()}
+    sides.record(sides.record_name("save"), parameters=sides.parameters(), fingerprints=expected, newest=newest,
+                 bytes=sizes, deepspeed_async=peers.async_io_unavailable())  # fmt: skip
 
 
 def folder_bytes(folder: Path) -> int:
@@ -214,12 +262,12 @@ def folder_bytes(folder: Path) -> int:
 
 
 def resume_phase(sides: Sides, reps: int) -> None:
-    saved = json.loads((sides.work / "save.json").read_text())
+    saved = json.loads((sides.work / f"{sides.record_name('save')}.json").read_text())
     expected, newest = saved["fingerprints"], {k: Path(v) for k, v in saved["newest"].items()}
     if saved["world_size"] == sides.world:
         raise SystemExit(f"error: resume must run on another number of processes than save ({sides.world})")
-    ours = sides.manager("ours", async_save=False)
-    root, tag = newest["deepspeed"].parent, newest["deepspeed"].name
+    ours: Any = sides.manager("ours", async_save=False) if sides.engine is not None else None
+    root, tag = newest.get("deepspeed", Path()).parent, newest.get("deepspeed", Path()).name
 
     def universal(rep: int) -> Callable[[], None]:
         def convert_and_load() -> None:
@@ -235,14 +283,14 @@ def resume_phase(sides: Sides, reps: int) -> None:
 
     for rep in range(reps + 1):
         reshards = {
-            "ours": (ours.load, "engine"),
+            "ours": (lambda: ours.load(), "engine"),
             "deepspeed": (universal(rep), "engine"),
             "dcp": (dcp_load, "twin"),
         }
-        timed_loads(sides, "reshard", reshards, expected, rep)
-        if sides.is_main:
+        timed_loads(sides, "reshard", sides.mine(reshards), expected, rep)
+        if sides.is_main and "deepspeed" in sides.names:
             shutil.rmtree(root / f"{tag}_universal{rep}", ignore_errors=True)
-    sides.record("resume", from_world_size=saved["world_size"])
+    sides.record(sides.record_name("resume"), from_world_size=saved["world_size"])
 
 
 def timed_loads(
@@ -274,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--batch-size", type=int, default=BATCH, help=f"global batch (default {BATCH})")
     parser.add_argument("--reps", type=int, default=PEER_REPS, help="repetitions after the warm-up")
+    parser.add_argument(
+        "--width", type=int, default=1, help="channels and time embedding x WIDTH (default 1)"
+    )
+    parser.add_argument("--sides", choices=tuple(LAUNCH_SIDES), default="all",
+                        help="time the sides on the DeepSpeed engine, DCP's on its twin, or all (default)")  # fmt: skip
     args = parser.parse_args(argv)
     sides = Sides(args, args.phase)
     (save_phase if args.phase == "save" else resume_phase)(sides, args.reps)

@@ -28,6 +28,7 @@ LORA_EPOCHS = 6  # per side of the lora-step figure: epochs 2..5 are timed (1 wa
 SAVE_INTERVALS = (1, 2, 5, 10)  # the save-interval figure's curve: a background save every N steps
 SAVE_INTERVAL_EPOCHS = 4  # per trainer launch of that figure: epochs 2..4 are timed
 PEER_REPS = 3  # repetitions of each peer's save and load after a warm-up, in one launch (~2 min per config)
+PEER_LARGEST_REPS = 1  # the same at the largest scale width (a save there writes 4-7 GB: ~6 min per config)
 ZERO_OVERHEAD_ROUNDS = 1  # trainer launches per config of that figure, each run beside a hand-loop launch
 ZERO_OVERHEAD_EPOCHS = 4  # per trainer launch of that figure: epochs 2..4 are timed
 SCALE_WIDTHS = (1, 2, 4)  # the scale figure: diffit_cifar widened 1, 2, 4 x (15.3 M, 61 M, 244 M

@@ -20,11 +20,13 @@ EPOCH_END = {"metrics": {"train_loss": 1.0}, "is_best": False}
 
 
 class TrainerSide:
-    """One launch's trainer state, after ``train_step``s; ``times`` collects what ``timed`` measured."""
+    """One launch's trainer state, after ``train_step``s; ``times`` collects what ``timed`` measured.
+    Without ``with_engine``, only the data and the accelerator (its processes) are built: ``engine``,
+    ``ema`` and ``states`` are None, for a launch that times something else on the same batches."""
 
     def __init__(
         self, data_root: Path, work: Path, *, batch: int, model: str, overrides: list[tuple[str, Any]] | None = None,
-        deepspeed: dict[str, Any] | None = None,
+        deepspeed: dict[str, Any] | None = None, with_engine: bool = True,
     ) -> None:  # fmt: skip
         from launch import topology
         from trainer.checkpoint.formats.base import unwrap_model
@@ -33,17 +35,21 @@ class TrainerSide:
 
         self.config, self.splits, self.accelerator, self.engine, optimizer = prepare(
             data_root, batch=batch, steps=1, epochs=1, model_name=model, model_overrides=overrides,
-            deepspeed=deepspeed,
+            deepspeed=deepspeed, with_model=with_engine,
         )  # fmt: skip
         acc, config = self.accelerator, self.config
         self.rank, self.world, self.batch = acc.process_index, acc.num_processes, batch
         self.is_main, self.work = acc.is_main_process, work
         self.topo = topology(acc)
+        self.times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.ema: Any = None
+        self.states: Any = None
+        if not with_engine:
+            return
         module = unwrap_model(self.engine)
         self.ema = EMA(module.named_parameters(), halflife_kimg=config.ema_halflife_kimg,
                        rampup_ratio=config.ema_rampup_ratio, rank=self.rank, world_size=self.world)  # fmt: skip
         self.states = TrainingStates(self.engine, optimizer, self.ema, TrainState(), RNGState(config.seed))
-        self.times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
     def batch_of(self, step: int) -> tuple[Any, Any]:
         """This rank's share of the global batch ``step`` of epoch 1."""

@@ -82,7 +82,7 @@ def test_peers_compare_ours_with_the_fastest_peer_after_the_warm_up() -> None:
                  "bytes": {"ours": 4e8, "accelerate": 3e8}, "deepspeed_async": "no async_io op"},
         "resume": {"times": {"reshard": {"ours": [3.0, 1.0], "deepspeed": [9.0, 6.0], "dcp": [3.0, 2.0]}}},
     }  # fmt: skip
-    m = SimpleNamespace(peer_timings=lambda config: records)
+    m = SimpleNamespace(peer_timings=lambda config, width: records)
     durable, blocked, load, reshard = peers.measure_config(m, "ZeRO-2", "cpu_zero2")  # type: ignore[arg-type]
     assert durable.name == "durable save, 2 proc ZeRO-2 (ours / accelerate save_state)"
     assert (
@@ -92,6 +92,29 @@ def test_peers_compare_ours_with_the_fastest_peer_after_the_warm_up() -> None:
     assert blocked.value == pytest.approx(0.1 / 0.45) and "no async_io op" in blocked.detail
     assert load.value == pytest.approx(0.5) and load.passed
     assert reshard.value == pytest.approx(1 / 6) and "DCP's resharding load 2 s" in reshard.detail
+
+
+def test_peers_at_the_largest_size_merge_the_split_launches_and_keep_a_single_resume() -> None:
+    from benchmarks.measurements import merge_records
+
+    engine = {"parameters": 244e6, "bytes": {"ours": 7e9, "deepspeed": 5e9},
+              "times": {"save": {"ours": [9.0, 6.0], "deepspeed": [9.0, 4.0]}, "blocked": {"ours": [2.0, 1.0]},
+                        "load": {"ours": [9.0, 6.0], "deepspeed": [9.0, 8.0]}}}  # fmt: skip
+    twin = {"parameters": 244e6, "bytes": {"dcp": 4e9},
+            "times": {"save": {"dcp": [9.0, 5.0]}, "blocked": {"dcp": [3.0, 2.0]}, "load": {"dcp": [3.0, 3.0]}}}  # fmt: skip
+    save: dict[str, Any] = {}
+    merge_records(save, engine)
+    merge_records(save, twin)
+    assert save["times"]["save"] == {"ours": [9.0, 6.0], "deepspeed": [9.0, 4.0], "dcp": [9.0, 5.0]}
+    assert save["bytes"] == {"ours": 7e9, "deepspeed": 5e9, "dcp": 4e9}
+    records = {"save": save, "resume": {"times": {"reshard": {"ours": [5.0], "deepspeed": [40.0]}}}}
+    m = SimpleNamespace(peer_timings=lambda config, width: records)
+    durable, blocked, load, reshard = peers.measure_config(m, "ZeRO-3", "cpu_zero3", 4)  # type: ignore[arg-type]
+    assert durable.name == "durable save, 2 proc ZeRO-3, 244M (ours / DeepSpeed save_checkpoint)"
+    assert durable.value == pytest.approx(1.5) and blocked.value == pytest.approx(0.5)
+    assert load.value == pytest.approx(2.0)
+    assert reshard.name == "resume 2 -> 1 proc ZeRO-3, 244M (ours / DeepSpeed universal)"
+    assert reshard.value == pytest.approx(5 / 40) and "DCP" not in reshard.detail  # one timing: no warm-up
 
 
 def test_scale_rows_divide_each_cost_by_its_floor_and_figures_show_the_worst_size() -> None:

@@ -42,13 +42,43 @@ def test_every_peer_saves_and_restores_the_state_and_reshards_to_one_process(
     assert all(records["save"]["bytes"][name] > 0 for name in sides)
     assert records["resume"]["from_world_size"] == 2 and records["resume"]["world_size"] == 1
 
-    m = SimpleNamespace(peer_timings=lambda _: records)
+    m = SimpleNamespace(peer_timings=lambda *_: records)
     figures = peers.measure_config(m, stage, config)  # type: ignore[arg-type]
     assert [f.name.split(" (")[0] for f in figures] == [
         f"durable save, 2 proc {stage}", f"blocked per save, 2 proc {stage}", f"load for resume, 2 proc {stage}",
         f"resume 2 -> 1 proc {stage}",
     ]  # fmt: skip
     assert all(f.value is not None and f.value > 0 for f in figures)
+
+
+def test_the_engine_sides_and_dcp_time_in_launches_of_their_own_when_the_state_is_large(
+    tmp_path: Path,
+) -> None:
+    from benchmarks.measurements import merge_records
+
+    data, work = write_fake_cifar(tmp_path / "data", train_images=8), tmp_path / "work"
+    args = [str(data), str(work), *TINY, "--batch-size", "2"]
+    records: dict[str, dict] = {}
+    for phase, sides, processes, reps in (
+        ("save", "engine", 2, 1),
+        ("save", "twin", 2, 1),
+        ("resume", "engine", 1, 0),
+    ):
+        argv = [phase, *args, "--sides", sides, "--reps", str(reps)]
+        launch(command(PEER_TIMINGS, argv, "cpu_zero3", processes), tmp_path / f"{phase}_{sides}.log")
+        merge_records(records.setdefault(phase, {}), json.loads((work / f"{phase}_{sides}.json").read_text()))
+
+    times = records["save"]["times"]
+    assert set(times["save"]) == set(times["load"]) == {"ours", "accelerate", "deepspeed", "dcp"}
+    assert set(times["blocked"]) == {"ours", "dcp"}
+    assert {k: len(v) for k, v in records["resume"]["times"]["reshard"].items()} == {
+        "ours": 1,
+        "deepspeed": 1,
+    }
+    assert records["save"]["parameters"] > 0
+    m = SimpleNamespace(peer_timings=lambda *_: records)
+    figures = peers.measure_config(m, "ZeRO-3", "cpu_zero3", 2)  # type: ignore[arg-type]
+    assert len(figures) == 4 and all(f.value is not None and f.value > 0 for f in figures)
 
 
 def test_the_scaling_script_measures_saves_memory_and_merges_on_two_processes(tmp_path: Path) -> None:

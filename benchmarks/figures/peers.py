@@ -15,6 +15,11 @@ each repetition (``PEER_REPS`` after a warm-up):
 - resume on 1 process from the 2-process save: the trainer's ÷ DeepSpeed's universal checkpoint
   (``ds_to_universal``, then its load); DCP's resharding load is shown beside it.
 
+The same again at the largest scale size (diffit_cifar widened ``max(SCALE_WIDTHS)`` times: 244 M parameters,
+4-7 GB per save), with ``PEER_LARGEST_REPS`` repetitions after the warm-up: there the trainer's engine and
+DCP's twin do not fit in memory together, so DCP's sides run in a launch of their own, and the resume on 1
+process is timed once (DeepSpeed's conversion alone takes ~40 s), without DCP's.
+
 The peers' code is ``benchmarks/peers.py``, written as each library's documentation shows it. Every load is
 checked to restore the saved weights exactly.
 """
@@ -25,14 +30,15 @@ from typing import Any
 
 from benchmarks.harness import Figure, figure, median
 from benchmarks.measurements import Measurements
+from benchmarks.settings import SCALE_WIDTHS
 
 TARGET = ("<=", 1.0)
 PEER_NAMES = {"accelerate": "accelerate save_state", "deepspeed": "DeepSpeed save_checkpoint", "dcp": "DCP"}
 
 
 def sides(times: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Each side's seconds without its warm-up repetition."""
-    return {name: seconds[1:] for name, seconds in times.items()}
+    """Each side's seconds without its warm-up repetition (a side timed once has none)."""
+    return {name: seconds[1:] if len(seconds) > 1 else seconds for name, seconds in times.items()}
 
 
 def short(seconds: list[float]) -> str:
@@ -51,24 +57,28 @@ def against_best(title: str, times: dict[str, list[float]], names: dict[str, str
     )
 
 
-def measure_config(m: Measurements, stage: str, config: str) -> list[Figure]:
-    records = m.peer_timings(config)
+def measure_config(m: Measurements, stage: str, config: str, width: int = 1) -> list[Figure]:
+    records = m.peer_timings(config, width)
     save, resume = records["save"], records["resume"]
     times = save["times"]
+    size = f", {save['parameters'] / 1e6:.0f}M" if width > 1 else ""
+    where = f"2 proc {stage}{size}"
     sizes = ", ".join(f"{PEER_NAMES.get(k, k)} {v / 1e6:.0f} MB" for k, v in save["bytes"].items())
     async_note = f"; {save['deepspeed_async']}" if save.get("deepspeed_async") else ""
     reshard: dict[str, Any] = sides(resume["times"]["reshard"])
-    universal = reshard.pop("deepspeed")
-    ours = reshard["ours"]
+    universal, ours = reshard["deepspeed"], reshard["ours"]
+    dcp = f"; DCP's resharding load {short(reshard['dcp'])}" if "dcp" in reshard else ""
     return [
-        against_best(f"durable save, 2 proc {stage}", times["save"], PEER_NAMES, f"; bytes: {sizes}"),
-        against_best(f"blocked per save, 2 proc {stage}", times["blocked"], {"dcp": "DCP async_save"}, async_note),
-        against_best(f"load for resume, 2 proc {stage}", times["load"], PEER_NAMES),
-        figure(TARGET, f"resume 2 -> 1 proc {stage} (ours / DeepSpeed universal)", median(ours) / median(universal),
-               f"ours {short(ours)} vs ds_to_universal + load {short(universal)}; DCP's resharding load "
-               f"{short(reshard['dcp'])}; n={len(ours)}"),
+        against_best(f"durable save, {where}", times["save"], PEER_NAMES, f"; bytes: {sizes}"),
+        against_best(f"blocked per save, {where}", times["blocked"], {"dcp": "DCP async_save"}, async_note),
+        against_best(f"load for resume, {where}", times["load"], PEER_NAMES),
+        figure(TARGET, f"resume 2 -> 1 proc {stage}{size} (ours / DeepSpeed universal)", median(ours) / median(universal),
+               f"ours {short(ours)} vs ds_to_universal + load {short(universal)}{dcp}; n={len(ours)}"),
     ]  # fmt: skip
 
 
 def measure(m: Measurements) -> list[Figure]:
-    return [f for stage, config in m.setup.zero_configs().items() for f in measure_config(m, stage, config)]
+    """diffit_cifar under each ZeRO config, then the largest scale size under each."""
+    configs = m.setup.zero_configs().items()
+    return [f for width in (1, max(SCALE_WIDTHS)) for stage, config in configs
+            for f in measure_config(m, stage, config, width)]  # fmt: skip
