@@ -245,11 +245,13 @@ class Measurements:
         Widened, the state is too large for the trainer's engine and DCP's FSDP2 twin in the same processes:
         the engine's sides and DCP's save in launches of their own (``--sides``), with ``PEER_LARGEST_REPS``
         repetitions after the warm-up, and the resume on 1 process times the engine's sides once, without
-        DCP's resharding load. Its files are removed after."""
+        DCP's resharding load; its one training step takes one image per process. Its files are removed
+        after."""
         key = f"peers-{config}" + (f"-w{width}" if width > 1 else "")
         if key not in self._runs:
             work = self.work / key
-            args = [str(self.data_root), str(work), "--model", MODEL, "--batch-size", str(self.setup.batch)]
+            batch = self.setup.batch if width == 1 else 2  # widened: one image per process, as in scale_run
+            args = [str(self.data_root), str(work), "--model", MODEL, "--batch-size", str(batch)]
             # (phase, sides, processes, repetitions after the warm-up: 0, the one repetition counts)
             launches = [("save", "all", 2, PEER_REPS), ("resume", "all", 1, PEER_REPS)]
             if width > 1:
