@@ -245,8 +245,8 @@ class Measurements:
         Widened, the state is too large for the trainer's engine and DCP's FSDP2 twin in the same processes:
         the engine's sides and DCP's save in launches of their own (``--sides``), with ``PEER_LARGEST_REPS``
         repetitions after the warm-up, and the resume on 1 process times the engine's sides once, without
-        DCP's resharding load; its one training step takes one image per process. Its files are removed
-        after."""
+        DCP's resharding load; its one training step takes one image per process. The launches' files
+        are removed after them (at 244 M the newest saves of the sides alone take ~30 GB)."""
         key = f"peers-{config}" + (f"-w{width}" if width > 1 else "")
         if key not in self._runs:
             work = self.work / key
@@ -267,8 +267,7 @@ class Measurements:
                 launch(cmd, self.logs / f"{key}_{phase}_{sides}.log", timeout=1800)
                 name = phase if sides == "all" else f"{phase}_{sides}"
                 merge_records(records.setdefault(phase, {}), json.loads((work / f"{name}.json").read_text()))
-            if width > 1:
-                shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
             self._runs[key] = records
         return self._runs[key]
 

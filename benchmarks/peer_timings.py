@@ -226,10 +226,12 @@ def save_phase(sides: Sides, reps: int) -> None:
     expected = sides.fingerprints()
     peer_root, kept = sides.work / "peers", list[Path]()
     for rep in range(reps + 1):  # repetition 0 warms up
+        if sides.is_main:  # the last repetition's saves were loaded: only the newest stay (for the resume)
+            for old in kept:
+                shutil.rmtree(old, ignore_errors=True)
         if ours is not None:
             sides.next_epoch()
-        names: list[str] = [name for name in ("accelerate", "deepspeed", "dcp") if name in sides.names]
-        folders = {name: peer_root / name / f"rep{rep}" for name in names}
+        folders = {name: peer_root / name / f"rep{rep}" for name in sides.names if name != "ours"}
         saves = sides.mine(durable_saves(sides, ours, folders))
         for name in rotated(saves, rep):
             sides.timed("save", name, saves[name])
@@ -242,10 +244,7 @@ def save_phase(sides: Sides, reps: int) -> None:
             else:
                 future.result()
         timed_loads(sides, "load", sides.mine(loads(sides, ours, folders)), expected, rep)
-        if sides.is_main:  # keep the newest saves only, for the resume phase
-            for old in kept:
-                shutil.rmtree(old, ignore_errors=True)
-            kept = [*folders.values(), background]
+        kept = [*folders.values(), background]
         sides.accelerator.wait_for_everyone()
     from benchmarks.runs import read_saves
 
