@@ -18,7 +18,7 @@ each repetition (``PEER_REPS`` after a warm-up):
 The same again at the largest scale size (diffit_cifar widened ``max(SCALE_WIDTHS)`` times: 244 M parameters,
 4-7 GB per save), with ``PEER_LARGEST_REPS`` repetitions after the warm-up: there the trainer's engine and
 DCP's twin do not fit in memory together, so DCP's sides run in a launch of their own, and the resume on 1
-process is timed once (DeepSpeed's conversion alone takes ~40 s), without DCP's.
+process is timed once (DeepSpeed's conversion alone takes 30-40 s), without DCP's.
 
 The peers' code is ``benchmarks/peers.py``, written as each library's documentation shows it. Every load is
 checked to restore the saved weights exactly.
