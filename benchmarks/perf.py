@@ -7,14 +7,14 @@
 
 Every figure is a ratio of two things measured in this run on this machine, each timed side the median of
 repetitions after a warm-up (5 or more; 3 for the peers, 1 for the peers at 244 M parameters, 2 per size for
-the scale figures, whose saves write up to 7 GB each; sizes are measured once), never an absolute time; the one exception is the listing
-time, which is bounded by reading metadata. The model is ``diffit_cifar`` (15.3 M parameters, 61 MB of
-fp32 weights; a checkpoint with EMA, Adam moments and the merged file is 367 MB), so checkpoint I/O is far
-above noise; the scale figures widen it to 61 M and 244 M, and the peers figure compares at 244 M too. Data: a fake CIFAR-10 folder of random images
-in the official pickle layout, written here (no download). In the overhead, zero-overhead, save-interval
-and lora-step figures the sides' processes take turns, and the peers figure's sides take turns in the same
-processes; elsewhere the sides of a ratio run one after the other, so run it on a quiet machine: other
-load during one side only moves the figure.
+the scale figures, whose saves write up to 7 GB each; sizes are measured once), never an absolute time; the
+one exception is the listing time, which is bounded by reading metadata. The model is ``diffit_cifar`` (15.3 M
+parameters, 61 MB of fp32 weights; a checkpoint with EMA, Adam moments and the merged file is 367 MB), so
+checkpoint I/O is far above noise; the scale figures widen it to 61 M and 244 M, and the peers figure compares
+at 244 M too. Data: a fake CIFAR-10 folder of random images in the official pickle layout, written here (no
+download). In the overhead, zero-overhead, save-interval and lora-step figures the sides' processes take
+turns, and the peers figure's sides take turns in the same processes (at 244 M, DCP's in a launch of its own); elsewhere the sides of a ratio run one
+after the other, so run it on a quiet machine: other load during one side only moves the figure.
 
 Saves are read from each run's ``logs/events.jsonl`` (one JSON line per finished save, written by the
 trainer), never from its stdout; stdout gives only the times of the "Epoch N/M" lines, stamped by this
