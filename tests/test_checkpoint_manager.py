@@ -19,12 +19,21 @@ from launch import PeerLost, Topology
 from launch.collectives import SingleProcess
 from tests.fake_world import ThreadWorld, end_epoch, new_run, tiny_manager, tiny_states
 from trainer.checkpoint.manager import CheckpointManager
-from trainer.checkpoint.manifest import read_manifests, verify
+from trainer.checkpoint.manifest import read_manifests, verification_shares, verify
 from trainer.errors import SaveFailed
 from trainer.faults import Faults
 from trainer.runs.layout import RunLayout
 
-WRITERS = {"commit", "publish", "retire", "discard", "clean_start", "find_resume_point", "repair_links"}
+WRITERS = {
+    "commit",
+    "publish",
+    "retire",
+    "discard",
+    "clean_start",
+    "find_resume_point",
+    "reject",
+    "repair_links",
+}
 """The commit protocol's methods that change files: rank 0's alone."""
 
 
@@ -108,11 +117,15 @@ def test_a_nonzero_rank_never_commits_purges_links_or_writes_metadata(
     assert layout.metadata.read_text() != metadata_before  # rank 0 recorded the checkpoints on disk
 
 
-def committed(tmp_path: Path, epochs: range) -> RunLayout:
-    """A base run with ``epochs`` committed by one process (every epoch kept)."""
+def committed(tmp_path: Path, epochs: range, world_size: int = 1) -> RunLayout:
+    """A base run with ``epochs`` committed by ``world_size`` ranks (every epoch kept)."""
     layout = new_run(tmp_path / "run_001")
-    manager = tiny_manager(layout, ThreadWorld(1).topology(0), tiny_states(), keep_last_n=0)
-    train_epochs(manager, epochs)
+    world = ThreadWorld(world_size)
+
+    def rank(r: int) -> None:
+        train_epochs(tiny_manager(layout, world.topology(r), tiny_states(), keep_last_n=0), epochs)
+
+    world.run(rank)
     return layout
 
 
@@ -138,6 +151,35 @@ def test_ranks_agree_on_a_fallback_that_rank_0_alone_carries_out(tmp_path: Path)
     meta = json.loads(layout.metadata.read_text())
     assert [e["tag"] for e in meta["events"] if e["kind"] == "fallback"] == ["epoch_002"]
     assert meta["resumes"][-1]["checkpoint"] == "epoch_001"
+
+
+def test_damage_only_rank_1_hashes_is_a_fallback_on_every_rank(tmp_path: Path) -> None:
+    """The ranks share the hashing of a checkpoint (rank 1 hashes its own files): what rank 1 finds damaged
+    is rank 0's fallback all the same, and the ranks then agree on the next checkpoint."""
+    layout = committed(tmp_path, range(1, 4), world_size=2)
+    rng = layout.state_root / "epoch_003" / "rng_rank1.pt"
+    rng.chmod(0o644)
+    with open(rng, "r+b") as f:  # same size, one byte changed
+        f.seek(rng.stat().st_size // 2)
+        f.write(b"\xff")
+    manifest = read_manifests(layout.checkpoints)[-1]
+    assert str(rng.relative_to(layout.checkpoints)) in verification_shares(manifest, 2)[1]
+    world = ThreadWorld(2)
+    spies: dict[int, Spy] = {}
+
+    def rank(r: int) -> str | None:
+        manager = tiny_manager(layout, world.topology(r), tiny_states(seed=1))
+        spies[r] = spied(manager)
+        manifest = manager.load()
+        return manifest.tag if manifest else None
+
+    assert world.run(rank) == ["epoch_002", "epoch_002"]
+    assert spies[1].calls == [] and {"find_resume_point", "reject"} <= set(spies[0].calls)
+    meta = json.loads(layout.metadata.read_text())
+    fallbacks = [e for e in meta["events"] if e["kind"] == "fallback"]
+    assert [e["tag"] for e in fallbacks] == ["epoch_003"]
+    assert "rng_rank1.pt does not match the checksum" in fallbacks[0]["reason"]
+    assert (layout.damaged / "epoch_003" / "state__epoch_003" / "rng_rank1.pt").is_file()
 
 
 def test_resume_restores_every_registered_state(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from launch import Topology
 from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.checkpoint.formats.base import BaseFormat
 from trainer.checkpoint.io.atomic import atomic_write, delete_inside, link_or_copy
-from trainer.checkpoint.manifest import Manifest, read_manifests, verify, write_manifest
+from trainer.checkpoint.manifest import Manifest, read_manifests, verification_shares, verify, write_manifest
 from trainer.checkpoint.protocol import CommitProtocol
 from trainer.checkpoint.retention import RetentionPolicy, Scores, plan_retention
 from trainer.errors import UserError
@@ -361,6 +361,43 @@ def test_write_manifest_then_verify_detects_missing_truncated_and_altered_files(
     assert "has 10 bytes, 1000 were written" in (verify(folder, loaded) or "")
     files[1].unlink()
     assert verify(folder, loaded) == "state/epoch_001/shard.pt is missing"
+
+
+def test_verification_shares_hash_every_file_once_each_rank_its_own_files_last() -> None:
+    mib = 1 << 20
+    sizes = {
+        "epoch_003.ckpt": 200 * mib,  # the merged file: nobody's own
+        "state/epoch_003/trainer_state.json": 1,
+        "state/epoch_003/zero_pp_rank_0_mp_rank_00_model_states.pt": mib,
+        "state/epoch_003/zero_pp_rank_0_mp_rank_00_optim_states.pt": 150 * mib,
+        "state/epoch_003/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": 150 * mib,
+        "state/epoch_003/zero_pp_rank_1_mp_rank_00_model_states.pt": mib,
+        "state/epoch_003/ema_rank0.safetensors": 50 * mib,
+        "state/epoch_003/ema_rank1.safetensors": 50 * mib,
+        "state/epoch_003/rng_rank0.pt": 10,
+        "state/epoch_003/rng_rank1.pt": 10,
+    }
+    manifest = Manifest("epoch_003", 3, 0, 30, 2, "deepspeed-zero3",
+                        files={name: {"bytes": n, "xxh3_128": "0"} for name, n in sizes.items()})  # fmt: skip
+
+    rank0, rank1 = verification_shares(manifest, 2)
+    assert sorted(rank0 + rank1) == sorted(sizes)  # every file, once
+    # The dealt-out files first, each to the rank with fewer bytes so far, then the rank's own files.
+    assert rank0[0] == "epoch_003.ckpt" and rank1[0] == "state/epoch_003/trainer_state.json"
+    assert all("rank_0" in f or "rank0" in f for f in rank0[1:])
+    assert all("rank_1" in f or "rank1" in f for f in rank1[1:])
+
+    # A smaller launch: rank 1's files are dealt out too, largest first.
+    (alone,) = verification_shares(manifest, 1)
+    state = "state/epoch_003/"
+    assert alone == [
+        "epoch_003.ckpt", f"{state}bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", f"{state}ema_rank1.safetensors",
+        f"{state}zero_pp_rank_1_mp_rank_00_model_states.pt", f"{state}rng_rank1.pt", f"{state}trainer_state.json",
+        f"{state}zero_pp_rank_0_mp_rank_00_model_states.pt", f"{state}zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        f"{state}ema_rank0.safetensors", f"{state}rng_rank0.pt",
+    ]  # fmt: skip
+    # A larger one: the ranks without files of their own get the rest.
+    assert verification_shares(manifest, 4)[2:] == [["epoch_003.ckpt"], [f"{state}trainer_state.json"]]
 
 
 def test_manifests_of_earlier_versions_are_checked_with_the_sha256_they_recorded(tmp_path: Path) -> None:

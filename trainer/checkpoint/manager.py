@@ -27,13 +27,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from launch import Topology, decide_on_rank0
 from trainer.checkpoint.formats import CheckpointFormat
 from trainer.checkpoint.io.staging import HostStaging
 from trainer.checkpoint.job import Committer, SaveJob, nbytes
-from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.manifest import Manifest, verification_shares, verify
 from trainer.checkpoint.protocol import CommitProtocol, ResumePoint
 from trainer.checkpoint.states import TrainingStates
 from trainer.config import CheckpointConfig
@@ -89,6 +90,14 @@ class CheckpointManager:
             self.topo.comm, self.topo.is_main, self._find_resume_point, errors=(UserError,),
             what="choosing the checkpoint to resume from",
         )  # fmt: skip
+        while point.manifest is not None:  # the newest complete one: every rank hashes its share of it
+            reason = self._verify_together(point.manifest)
+            if reason is None:
+                break
+            point = decide_on_rank0(
+                self.topo.comm, self.topo.is_main, partial(self.protocol.reject, point, reason),
+                errors=(UserError,), what="choosing the checkpoint to resume from",
+            )  # fmt: skip
         if accept is not None and point.manifest is not None:
             accept(point.manifest)
         run = self.run
@@ -122,10 +131,20 @@ class CheckpointManager:
         return manifest
 
     def _find_resume_point(self) -> ResumePoint:
-        """Rank 0: clear what a crash left, then find the newest intact checkpoint."""
+        """Rank 0: clear what a crash left, then find the newest checkpoint with every file in place (the
+        ranks then hash them together)."""
         for note in self.protocol.clean_start(self.format.adopt):
             self.run.print(note)
-        return self.protocol.find_resume_point()
+        return self.protocol.find_resume_point(hash_files=False)
+
+    def _verify_together(self, manifest: Manifest) -> str | None:
+        """Every rank: hash this rank's share of ``manifest``'s files (``verification_shares``); the first
+        rank's reason the checkpoint is damaged, or None when every file matches."""
+        topo = self.topo
+        share = verification_shares(manifest, topo.world_size)[topo.rank]
+        reason = verify(self.layout.checkpoints, manifest, share)
+        reasons = topo.comm.all_gather(reason, what=f"verifying checkpoint {manifest.tag}")
+        return next((r for r in reasons if r is not None), None)
 
     def _report_world_size_change(self, manifest: Manifest) -> None:
         topo = self.topo

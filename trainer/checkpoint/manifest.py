@@ -5,13 +5,17 @@ A checkpoint (``epoch_003`` or, inside an epoch, ``step_0000042``) is *committed
 (``io/checksums.py``: XXH3-128; sha256 in manifests of earlier versions),
 plus the counters it was taken at. Anything without a manifest is an unfinished write; readers ignore it and
 the next start of the run removes it. Before a resume loads a checkpoint, ``verify`` re-reads every listed
-file: a missing, truncated or altered file makes the whole checkpoint damaged.
+file: a missing, truncated or altered file makes the whole checkpoint damaged. Under several processes the
+reading is shared out (``verification_shares``): each rank hashes the files it is about to load, so that its
+load finds them in the page cache, and a share of the others.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,11 +139,12 @@ def committed_file(path: Path) -> bool:
     return False
 
 
-def verify(folder: Path, manifest: Manifest) -> str | None:
+def verify(folder: Path, manifest: Manifest, hashed: Sequence[str] | None = None) -> str | None:
     """None if every file of the checkpoint is present with its recorded size and checksum, else why not.
 
     Sizes are checked first (cheap); the files are then hashed in parallel, one per core, since a resume
-    waits for this."""
+    waits for this. ``hashed``: the files to hash, in this order (default: all of them); every file's size is
+    checked either way."""
     if not manifest.files:
         return "its manifest lists no files"
     for relative, expected in manifest.files.items():
@@ -149,7 +154,9 @@ def verify(folder: Path, manifest: Manifest) -> str | None:
         size = path.stat().st_size
         if size != expected["bytes"]:
             return f"{relative} has {size} bytes, {expected['bytes']} were written (truncated or overwritten)"
-    relatives = list(manifest.files)
+    relatives = list(manifest.files) if hashed is None else list(hashed)
+    if not relatives:
+        return None
     try:
         expected = {relative: recorded(manifest.files[relative]) for relative in relatives}
     except KeyError as e:
@@ -162,3 +169,29 @@ def verify(folder: Path, manifest: Manifest) -> str | None:
                 return (f"{relative} does not match the checksum ({algorithm}) recorded when it was written (the "
                         "file was altered)")  # fmt: skip
     return None
+
+
+_RANK_IN_NAME = re.compile(r"(?:pp_rank_|_rank)(\d+)[_.]")
+"""The data-parallel rank a checkpoint file is named for: DeepSpeed's ``zero_pp_rank_N_...`` shards, the
+trainer's ``ema_rankN``/``rng_rankN`` files (``mp_rank_00`` is the model-parallel rank: not matched)."""
+
+
+def verification_shares(manifest: Manifest, world_size: int) -> list[list[str]]:
+    """The files of ``manifest`` each of ``world_size`` ranks hashes when they verify it together: every
+    file exactly once. A file named for a rank of this launch goes to that rank (the one that loads it), the
+    others (the merged file, files every rank reads, the files of ranks a smaller launch lacks) to the rank
+    with the fewest bytes so far, largest first. Each rank's own files come last, so that its load right
+    after finds them in the page cache. Only speed depends on these choices: any split verifies every byte."""
+    own: list[list[str]] = [[] for _ in range(world_size)]
+    shared: list[str] = []
+    for relative in manifest.files:
+        match = _RANK_IN_NAME.search(Path(relative).name)
+        rank = int(match.group(1)) if match else world_size
+        (own[rank] if rank < world_size else shared).append(relative)
+    load = [sum(manifest.files[r]["bytes"] for r in files) for files in own]
+    dealt: list[list[str]] = [[] for _ in range(world_size)]
+    for relative in sorted(shared, key=lambda r: (-manifest.files[r]["bytes"], r)):
+        rank = load.index(min(load))
+        dealt[rank].append(relative)
+        load[rank] += manifest.files[relative]["bytes"]
+    return [dealt[rank] + own[rank] for rank in range(world_size)]

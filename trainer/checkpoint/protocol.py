@@ -189,22 +189,38 @@ class CommitProtocol:
 
     # -- resume --------------------------------------------------------------------------------------
 
-    def find_resume_point(self) -> ResumePoint:
+    def find_resume_point(self, *, hash_files: bool = True) -> ResumePoint:
         """The newest checkpoint whose files all match its manifest. Damaged checkpoints met on the way are
-        moved aside to ``damaged/`` (never deleted) and reported."""
+        moved aside to ``damaged/`` (never deleted) and reported. Without ``hash_files`` only the files'
+        presence and sizes are checked here: the caller then hashes them (every rank its share) and hands a
+        mismatch to ``reject``."""
         point = ResumePoint(None)
         for bad in unreadable_manifests(self.folder):
             moved = self._move_aside(bad.stem, [bad])
             point.damaged.append({"tag": bad.stem, "reason": "its manifest is unreadable", "moved_to": moved})
+        return self._newest_intact(point, hash_files)
+
+    def reject(self, point: ResumePoint, reason: str) -> ResumePoint:
+        """``point``'s checkpoint failed the hashing of its files: moved aside like any damaged one, and the
+        next newest found as by ``find_resume_point(hash_files=False)``."""
+        assert point.manifest is not None
+        self._set_aside(point, point.manifest, reason)
+        return self._newest_intact(point, hash_files=False)
+
+    def _newest_intact(self, point: ResumePoint, hash_files: bool) -> ResumePoint:
+        point.manifest = None
         for manifest in reversed(self.committed()):
-            reason = verify(self.folder, manifest)
+            reason = verify(self.folder, manifest, None if hash_files else [])
             if reason is None:
                 point.manifest = manifest
                 return point
-            paths = [manifest_path(self.folder, manifest.tag), *self.tag_paths(manifest.tag)]
-            moved = self._move_aside(manifest.tag, paths)
-            point.damaged.append({"tag": manifest.tag, "reason": reason, "moved_to": moved})
+            self._set_aside(point, manifest, reason)
         return point
+
+    def _set_aside(self, point: ResumePoint, manifest: Manifest, reason: str) -> None:
+        paths = [manifest_path(self.folder, manifest.tag), *self.tag_paths(manifest.tag)]
+        moved = self._move_aside(manifest.tag, paths)
+        point.damaged.append({"tag": manifest.tag, "reason": reason, "moved_to": moved})
 
     # -- going back ----------------------------------------------------------------------------------
 
