@@ -75,6 +75,7 @@ class Measurements:
         self.plots: dict[str, Path] = {}
         """Plots figures drew in the scratch folder, by the name they get in docs/."""
         self._overhead: dict[Setup, Interleaved] = {}
+        self._lora_steps: dict[str | None, tuple[TrainerRun, TrainerRun]] = {}
 
     def command(self, script: str | Path, args: list[str]) -> list[str]:
         """A training-side launch (``scripts/<script>``, or ``HAND_LOOP``) as ``setup`` says."""
@@ -216,26 +217,34 @@ class Measurements:
         launch(self.command("train_lora.py", self.lora_args(root, steps=1, epochs=1)), self.logs / "lora.log")
         return RunLayout.of(root, "lora", 1)
 
-    @cached_property
-    def lora_and_base_steps(self) -> tuple[TrainerRun, TrainerRun]:
+    def lora_and_base_steps(self, config: str | None = None) -> tuple[TrainerRun, TrainerRun]:
         """The lora-step figure's launches: LoRA and base training of the same model, batch and processes,
-        at once, taking turns (``time_sliced``); (the LoRA run, the base run), in running clock. Each saves
-        only after epoch 1 (its warm-up) and with its last epoch: the figure times training steps."""
+        at once, taking turns (``time_sliced``); (the LoRA run, the base run), in running clock. Launched as
+        ``setup`` says, or with ``config`` on 2 processes under ``configs/accelerate/<config>.yaml``; each
+        made once. Each saves only after epoch 1 (its warm-up) and with its last epoch: the figure times
+        training steps."""
+        if config in self._lora_steps:
+            return self._lora_steps[config]
         s, steps, epochs = self.setup, LORA_STEPS_PER_EPOCH, LORA_EPOCHS
+        if config is not None:
+            s = replace(s, accelerate_config=config, num_processes=2)
+        name = "" if config is None else f"{config}_"  # folders and logs
         # a falling loss is never again the best in mode max: saved after epoch 1 (the best) and the last
         saves = ("--set", "checkpoint.save_every_n_epochs=1000", "--set", "checkpoint.monitor=train_loss",
                  "--set", "checkpoint.mode=max")  # fmt: skip
-        roots = (self.work / "lora_steps", self.work / "base_steps")
+        roots = (self.work / f"{name}lora_steps", self.work / f"{name}base_steps")
+        args = (self.lora_args(roots[0], steps=steps, epochs=epochs, extra=saves),
+                self.trainer_args(roots[1], steps=steps, epochs=epochs, extra=saves))  # fmt: skip
         jobs = [
-            Job(self.command("train_lora.py", self.lora_args(roots[0], steps=steps, epochs=epochs, extra=saves)),
-                self.logs / "lora_steps.log", finite=True),
-            Job(self.command("train_base.py", self.trainer_args(roots[1], steps=steps, epochs=epochs, extra=saves)),
-                self.logs / "base_steps.log", finite=True),
+            Job(command(script, a, s.accelerate_config, s.num_processes), self.logs / f"{name}{log}.log",
+                finite=True)
+            for script, a, log in zip(("train_lora.py", "train_base.py"), args, ("lora_steps", "base_steps"))
         ]  # fmt: skip
-        print(f"  train_lora.py and train_base.py ({epochs} epochs of {steps} steps), taking turns of "
-              f"{s.slice_seconds:g} s ...", flush=True)  # fmt: skip
+        print(f"  train_lora.py and train_base.py ({epochs} epochs of {steps} steps), {s.describe()}, taking "
+              f"turns of {s.slice_seconds:g} s ...", flush=True)  # fmt: skip
         lora, base = time_sliced(jobs, slice_seconds=s.slice_seconds)
-        return trainer_run(lora, roots[0], "lora"), trainer_run(base, roots[1])
+        self._lora_steps[config] = trainer_run(lora, roots[0], "lora"), trainer_run(base, roots[1])
+        return self._lora_steps[config]
 
     def peer_timings(self, config: str, width: int = 1) -> dict[str, Any]:
         """The peers figure's launches of diffit_cifar widened ``width`` times, under

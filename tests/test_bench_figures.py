@@ -34,15 +34,26 @@ def test_save_interval_is_the_cost_over_the_hand_loop_after_the_first_epoch() ->
     assert "every 1: +10.0%" in fig.detail and "within 3.5% at every 2, 10 steps" in fig.detail
 
 
-def test_lora_step_times_the_epochs_between_the_first_and_the_last() -> None:
+def test_lora_step_times_the_epochs_between_the_first_and_the_last_in_each_configuration() -> None:
     lora = run([0.0, 30.0, 36.0, 43.0, 51.0, 90.0])  # epoch 1 warms up, epoch 6 ends in a save
     base = run([0.0, 30.0, 39.0, 49.0, 60.0, 99.0])
-    (fig,) = lora_step.measure(SimpleNamespace(setup=Setup(), lora_and_base_steps=(lora, base)))  # type: ignore[arg-type]
-    assert fig.value == pytest.approx(0.7) and fig.passed
+    zero3 = run([0.0, 30.0, 39.0, 48.0, 57.0, 99.0])
+    launches = {None: (lora, base), "cpu_zero2": (lora, lora), "cpu_zero3": (zero3, base)}
+    m = SimpleNamespace(setup=Setup(), lora_and_base_steps=lambda config=None: launches[config])
+
+    figures = lora_step.measure(m)  # type: ignore[arg-type]
+
+    assert [f.name for f in figures] == [
+        "LoRA step / base step (same model, batch)",
+        "LoRA step / base step, 2 processes ZeRO-2 (same model, batch)",
+        "LoRA step / base step, 2 processes ZeRO-3 (same model, batch)",
+    ]
+    assert [f.value for f in figures] == pytest.approx([0.7, 1.0, 0.9])
+    assert [f.passed for f in figures] == [True, False, False]
+    assert "one process (python)" in figures[0].detail and "cpu_zero3, 2 processes" in figures[2].detail
+    launches["cpu_zero2"] = (lora, run(base.epoch_stamps, 6))
     with pytest.raises(BenchError, match="differ in steps"):
-        lora_step.measure(
-            SimpleNamespace(setup=Setup(), lora_and_base_steps=(lora, run(base.epoch_stamps, 6)))
-        )  # type: ignore[arg-type]
+        lora_step.measure(m)  # type: ignore[arg-type]
 
 
 def test_zero_overhead_is_the_hand_loops_epoch_over_the_trainers_after_its_first_for_each_config() -> None:

@@ -1,4 +1,5 @@
-"""lora-step: a LoRA training step's time over a base training step's (LoRA / base), same model and batch.
+"""lora-step: a LoRA training step's time over a base training step's (LoRA / base), same model and batch,
+in one process and on 2 processes under ZeRO-2 and ZeRO-3 (``Setup.zero_configs``), one figure each.
 
 ``scripts/train_lora.py`` (the default blockwise config: adapters on the transformer blocks' linear layers,
 the label embedding trained in full, lora dropout) adapting the synchronous run's ``diffit_cifar`` on
@@ -23,19 +24,29 @@ import itertools
 
 from benchmarks.harness import BenchError, Figure, figure, median, spread
 from benchmarks.measurements import Measurements
+from benchmarks.runs import TrainerRun
 
 TARGET = ("<=", 0.85)
 
 
 def measure(m: Measurements) -> list[Figure]:
-    lora, base = m.lora_and_base_steps
+    """As ``setup`` launches (one process by default), then on 2 processes under each ZeRO config."""
+    figures = [step_figure(m, "", m.lora_and_base_steps(), m.setup.describe())]
+    for stage, config in m.setup.zero_configs().items():
+        where = f"accelerate launch {config}, 2 processes"
+        figures.append(step_figure(m, f", 2 processes {stage}", m.lora_and_base_steps(config), where))
+    return figures
+
+
+def step_figure(m: Measurements, label: str, runs: tuple[TrainerRun, TrainerRun], where: str) -> Figure:
+    lora, base = runs
     steps = {run.history[-1]["global_step"] // len(run.history) for run in (lora, base)}
     if len(steps) != 1:
         raise BenchError(f"the LoRA and base runs' epochs differ in steps ({sorted(steps)}): not comparable")
     timed = [[b - a for a, b in itertools.pairwise(run.epoch_stamps[1:-1])] for run in (lora, base)]
     detail = (
         f"epoch of {steps.pop()} steps x {m.setup.batch} images: LoRA {spread(timed[0])} vs base "
-        f"{spread(timed[1])}, taking turns of {m.setup.slice_seconds:g} s; {m.setup.describe()}"
+        f"{spread(timed[1])}, taking turns of {m.setup.slice_seconds:g} s; {where}"
     )
-    return [figure(TARGET, "LoRA step / base step (same model, batch)", median(timed[0]) / median(timed[1]),
-                   detail)]  # fmt: skip
+    return figure(TARGET, f"LoRA step / base step{label} (same model, batch)", median(timed[0]) / median(timed[1]),
+                  detail)  # fmt: skip

@@ -8,7 +8,9 @@ written last:
   3. ``publish``: ``last``/``best`` are relinked to it, then retention removes the checkpoints it no longer
      keeps: their manifests first (durably), then their files (in the background).
 What has no manifest was never committed: ``clean_start`` removes it at the next start, a resume never reads
-it. ``find_resume_point`` verifies checkpoints newest first and moves damaged ones to ``damaged/<tag>/``.
+it. ``find_resume_point`` verifies checkpoints newest first and moves damaged ones to ``damaged/<tag>/``; for a
+resume it checks only that their files are there, whole in size, and the ranks hash them together (``reject``
+takes a checkpoint whose hashes they found wrong).
 
 Nothing here is collective: the manager calls it on rank 0 and tells the other ranks what happened.
 """
