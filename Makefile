@@ -52,7 +52,7 @@ soak: $(STAMP)
 
 # Performance as side-by-side ratios (trainer vs hand-written loop, async vs sync saves, ...): prints a
 # table with targets and PASS/FAIL, writes benchmarks/results.md, exits 1 if a figure misses its target;
-# ~42 min on 2 CPU cores (benchmarks/perf.py; benchmarks/gpu.md for GPUs). ARGS go to perf.py, e.g.
+# ~49 min on 2 CPU cores (benchmarks/perf.py; benchmarks/gpu.md for GPUs). ARGS go to perf.py, e.g.
 # `make bench ARGS="--only stall,write"` for some figures (and the runs they need).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perf.py $(ARGS)

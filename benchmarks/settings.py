@@ -1,7 +1,7 @@
 """Sizes and repetitions of `make bench`, and ``Setup``: the part of them the command line may change.
 
-The defaults make `make bench` take ~42 minutes on 2 CPU cores, ~11 of them for the peers at 244 M parameters
-(see results.md; README says why that is above the 30-minute budget);
+The defaults make `make bench` take ~49 minutes on 2 CPU cores, ~13 of them for the peers at 244 M parameters
+and ~4 for the LoRA step on 2 processes (see results.md; README says why that is above the 30-minute budget);
 gpu.md has values for GPUs.
 """
 
