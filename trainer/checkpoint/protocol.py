@@ -210,6 +210,8 @@ class CommitProtocol:
         return self._newest_intact(point, hash_files=False)
 
     def _newest_intact(self, point: ResumePoint, hash_files: bool) -> ResumePoint:
+        """``point`` with the newest committed checkpoint that passes ``verify`` (sizes only, without
+        ``hash_files``), or None; each one that fails on the way is set aside into ``point.damaged``."""
         point.manifest = None
         for manifest in reversed(self.committed()):
             reason = verify(self.folder, manifest, None if hash_files else [])
