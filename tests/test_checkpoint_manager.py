@@ -161,7 +161,9 @@ def test_damage_only_rank_1_hashes_is_a_fallback_on_every_rank(tmp_path: Path) -
     rng.chmod(0o644)
     with open(rng, "r+b") as f:  # same size, one byte changed
         f.seek(rng.stat().st_size // 2)
-        f.write(b"\xff")
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0xFF]))
     manifest = read_manifests(layout.checkpoints)[-1]
     assert str(rng.relative_to(layout.checkpoints)) in verification_shares(manifest, 2)[1]
     world = ThreadWorld(2)
