@@ -75,7 +75,7 @@ class Measurements:
         self.plots: dict[str, Path] = {}
         """Plots figures drew in the scratch folder, by the name they get in docs/."""
         self._overhead: dict[Setup, Interleaved] = {}
-        self._lora_steps: dict[str | None, tuple[TrainerRun, TrainerRun]] = {}
+        self._lora_steps: dict[Setup, tuple[TrainerRun, TrainerRun]] = {}
 
     def command(self, script: str | Path, args: list[str]) -> list[str]:
         """A training-side launch (``scripts/<script>``, or ``HAND_LOOP``) as ``setup`` says."""
@@ -223,12 +223,11 @@ class Measurements:
         ``setup`` says, or with ``config`` on 2 processes under ``configs/accelerate/<config>.yaml``; each
         made once. Each saves only after epoch 1 (its warm-up) and with its last epoch: the figure times
         training steps."""
-        if config in self._lora_steps:
-            return self._lora_steps[config]
-        s, steps, epochs = self.setup, LORA_STEPS_PER_EPOCH, LORA_EPOCHS
-        if config is not None:
-            s = replace(s, accelerate_config=config, num_processes=2)
-        name = "" if config is None else f"{config}_"  # folders and logs
+        steps, epochs = LORA_STEPS_PER_EPOCH, LORA_EPOCHS
+        s = self.setup if config is None else replace(self.setup, accelerate_config=config, num_processes=2)
+        if s in self._lora_steps:  # a setup already on 2 processes under ``config`` is launched once
+            return self._lora_steps[s]
+        name = "" if s == self.setup else f"{s.accelerate_config}_{s.num_processes}p_"  # folders and logs
         # a falling loss is never again the best in mode max: saved after epoch 1 (the best) and the last
         saves = ("--set", "checkpoint.save_every_n_epochs=1000", "--set", "checkpoint.monitor=train_loss",
                  "--set", "checkpoint.mode=max")  # fmt: skip
@@ -243,8 +242,8 @@ class Measurements:
         print(f"  train_lora.py and train_base.py ({epochs} epochs of {steps} steps), {s.describe()}, taking "
               f"turns of {s.slice_seconds:g} s ...", flush=True)  # fmt: skip
         lora, base = time_sliced(jobs, slice_seconds=s.slice_seconds)
-        self._lora_steps[config] = trainer_run(lora, roots[0], "lora"), trainer_run(base, roots[1])
-        return self._lora_steps[config]
+        self._lora_steps[s] = trainer_run(lora, roots[0], "lora"), trainer_run(base, roots[1])
+        return self._lora_steps[s]
 
     def peer_timings(self, config: str, width: int = 1) -> dict[str, Any]:
         """The peers figure's launches of diffit_cifar widened ``width`` times, under

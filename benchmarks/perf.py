@@ -13,8 +13,9 @@ parameters, 61 MB of fp32 weights; a checkpoint with EMA, Adam moments and the m
 checkpoint I/O is far above noise; the scale figures widen it to 61 M and 244 M, and the peers figure compares
 at 244 M too. Data: a fake CIFAR-10 folder of random images in the official pickle layout, written here (no
 download). In the overhead, zero-overhead, save-interval and lora-step figures the sides' processes take
-turns, and the peers figure's sides take turns in the same processes (at 244 M, DCP's in a launch of its own); elsewhere the sides of a ratio run one
-after the other, so run it on a quiet machine: other load during one side only moves the figure.
+turns, and the peers figure's sides take turns in the same processes (at 244 M, DCP's in a launch of its
+own); elsewhere the sides of a ratio run one after the other, so run it on a quiet machine: other load during
+one side only moves the figure.
 
 Saves are read from each run's ``logs/events.jsonl`` (one JSON line per finished save, written by the
 trainer), never from its stdout; stdout gives only the times of the "Epoch N/M" lines, stamped by this
