@@ -109,7 +109,8 @@ def exited(cmd: list[str], code: int, log: Path) -> str:
 
 
 def launch(cmd: list[str], log: Path, *, timeout: float = 900, env: dict[str, str] | None = None) -> Launch:
-    """Run ``cmd`` to completion, timestamping its stdout lines as they arrive; stderr goes to ``log``."""
+    """Run ``cmd`` to completion, timestamping its stdout lines as they arrive; stderr goes to ``log``.
+    Prints the launch's wall time (where the benchmark's time goes)."""
     lines: list[tuple[float, str]] = []
     begin = time.perf_counter()
     proc = start_process(cmd, log, env)
@@ -126,6 +127,7 @@ def launch(cmd: list[str], log: Path, *, timeout: float = 900, env: dict[str, st
     append_stdout(log, lines, "seconds since launch")
     if proc.returncode != 0:
         raise BenchError(exited(cmd, proc.returncode, log))
+    print(f"    {log.name}: {time.perf_counter() - begin:.0f} s", flush=True)
     return Launch(lines, log)
 
 
@@ -266,9 +268,11 @@ def time_sliced(jobs: list[Job], *, slice_seconds: float, timeout: float = 1800)
     On a shared machine, speed drifts by ±10% within a minute. Run one after the other, two programs'
     timings differ by that much whatever they do; taking turns of a second, they see the same machine.
     The processes' start-up is sliced too. When the last finite job has ended, the others are killed.
-    ``Launch.turns`` has the (start, end) ``perf_counter`` pairs when each process was let run.
+    ``Launch.turns`` has the (start, end) ``perf_counter`` pairs when each process was let run. Prints the
+    group's wall time.
     """
     group = _Group(jobs)
+    begin = time.perf_counter()
     try:
         group.start()
         deadline = time.perf_counter() + timeout
@@ -283,6 +287,7 @@ def time_sliced(jobs: list[Job], *, slice_seconds: float, timeout: float = 1800)
             raise BenchError(error)
     finally:
         group.end()
+    print(f"    {len(jobs)} processes in turns: {time.perf_counter() - begin:.0f} s", flush=True)
     return group.launches()
 
 
