@@ -129,6 +129,21 @@ def test_merged_weights_equal_deepspeed_zero_to_fp32_zero2(zero2: dict) -> None:
     assert_same_tensors({k: v.contiguous() for k, v in reference.items()}, merged)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings (Linux)")
+def test_merge_lets_go_of_every_shard(zero2: dict) -> None:
+    """DeepSpeed saves the master weights with ``requires_grad``: the merged tensors must be plain data, not
+    the ends of an autograd graph that keeps every rank's memory-mapped shard alive (twice the memory)."""
+    from trainer.checkpoint.sharding.zero_merge import merge_zero_optimizer_state, merge_zero_shards
+
+    folder = zero2["run"] / "checkpoints" / "state" / "epoch_004"
+    weights = merge_zero_shards(folder)
+    moments, _ = merge_zero_optimizer_state(folder)
+    tensors = [*weights.values(), *(t for by_name in moments.values() for t in by_name.values())]
+    assert not any(t.requires_grad or t.grad_fn is not None for t in tensors)
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line]
+    assert not mapped, f"shards still mapped after the merge: {mapped[:2]}"
+
+
 def test_list_runs_prints_table_and_json(zero2: dict) -> None:
     root = str(zero2["root"])
     table = run_cli("base", ["--list-runs", "--checkpoint-root", root]).stdout
@@ -173,6 +188,7 @@ def test_merged_weights_equal_deepspeed_zero_to_fp32_zero3(zero3: Path) -> None:
     )
     ckpt = load_ckpt(zero3 / "checkpoints" / "epoch_002.ckpt")
     assert_same_tensors({k: v.contiguous() for k, v in reference.items()}, ckpt["state_dict"])
+    assert not any(t.requires_grad for t in ckpt["state_dict"].values()), "the merged file holds graph leaves"
     model = build_model(from_dict(TrainConfig, ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.load_state_dict({**ckpt["state_dict"], **ckpt["ema_state_dict"]}, strict=True)  # EMA is full-size

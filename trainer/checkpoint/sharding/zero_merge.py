@@ -76,12 +76,16 @@ ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
 def _flat_groups(opt: dict[str, Any], field: str) -> list[torch.Tensor]:
-    """One rank's flat partitions of ``field`` (``fp32`` master weights or an Adam state), per group."""
+    """One rank's flat partitions of ``field`` (``fp32`` master weights or an Adam state), per group,
+    detached: DeepSpeed saves the master weights with ``requires_grad``, and a copy out of them would
+    record an autograd graph that keeps every rank's memory-mapped shard alive in the merged tensors."""
     stage = int(opt[KEY["stage"]])
     if field == "fp32":
-        return list(opt[KEY["fp32_zero12"] if stage <= 2 else KEY["fp32_zero3"]])
-    states = opt[KEY["base_optimizer"] if stage <= 2 else KEY["zero3_optimizer"]]["state"]
-    return [states[g][field] for g in sorted(states)]
+        parts = list(opt[KEY["fp32_zero12"] if stage <= 2 else KEY["fp32_zero3"]])
+    else:
+        states = opt[KEY["base_optimizer"] if stage <= 2 else KEY["zero3_optimizer"]]["state"]
+        parts = [states[g][field] for g in sorted(states)]
+    return [part.detach() for part in parts]
 
 
 def _merge_flat(folder: Path, field: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int, int]:
