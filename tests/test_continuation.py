@@ -137,7 +137,8 @@ def _cmdlines() -> list[str]:
 
 def test_sigterm_to_the_launcher_saves_and_marks_the_run_interrupted(tmp_path: Path) -> None:
     """What SLURM and Kubernetes do at preemption: SIGTERM to the launcher. It forwards the signal, the
-    workers save and exit 0, and torch elastic's launcher itself then exits 1 (README says so)."""
+    workers save and exit 0, and the launcher itself then exits 128 + SIGTERM = 143 (Accelerate 1.16; earlier
+    releases let torch elastic's SignalException end it with 1 and a traceback; README says so)."""
     root, run = tmp_path / "checkpoints", tmp_path / "checkpoints" / RUN
     cmd = launch_command("train_base.py", base_argv(root, *EPOCHS), accelerate_config="cpu_zero2")
     launcher = subprocess.Popen(cmd, env=child_env({"DIFFIT_FAULTS": "delay@step:seconds=0.5"}),
@@ -148,7 +149,7 @@ def test_sigterm_to_the_launcher_saves_and_marks_the_run_interrupted(tmp_path: P
         time.sleep(0.2)
     launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=120)
-    assert launcher.returncode == 1, out[-3000:]  # torch elastic's SignalException, after the workers' exit 0
+    assert launcher.returncode in (128 + signal.SIGTERM, 1), out[-3000:]  # after the workers' exit 0
     assert "saved a resumable checkpoint and is marked interrupted" in out
     assert metadata(run)["status"] == "interrupted"
     assert assert_all_committed_intact(run)[-1].startswith("step_")
