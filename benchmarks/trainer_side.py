@@ -29,8 +29,7 @@ class TrainerSide:
         deepspeed: dict[str, Any] | None = None, with_engine: bool = True,
     ) -> None:  # fmt: skip
         from launch import topology
-        from trainer.checkpoint.formats.base import unwrap_model
-        from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
+        from trainer.checkpoint.states import RNGState, TrainingStates, TrainState, unwrap_model
         from trainer.ema import EMA
 
         self.config, self.splits, self.accelerator, self.engine, optimizer = prepare(

@@ -109,9 +109,13 @@ def test_a_nonzero_rank_never_commits_purges_links_or_writes_metadata(
     assert [m.tag for m in read_manifests(folder)] == ["epoch_001", "epoch_003"]
     assert all(verify(folder, m) is None for m in read_manifests(folder))
     assert sorted(p.name for p in (folder / "state" / "epoch_003").iterdir()) == [
-        "ema_rank0.safetensors", "model.safetensors", "optimizer.pt", "rng_rank0.pt", "rng_rank1.pt",
-        "trainer_state.json",
+        "optimizer.safetensors", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.json",
     ]  # fmt: skip
+    # Both ranks wrote their share of the two tensor files; rank 0 alone the rest.
+    files = read_manifests(folder)[-1].files
+    for name in ("epoch_003.ckpt", "state/epoch_003/optimizer.safetensors"):
+        assert [part["rank"] for part in files[name]["parts"]] == [0, 1], name
+        assert all(part["ranges"] for part in files[name]["parts"]), name
     events = [json.loads(line) for line in layout.events.read_text().splitlines()]
     assert [e["tag"] for e in events] == tags
     assert layout.metadata.read_text() != metadata_before  # rank 0 recorded the checkpoints on disk

@@ -159,7 +159,7 @@ def save(checkpoints, states, epoch: int) -> dict:  # type: ignore[no-untyped-de
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_a_save_writes_the_merged_file_from_the_snapshot_and_purges_old_checkpoints(
+def test_a_save_writes_every_tensor_once_from_the_snapshot_and_purges_old_checkpoints(
     tmp_path: Path, async_save: bool
 ) -> None:
     states = tiny_states()
@@ -171,16 +171,24 @@ def test_a_save_writes_the_merged_file_from_the_snapshot_and_purges_old_checkpoi
     folder = run / "checkpoints"
     state = folder / "state" / "epoch_001"
 
+    # The weights and the EMA are in the model file users load, Adam's moments beside it: nothing twice.
     merged = load_checkpoint_file(folder / "epoch_001.ckpt")
-    weights, ema_file = (
-        load_file(str(state / "model.safetensors")),
-        load_file(str(state / "ema_rank0.safetensors")),
-    )
-    assert merged["state_dict"].keys() == weights.keys() == model.state_dict().keys()
+    moments = load_file(str(state / "optimizer.safetensors"))
+    assert sorted(p.name for p in state.iterdir()) == [
+        "optimizer.safetensors",
+        "rng_rank0.pt",
+        "trainer_state.json",
+    ]
+    assert merged["state_dict"].keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
-        assert torch.equal(merged["state_dict"][name], tensor) and torch.equal(weights[name], tensor)
+        assert torch.equal(merged["state_dict"][name], tensor)
     for name, tensor in ema.state_dict().items():
-        assert torch.equal(merged["ema_state_dict"][name], tensor) and torch.equal(ema_file[name], tensor)
+        assert torch.equal(merged["ema_state_dict"][name], tensor)
+    names = dict(model.named_parameters())
+    assert moments.keys() == {f"{key}/{name}" for key in ("exp_avg", "exp_avg_sq") for name in names}
+    for name, p in names.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments[f"{key}/{name}"], optimizer.state[p][key])
     assert (merged["epoch"], merged["global_step"], merged["metrics"], merged["config"]) == (
         1, 2, {"train_loss": 0.5}, {"lr": 0.1}
     )  # fmt: skip

@@ -62,10 +62,10 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_epoch(reference: dic
     run = copy_run(reference, tmp_path)
     ckpts = run / "checkpoints"
     flip_byte(ckpts / "last.ckpt", (ckpts / "last.ckpt").stat().st_size // 2)  # = epoch_004.ckpt (hard link)
-    shard = ckpts / "state" / "epoch_003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    half = shard.stat().st_size // 2
-    os.truncate(shard, half)
-    (ckpts / "state" / "epoch_002" / "mp_rank_00_model_states.pt").unlink()
+    moments = ckpts / "state" / "epoch_003" / "optimizer.safetensors"
+    half = moments.stat().st_size // 2
+    os.truncate(moments, half)
+    (ckpts / "state" / "epoch_002" / "rng_rank1.pt").unlink()
 
     result = train_base(run.parent.parent, *EPOCHS, "--resume", "1")
 
@@ -80,7 +80,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_epoch(reference: dic
     assert "Resuming run 001 from epoch 1" in result.stdout
     assert_bit_identical(run, reference["weights"])
     # The damaged files are kept for inspection, with their damage.
-    kept = run / "damaged" / "epoch_003" / "state__epoch_003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    kept = run / "damaged" / "epoch_003" / "state__epoch_003" / "optimizer.safetensors"
     assert kept.stat().st_size == half
     assert os.path.samefile(ckpts / "last.ckpt", ckpts / "epoch_004.ckpt")
     assert assert_all_committed_intact(run) == ["epoch_001", "epoch_002", "epoch_003", "epoch_004"]

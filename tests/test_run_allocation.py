@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, TINY_RUN, child_env, free_port, launch_command, machine_command, worker_output
+from trainer.checkpoint.manifest import read_manifests
 
 pytestmark = pytest.mark.distributed
 
@@ -86,4 +87,7 @@ def test_two_machines_agree_on_the_run_and_only_global_rank0_writes(tmp_path: Pa
     for out in (first[1], resumed[1]):
         assert "Saved" not in out and "run 001" not in out and "error" not in out.lower()
     assert "Saved" in first[0] and "Resuming run 001 from epoch 1" in resumed[0]
-    assert len(list((runs[0] / "checkpoints" / "state" / "epoch_002").glob("*_optim_states.pt"))) == 2
+    # Both machines wrote their part of every tensor file, into the one shared folder.
+    files = read_manifests(runs[0] / "checkpoints")[-1].files
+    assert [part["rank"] for part in files["epoch_002.ckpt"]["parts"]] == [0, 1]
+    assert (runs[0] / "checkpoints" / "state" / "epoch_002" / "rng_rank1.pt").is_file()

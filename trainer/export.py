@@ -1,6 +1,7 @@
 """Export a checkpoint of any run for other tools: today's ``.ckpt``, or safetensors with the config as JSON.
 
-A base run's epoch checkpoint is its merged file; a step checkpoint is merged from its resumable state. A LoRA
+A base run's checkpoint is its model file (``<tag>.ckpt``); a step checkpoint of an earlier version, which had
+none, is merged from its resumable state. A LoRA
 run is exported as its base with the adapters merged in (``--adapter``: the adapter tensors alone). EMA
 weights unless ``raw``; any floating dtype. The safetensors file holds every tensor of the model's
 ``state_dict`` (buffers included), so ``load_state_dict(safetensors.torch.load_file(path), strict=True)``
@@ -42,7 +43,8 @@ def exported(path: Path, which: str, *, raw: bool, adapter: bool) -> dict[str, A
 
 
 def _base(layout: RunLayout, which: str) -> dict[str, Any]:
-    """A base run's checkpoint by tag: its merged file, or (a step checkpoint) merged from its state."""
+    """A base run's checkpoint by tag: its model file, or (an earlier version's step checkpoint) merged from
+    its state."""
     spec = f"epoch_{int(which):03d}" if which.isdigit() else which
     file = layout.ckpt(spec)
     if file.is_file():
@@ -50,7 +52,7 @@ def _base(layout: RunLayout, which: str) -> dict[str, Any]:
     folder = layout.state_root / spec
     if not (folder / "trainer_state.json").is_file():
         raise UserError(f"run {layout.path.name} has no checkpoint {which!r} (no {file.name}, no {folder})")
-    from trainer.checkpoint.formats.base import read_full_ema, read_model_state
+    from trainer.checkpoint.formats.legacy import read_full_ema, read_model_state
 
     saved = json.loads((folder / "trainer_state.json").read_text())
     config = json.loads(layout.config.read_text())

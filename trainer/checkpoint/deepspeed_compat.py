@@ -22,6 +22,14 @@ The touches:
                          resume creates, and whose per-group ``step`` it sets.
   zero3-param-slices     ZeRO-3 parameters' ``ds_tensor`` (this rank's slice) and ``ds_shape`` (the full
                          shape): where the EMA's slice and a scattered state go.
+  zero12-fragments       ZeRO-1/2 (and DeepSpeed's bf16 optimizer) parameters' ``_hp_mapping``: where this
+                         rank's fragment of a parameter starts in it (``lp_fragment_address``), its fp32
+                         values (``hp_fragment``) and Adam state (``get_hp_fragment(key)``), all views of the
+                         rank's flat partitions: what a checkpoint writes and reads of each parameter.
+  zero3-checkpoint-events  ZeRO-3's ``checkpoint_event_prologue``/``epilogue``, which ``load_checkpoint`` calls
+                         around a load: parameters partitioned before, the persistent ones gathered again after.
+  engine-counters        the engine's ``global_steps``, ``global_samples``, ``skipped_steps`` and its
+                         optimizer's loss scaler, which ``load_checkpoint`` restores from its own files.
   zero-shard-keys        the keys of DeepSpeed's shard files read by ``sharding/zero_merge.py`` (the same
                          ones its own ``zero_to_fp32.py`` reads).
 """
@@ -96,6 +104,30 @@ def _check_zero3_param_slices() -> None:
     assert "param.ds_tensor = " in text and "param.ds_shape = " in text
 
 
+def _check_zero12_fragments() -> None:
+    from deepspeed.utils import fragment_address, mixed_precision_linkage, tensor_fragment
+
+    assert {"lp_fragment_address", "hp_fragment"} <= set(tensor_fragment.__dataclass_fields__)
+    assert set(fragment_address.__dataclass_fields__) == {"numel", "start"}
+    assert "def get_hp_fragment(self, optim_state_key=None)" in _source(tensor_fragment)
+    assert "lp_param._hp_mapping = " in _source(mixed_precision_linkage)
+
+
+def _check_zero3_checkpoint_events() -> None:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert callable(DeepSpeedZeroOptimizer_Stage3.checkpoint_event_prologue)
+    assert "persistent_parameters" in _source(DeepSpeedZeroOptimizer_Stage3.checkpoint_event_epilogue)
+
+
+def _check_engine_counters() -> None:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    text = _source(DeepSpeedEngine._load_checkpoint)
+    for counter in ENGINE_COUNTERS:
+        assert f"self.{counter} = " in text, f"load_checkpoint no longer restores {counter}"
+
+
 def _check_zero_shard_keys() -> None:
     from deepspeed.checkpoint import constants
 
@@ -121,6 +153,11 @@ TOUCHES = [
           "fp32 partitions as .fp32_partitioned_groups_flat", _check_zero_flat_partitions),
     Touch("zero3-param-slices", "ZeRO-3 parameters carry .ds_tensor and .ds_shape", _check_zero3_param_slices),
     Touch("zero-shard-keys", "the shard files' keys (deepspeed.checkpoint.constants)", _check_zero_shard_keys),
+    Touch("zero12-fragments", "ZeRO-1/2 parameters' _hp_mapping (lp_fragment_address, hp_fragment, "
+          "get_hp_fragment(key))", _check_zero12_fragments),
+    Touch("zero3-checkpoint-events", "DeepSpeedZeroOptimizer_Stage3.checkpoint_event_prologue/epilogue",
+          _check_zero3_checkpoint_events),
+    Touch("engine-counters", "the engine's global_steps, global_samples, skipped_steps", _check_engine_counters),
 ]  # fmt: skip
 
 
@@ -242,6 +279,68 @@ def set_optimizer_step(engine: Any, step: float) -> None:
 def optimizer_step(engine: Any) -> float:
     """Adam's step count (one value per group under DeepSpeed; the largest)."""
     return max((float(s["step"]) for s in base_optimizer(engine).state.values() if "step" in s), default=0.0)
+
+
+def zero12_fragment(param: Any) -> tuple[int, torch.Tensor] | None:
+    """ZeRO-1/2: (first element, fp32 values) of the fragment of ``param`` in this rank's flat partition (a
+    view of it), or None when the partition holds none of ``param``."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return int(mapping.lp_fragment_address.start), mapping.hp_fragment
+
+
+def zero12_moment(param: Any, key: str) -> torch.Tensor | None:
+    """ZeRO-1/2: this rank's fragment of Adam's ``key`` for ``param`` (a view of the flat state), or None
+    before the optimizer has state (``create_adam_state`` makes it)."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None or not mapping.optim_fragment or key not in mapping.optim_fragment:
+        return None
+    return mapping.get_hp_fragment(key)
+
+
+def has_zero12_fragments(param: Any) -> bool:
+    """Whether ``param`` is a ZeRO-1/2 (or bf16 optimizer) parameter, whatever this rank holds of it."""
+    return hasattr(param, "_hp_mapping")
+
+
+@contextmanager
+def zero3_checkpoint_events(engine: Any) -> Iterator[None]:
+    """Around a load of ZeRO-3 partitions (collective): every parameter partitioned before, the persistent
+    ones (gathered whole on every rank) gathered again from their new partitions after, as
+    ``load_checkpoint`` does."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "checkpoint_event_prologue"):
+        optimizer.checkpoint_event_prologue()
+    yield
+    if hasattr(optimizer, "checkpoint_event_epilogue"):
+        optimizer.checkpoint_event_epilogue()
+
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+_LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def engine_counters(engine: Any) -> dict[str, float]:
+    """The engine's step counters and its loss scaler's state (fp16's dynamic scale), plain numbers."""
+    counters = {name: float(getattr(engine, name)) for name in ENGINE_COUNTERS if hasattr(engine, name)}
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for name in _LOSS_SCALER_FIELDS:
+        if scaler is not None and isinstance(getattr(scaler, name, None), int | float):
+            counters[f"loss_scaler.{name}"] = float(getattr(scaler, name))
+    return counters
+
+
+def restore_engine_counters(engine: Any, counters: dict[str, float]) -> None:
+    for name, value in counters.items():
+        if name in ENGINE_COUNTERS:
+            setattr(engine, name, int(value))
+        elif name.startswith("loss_scaler."):
+            scaler = getattr(engine.optimizer, "loss_scaler", None)
+            field = name.removeprefix("loss_scaler.")
+            if scaler is not None and field in _LOSS_SCALER_FIELDS and hasattr(scaler, field):
+                current = getattr(scaler, field)
+                setattr(scaler, field, type(current)(value) if isinstance(current, int | float) else value)
 
 
 def zero3_slice(param: Any) -> torch.Tensor | None:

@@ -15,18 +15,21 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import torch
 
 from launch import PeerLost, Topology
-from trainer.checkpoint.formats import CheckpointFormat, Hashes, PendingFile, Snapshot
+from trainer.checkpoint.formats import CheckpointFormat, PendingFile, Snapshot, Written
 from trainer.checkpoint.io.atomic import Flusher, write_file
-from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.io.parts import Part, write_part
+from trainer.checkpoint.io.tensor_files import FileLayout
+from trainer.checkpoint.manifest import Entry, Manifest, whole
 from trainer.checkpoint.protocol import CommitProtocol
 from trainer.checkpoint.retention import Scores
+from trainer.checkpoint.sharding.owned import Piece
 from trainer.faults import Faults
 from trainer.runs.layout import RunLayout
 
@@ -111,20 +114,44 @@ class Committer:
             job.snapshot = Snapshot()  # drop the snapshot's references (staging keeps its buffers)
         job.outcome.update(outcome, tag=tag, global_step=job.step)
 
-    def _write(self, job: SaveJob) -> tuple[str | None, Hashes]:
-        """This rank's files of the save, hashed as written: (the first error, or None; their hashes). A
-        failed write (full disk, lost mount) skips the rest."""
-        written: Hashes = {}
+    def _layouts(self, snapshot: Snapshot, tag: str) -> tuple[dict[str, FileLayout], str | None]:
+        """The layouts of the files every rank writes a part of: drawn up by rank 0 (with the headers only
+        it writes) and handed to every rank (their offsets); (layouts, why there are none)."""
+        if not snapshot.parts:
+            return {}, None
+        mine: dict[str, FileLayout] = {}
+        error = None
+        if self.topo.is_main:
+            try:
+                assert snapshot.layouts is not None, "rank 0's snapshot has no layouts"
+                mine = snapshot.layouts()
+            except Exception as e:  # every rank must still meet at the broadcast
+                error = f"{type(e).__name__}: {e}"
+        offsets = {name: replace(layout, header=[]) for name, layout in mine.items()}
+        sent = self.topo.comm.background_broadcast((offsets, error), what=f"the save of {tag} (its layout)")
+        return (mine if self.topo.is_main else sent[0]), sent[1]
+
+    def _write(self, job: SaveJob) -> tuple[str | None, dict[str, Entry | Part]]:
+        """This rank's files and parts of the save, hashed as written: (the first error, or None; what was
+        written, by file name). A failed write (full disk, lost mount) skips the rest."""
+        written: dict[str, Entry | Part] = {}
+        snapshot, rank = job.snapshot, self.topo.rank
+        layouts, error = self._layouts(snapshot, job.tag)
+        if error is not None:
+            return error, written
         try:
             with Flusher() as flusher:
-                for pending in job.snapshot.files:
+                for pending in snapshot.files:
                     self.faults.point("write", tag=job.tag, step=job.step)
-                    written[pending.path.name] = write_file(
-                        pending.path,
-                        partial(_serialize, pending),
-                        flusher,
-                        hash_on_thread=not self.background,
-                    )
+                    written[pending.path.name] = whole(*write_file(
+                        pending.path, partial(_serialize, pending), flusher, hash_on_thread=not self.background,
+                    ))  # fmt: skip
+                for part in snapshot.parts:
+                    self.faults.point("write", tag=job.tag, step=job.step)
+                    layout = layouts[part.layout]
+                    blocks = [*layout.header, *_placed(layout, part.pieces)]
+                    written[part.path.name] = write_part(part.path, blocks, flusher, rank=rank,
+                                                         hash_on_thread=not self.background)  # fmt: skip
                 flusher.wait()  # every file on disk before the others are told so
         except OSError as e:
             return describe(e), written
@@ -132,13 +159,15 @@ class Committer:
             return f"{type(e).__name__}: {e}", written
         return None, written
 
-    def _commit(self, job: SaveJob, reports: list[tuple[str | None, Hashes]]) -> dict[str, Any]:
+    def _commit(
+        self, job: SaveJob, reports: list[tuple[str | None, dict[str, Entry | Part]]]
+    ) -> dict[str, Any]:
         """Rank 0, once every rank's files are written: finish the format's files, commit, publish."""
         tag, step, progress = job.tag, job.step, job.progress
         errors = [f"rank {r}: {e}" if r else e for r, (e, _) in enumerate(reports) if e]
         error = errors[0] if errors else None
         if error is None:
-            written = {name: entry for _, hashes in reports for name, entry in hashes.items()}
+            written = entries_of([written for _, written in reports])
             try:
                 self.faults.point("save.shards", tag=tag, step=step)
                 known = self.format.finish(tag, job.snapshot, written, progress, job.metrics,
@@ -173,6 +202,31 @@ class Committer:
 def describe(error: OSError) -> str:
     where = f" writing {error.filename}" if error.filename else ""
     return f"{error.strerror or error}{where}"
+
+
+def entries_of(reports: list[dict[str, Entry | Part]]) -> Written:
+    """Every rank's report of what it wrote, as manifest entries by file name: a file written in parts gets
+    one entry with every rank's part (its size: where the last part ends)."""
+    entries: Written = {}
+    parts: dict[str, list[Part]] = {}
+    for written in reports:
+        for name, entry in written.items():
+            if isinstance(entry, Part):
+                parts.setdefault(name, []).append(entry)
+            else:
+                entries[name] = entry
+    for name, file_parts in parts.items():
+        size = max((offset + length for part in file_parts for offset, length in part.ranges), default=0)
+        entries[name] = {
+            "bytes": size,
+            "parts": [part.entry() for part in sorted(file_parts, key=lambda p: p.rank)],
+        }
+    return entries
+
+
+def _placed(layout: FileLayout, pieces: list[Piece]) -> list[tuple[int, Any]]:
+    """(byte offset, data) of each piece in a file of ``layout``."""
+    return [(layout.span(piece.key, piece.start, piece.data.numel())[0], piece.data) for piece in pieces]
 
 
 def _serialize(pending: PendingFile, f: Any) -> None:

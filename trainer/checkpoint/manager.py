@@ -237,9 +237,7 @@ class CheckpointManager:
         self._staging.end()
         job = SaveJob(tag, snapshot, saved, dict(metrics), is_best, start)
         # Host memory held by the snapshot (nothing is copied when the save is written right away).
-        job.outcome["snapshot_bytes"] = (
-            nbytes([[f.obj for f in snapshot.files], snapshot.payload]) if background else 0
-        )
+        job.outcome["snapshot_bytes"] = nbytes(snapshot.tensors()) if background else 0
         self._committer.start(job)
         blocked = time.perf_counter() - start
         job.outcome["blocked_seconds"] = blocked

@@ -2,12 +2,14 @@
 
 A checkpoint (``epoch_003`` or, inside an epoch, ``step_0000042``) is *committed* when its manifest exists:
 ``<checkpoint folder>/manifests/<tag>.json`` lists every file of the checkpoint with its size and checksum
-(``io/checksums.py``: XXH3-128; sha256 in manifests of earlier versions),
-plus the counters it was taken at. Anything without a manifest is an unfinished write; readers ignore it and
+(``io/checksums.py``: XXH3-128; sha256 in manifests of earlier versions), plus the counters it was taken at.
+A file that several processes wrote side by side (``io/parts.py``) has one checksum per process's part
+instead: ``{"bytes": N, "parts": [{"rank": r, "ranges": [[offset, length], ...], "xxh3_128": ...}, ...]}``,
+the parts' ranges tiling the file. Anything without a manifest is an unfinished write; readers ignore it and
 the next start of the run removes it. Before a resume loads a checkpoint, ``verify`` re-reads every listed
-file: a missing, truncated or altered file makes the whole checkpoint damaged. Under several processes the
-reading is shared out (``verification_shares``): each rank hashes the files it is about to load, so that its
-load finds them in the page cache, and a share of the others.
+byte: a missing, truncated or altered file makes the whole checkpoint damaged. Under several processes the
+reading is shared out (``verification_shares``): each rank hashes what it is about to load (on the same
+processes: the parts it wrote), so that its load finds those bytes in the page cache, and a share of the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint.io.atomic import atomic_write_json
-from trainer.checkpoint.io.checksums import ALGORITHM, file_digest, recorded
+from trainer.checkpoint.io.checksums import ALGORITHM, file_digest, hash_ranges, recorded
 from trainer.runs.layout import MANIFESTS as MANIFEST_DIR
 
 FORMAT = "diffit-trainer/manifest-v1"
@@ -71,19 +73,29 @@ def manifest_path(folder: Path, tag: str) -> Path:
     return folder / MANIFEST_DIR / f"{tag}.json"
 
 
+Entry = dict[str, Any]
+"""A manifest's record of one file: ``{"bytes": N, "<algorithm>": digest}``, or ``{"bytes": N, "parts": [...]}``."""
+Item = str | tuple[str, int]
+"""What ``verify`` hashes: a file (every part of it), or one part of a file written in parts."""
+
+
+def whole(size: int, digest: str) -> Entry:
+    return {"bytes": size, ALGORITHM: digest}
+
+
 def write_manifest(
-    folder: Path, manifest: Manifest, files: list[Path], known: dict[Path, tuple[int, str]] | None = None
+    folder: Path, manifest: Manifest, files: list[Path], known: dict[Path, Entry] | None = None
 ) -> None:
     """Record ``files`` (paths under ``folder``) in ``manifest`` and commit it atomically, fsynced.
 
-    ``known``: (bytes, checksum) of files hashed while they were written; the others are read and hashed."""
+    ``known``: the entries of files hashed while they were written; the others are read and hashed."""
     known = known or {}
     entries = {}
     for path in sorted(files):
-        size, digest = known.get(path, (-1, ""))
-        if size != path.stat().st_size:
-            size, digest = path.stat().st_size, file_digest(path)
-        entries[str(path.relative_to(folder))] = {"bytes": size, ALGORITHM: digest}
+        entry = known.get(path)
+        if entry is None or entry["bytes"] != path.stat().st_size:
+            entry = whole(path.stat().st_size, file_digest(path))
+        entries[str(path.relative_to(folder))] = entry
     manifest.files = entries
     (folder / MANIFEST_DIR).mkdir(exist_ok=True)
     atomic_write_json(manifest_path(folder, manifest.tag), manifest.to_dict())
@@ -139,11 +151,11 @@ def committed_file(path: Path) -> bool:
     return False
 
 
-def verify(folder: Path, manifest: Manifest, hashed: Sequence[str] | None = None) -> str | None:
+def verify(folder: Path, manifest: Manifest, hashed: Sequence[Item] | None = None) -> str | None:
     """None if every file of the checkpoint is present with its recorded size and checksum, else why not.
 
-    Sizes are checked first (cheap); the files are then hashed in parallel, one per core, since a resume
-    waits for this. ``hashed``: the files to hash, in this order (default: all of them); every file's size is
+    Sizes are checked first (cheap); the files (or parts) are then hashed in parallel, one per core, since a
+    resume waits for this. ``hashed``: what to hash, in this order (default: everything); every file's size is
     checked either way."""
     if not manifest.files:
         return "its manifest lists no files"
@@ -154,21 +166,50 @@ def verify(folder: Path, manifest: Manifest, hashed: Sequence[str] | None = None
         size = path.stat().st_size
         if size != expected["bytes"]:
             return f"{relative} has {size} bytes, {expected['bytes']} were written (truncated or overwritten)"
-    relatives = list(manifest.files) if hashed is None else list(hashed)
-    if not relatives:
+    items = list(manifest.files) if hashed is None else list(hashed)
+    if not items:
         return None
     try:
-        expected = {relative: recorded(manifest.files[relative]) for relative in relatives}
-    except KeyError as e:
-        return f"its manifest is damaged: {e.args[0]}"
-    with ThreadPoolExecutor(max_workers=min(len(relatives), os.cpu_count() or 1)) as pool:
-        digests = pool.map(lambda r: file_digest(folder / r, expected[r][0]), relatives)
-        for relative, digest in zip(relatives, digests):
-            algorithm, value = expected[relative]
+        checks = [check for item in items for check in _checks(manifest, item)]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        return f"its manifest is damaged: {e.args[0] if e.args else type(e).__name__}"
+    with ThreadPoolExecutor(max_workers=min(len(checks), os.cpu_count() or 1)) as pool:
+        digests = pool.map(lambda c: hash_ranges(folder / c[0], c[1], c[2]), checks)
+        for (relative, _, algorithm, value), digest in zip(checks, digests):
             if digest != value:
                 return (f"{relative} does not match the checksum ({algorithm}) recorded when it was written (the "
                         "file was altered)")  # fmt: skip
     return None
+
+
+def _checks(manifest: Manifest, item: Item) -> list[tuple[str, list[tuple[int, int]], str, str]]:
+    """(file, ranges, algorithm, recorded digest) to hash for one item of ``verify``."""
+    relative, index = (item, None) if isinstance(item, str) else item
+    entry = manifest.files[relative]
+    if "parts" not in entry:
+        algorithm, digest = recorded(entry)
+        return [(relative, [(0, int(entry["bytes"]))], algorithm, digest)]
+    parts = _tiling_parts(relative, entry)
+    chosen = parts if index is None else [parts[index]]
+    return [(relative, ranges, *recorded(part)) for part, ranges in ((p, _ranges(p)) for p in chosen)]
+
+
+def _tiling_parts(relative: str, entry: Entry) -> list[dict[str, Any]]:
+    """The parts of a file written in parts, checked to cover every byte of it exactly once."""
+    parts = entry["parts"]
+    covered = sorted(r for part in parts for r in _ranges(part))
+    end = 0
+    for offset, length in covered:
+        if offset != end or length <= 0:
+            raise ValueError(f"the parts of {relative} do not cover it (at byte {end})")
+        end += length
+    if end != entry["bytes"]:
+        raise ValueError(f"the parts of {relative} cover {end} of its {entry['bytes']} bytes")
+    return list(parts)
+
+
+def _ranges(part: dict[str, Any]) -> list[tuple[int, int]]:
+    return [(int(offset), int(length)) for offset, length in part["ranges"]]
 
 
 _RANK_IN_NAME = re.compile(r"(?:pp_rank_|_rank)(\d+)[_.]")
@@ -176,22 +217,40 @@ _RANK_IN_NAME = re.compile(r"(?:pp_rank_|_rank)(\d+)[_.]")
 trainer's ``ema_rankN``/``rng_rankN`` files (``mp_rank_00`` is the model-parallel rank: not matched)."""
 
 
-def verification_shares(manifest: Manifest, world_size: int) -> list[list[str]]:
-    """The files of ``manifest`` each of ``world_size`` ranks hashes when they verify it together: every
-    file exactly once. A file named for a rank of this launch goes to that rank (the one that loads it), the
-    others (the merged file, files every rank reads, the files of ranks a smaller launch lacks) to the rank
-    with the fewest bytes so far, largest first. Each rank's own files come last, so that its load right
-    after finds them in the page cache. Only speed depends on these choices: any split verifies every byte."""
-    own: list[list[str]] = [[] for _ in range(world_size)]
-    shared: list[str] = []
-    for relative in manifest.files:
+def verification_shares(
+    manifest: Manifest, world_size: int, *, same_layout: bool = False
+) -> list[list[Item]]:
+    """What each of ``world_size`` ranks hashes when they verify ``manifest`` together: every byte exactly
+    once. A file named for a rank of this launch goes to that rank (the one that loads it), and so does the
+    part a rank wrote when this launch has the processes that wrote the checkpoint (``same_layout``: each
+    rank then loads exactly its own part). The rest (the files every rank reads, parts and files of ranks
+    that are not here) go to the rank with the fewest bytes so far, largest first. Each rank's own items come
+    last, so that its load right after finds them in the page cache. Only speed depends on these choices:
+    any split verifies every byte."""
+    own: list[list[Item]] = [[] for _ in range(world_size)]
+    owned_bytes = [0] * world_size
+    shared: list[tuple[int, Item]] = []
+    for relative, entry in manifest.files.items():
+        if "parts" in entry and isinstance(entry["parts"], list):
+            for index, part in enumerate(entry["parts"]):
+                size = sum(int(length) for _, length in part.get("ranges", []))
+                rank = int(part.get("rank", -1)) if same_layout else -1
+                if 0 <= rank < world_size:
+                    own[rank].append((relative, index))
+                    owned_bytes[rank] += size
+                else:
+                    shared.append((size, (relative, index)))
+            continue
         match = _RANK_IN_NAME.search(Path(relative).name)
         rank = int(match.group(1)) if match else world_size
-        (own[rank] if rank < world_size else shared).append(relative)
-    load = [sum(manifest.files[r]["bytes"] for r in files) for files in own]
-    dealt: list[list[str]] = [[] for _ in range(world_size)]
-    for relative in sorted(shared, key=lambda r: (-manifest.files[r]["bytes"], r)):
-        rank = load.index(min(load))
-        dealt[rank].append(relative)
-        load[rank] += manifest.files[relative]["bytes"]
+        if rank < world_size:
+            own[rank].append(relative)
+            owned_bytes[rank] += int(entry["bytes"])
+        else:
+            shared.append((int(entry["bytes"]), relative))
+    dealt: list[list[Item]] = [[] for _ in range(world_size)]
+    for size, item in sorted(shared, key=lambda s: (-s[0], str(s[1]))):
+        rank = owned_bytes.index(min(owned_bytes))
+        dealt[rank].append(item)
+        owned_bytes[rank] += size
     return [dealt[rank] + own[rank] for rank in range(world_size)]

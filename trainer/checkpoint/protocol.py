@@ -31,6 +31,7 @@ from trainer.checkpoint.io.atomic import (
     remove_tmp_leftovers,
 )
 from trainer.checkpoint.manifest import (
+    Entry,
     Manifest,
     manifest_path,
     read_manifests,
@@ -123,7 +124,7 @@ class CommitProtocol:
 
     # -- a save ---------------------------------------------------------------------------------------
 
-    def commit(self, manifest: Manifest, known: dict[Path, tuple[int, str]]) -> None:
+    def commit(self, manifest: Manifest, known: dict[Path, Entry]) -> None:
         """Write ``manifest`` over every file of its tag: from now on the checkpoint counts, and its files
         are read-only."""
         files = self.tag_files(manifest.tag)

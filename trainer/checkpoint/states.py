@@ -153,3 +153,8 @@ class TrainingStates:
         for name, state in self.extra.items():
             if name in saved:
                 state.load_state_dict(saved[name])
+
+
+def unwrap_model(model: Any) -> torch.nn.Module:
+    """The plain module inside a DeepSpeed engine or DDP wrapper."""
+    return model.module if hasattr(model, "module") else model

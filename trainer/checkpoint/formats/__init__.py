@@ -2,15 +2,18 @@
 
 A format says which files a checkpoint has and how they are written and read; the manager decides when,
 and the commit protocol makes them count. A save goes through a format in two parts:
-  ``snapshot``  on every rank (collective under DeepSpeed): copy the state to host memory and list the files
-                this rank writes, as ``PendingFile``s; training goes on as soon as it returns.
+  ``snapshot``  on every rank (collective under DeepSpeed): copy the state to host memory and list what this
+                rank writes: whole files (``PendingFile``) and its parts of files that every rank writes side
+                by side (``PendingPart``, placed by the layouts rank 0 draws up, ``Snapshot.layouts``);
+                training goes on as soon as it returns.
   ``finish``    on global rank 0, once every rank's files are written: put the checkpoint in place (rename
-                folders, write the files rank 0 alone writes) and return the hashes of the files it knows.
+                folders, write the files rank 0 alone writes) and return the manifest entries it knows.
 ``load`` restores a committed checkpoint on every rank, on this launch's number of processes and stage.
 
-  base.py  base runs: DeepSpeed's shards (or a single process's safetensors), each rank's EMA slice and RNG,
-           ``trainer_state.json``, and for epoch checkpoints the merged fp32 file users load
-  lora.py  LoRA runs: one file of the trained tensors, their EMA and Adam state by name, written by rank 0
+  base.py    base runs: the model file users load (fp32 weights and EMA), Adam's moments, each rank's RNG,
+             ``trainer_state.json``: every tensor once, every rank writing its own pieces
+  legacy.py  base checkpoints of earlier versions (DeepSpeed's shard files and a merged file beside them)
+  lora.py    LoRA runs: one file of the trained tensors, their EMA and Adam state by name, written by rank 0
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from typing import Any, Protocol
 
 import torch
 
-from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.io.tensor_files import FileLayout
+from trainer.checkpoint.manifest import Entry, Manifest
+from trainer.checkpoint.sharding.owned import Piece
 from trainer.checkpoint.states import TrainingStates
 from trainer.errors import UserError
 
 CKPT_FORMAT = "diffit-trainer/checkpoint-v1"
 """``format`` of every ``.ckpt`` file this trainer writes."""
 
-Hashes = dict[str, tuple[int, str]]
-"""File name → (bytes, checksum) of files hashed while they were written."""
+Written = dict[str, Entry]
+"""File name → its manifest entry, for the files whose bytes were hashed as they were written."""
 
 
 @dataclass
@@ -43,13 +48,35 @@ class PendingFile:
 
 
 @dataclass
+class PendingPart:
+    """This rank's part of a file that every rank writes side by side: its ``pieces``, placed by the
+    layout named ``layout`` (``Snapshot.layouts``)."""
+
+    path: Path
+    layout: str
+    pieces: list[Piece]
+
+
+@dataclass
 class Snapshot:
     """What one rank holds of a checkpoint between the snapshot and the commit."""
 
     files: list[PendingFile] = field(default_factory=list)
     """What this rank writes (every rank, or only rank 0)."""
+    parts: list[PendingPart] = field(default_factory=list)
+    """This rank's parts of the files every rank writes."""
+    layouts: Callable[[], dict[str, FileLayout]] | None = None
+    """Rank 0: the layouts of those files, by name (computed by the save's job, off the training thread)."""
     payload: Any = None
     """What rank 0's ``finish`` needs (None on the other ranks)."""
+
+    def tensors(self) -> list[Any]:
+        """What the snapshot holds in memory (to count the host memory of a background save)."""
+        return [
+            [f.obj for f in self.files],
+            [p.data for part in self.parts for p in part.pieces],
+            self.payload,
+        ]
 
 
 class CheckpointFormat(Protocol):
@@ -67,10 +94,10 @@ class CheckpointFormat(Protocol):
         ...
 
     def finish(
-        self, tag: str, snapshot: Snapshot, written: Hashes, progress: dict[str, Any],
+        self, tag: str, snapshot: Snapshot, written: Written, progress: dict[str, Any],
         metrics: dict[str, float], before_publish: Callable[[Path], None],
-    ) -> dict[Path, tuple[int, str]]:  # fmt: skip
-        """Rank 0, after every rank wrote its files. Returns (bytes, checksum) by final path of the files
+    ) -> dict[Path, Entry]:  # fmt: skip
+        """Rank 0, after every rank wrote its files. Returns the manifest entries by final path of the files
         whose hashes are already known; may raise OSError (nothing of the tag counts until committed)."""
         ...
 

@@ -23,12 +23,11 @@ import torch
 
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
-from trainer.checkpoint.formats import CKPT_FORMAT, Hashes, Snapshot, load_checkpoint_file
-from trainer.checkpoint.formats.base import unwrap_model
+from trainer.checkpoint.formats import CKPT_FORMAT, Snapshot, Written, load_checkpoint_file
 from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, atomic_write, umask
-from trainer.checkpoint.manifest import Manifest
+from trainer.checkpoint.manifest import Entry, Manifest, whole
 from trainer.checkpoint.sharding.full_state import FullState, gather_full_state, scatter_full_state
-from trainer.checkpoint.states import TrainingStates
+from trainer.checkpoint.states import TrainingStates, unwrap_model
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
 
@@ -70,13 +69,15 @@ class LoraFormat:
         return Snapshot(payload=checkpoint)
 
     def finish(
-        self, tag: str, snapshot: Snapshot, written: Hashes, progress: dict[str, Any],
+        self, tag: str, snapshot: Snapshot, written: Written, progress: dict[str, Any],
         metrics: dict[str, float], before_publish: Callable[[Path], None],
-    ) -> dict[Path, tuple[int, str]]:  # fmt: skip
+    ) -> dict[Path, Entry]:  # fmt: skip
         self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
         ckpt = self.layout.ckpt(tag)
         return {
-            ckpt: atomic_write(ckpt, partial(torch.save, snapshot.payload), before_publish=before_publish)
+            ckpt: whole(
+                *atomic_write(ckpt, partial(torch.save, snapshot.payload), before_publish=before_publish)
+            )
         }
 
     def load(self, tag: str, states: TrainingStates) -> dict[str, Any]:

@@ -11,9 +11,11 @@ helper thread (``Flusher``) while the next file is written, so a save runs at ab
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -96,11 +98,16 @@ class Flusher:
         self._unflushed = 0
 
     def written(self, f: IO[bytes], nbytes: int) -> None:
-        """``nbytes`` more were written to ``f``: start the disk on them once enough have piled up."""
+        """``nbytes`` more were written to ``f``: start the disk on them once enough have piled up (Linux:
+        ``sync_file_range``, which returns at once; elsewhere an ``fdatasync`` on the helper thread)."""
         self._unflushed += nbytes
-        if self._unflushed >= WRITEBACK_BYTES and (not self._pending or self._pending[-1].done()):
-            self._unflushed = 0
-            f.flush()
+        if self._unflushed < WRITEBACK_BYTES:
+            return
+        self._unflushed = 0
+        f.flush()
+        if _SYNC_FILE_RANGE is not None:
+            _SYNC_FILE_RANGE(f.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
+        elif not self._pending or self._pending[-1].done():
             self._pending.append(self._thread.submit(os.fdatasync, f.fileno()))
 
     def close(self, f: IO[bytes]) -> None:
@@ -125,6 +132,23 @@ class Flusher:
 
 
 WRITEBACK_BYTES = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writing the dirty pages of the range, do not wait
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
 
 
 def _fsync_and_close(f: IO[bytes]) -> None:

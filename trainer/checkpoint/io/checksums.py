@@ -15,7 +15,8 @@ source manifest), where a user may compare it with ``sha256sum``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ ALGORITHM = "xxh3_128"
 """What new manifests record (the key of each file's entry, beside ``bytes``)."""
 ALGORITHMS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 CHUNK = 4 << 20
+READ_CHUNK = 16 << 20
+"""Ranges are hashed in reads of at most this many bytes, through one buffer."""
 
 
 def new_digest() -> Any:
@@ -50,3 +53,22 @@ def recorded(entry: dict[str, Any]) -> tuple[str, str]:
         if algorithm in entry:
             return algorithm, str(entry[algorithm])
     raise KeyError(f"no checksum of a known algorithm ({', '.join(ALGORITHMS)}) in {sorted(entry)}")
+
+
+def hash_ranges(path: Path, ranges: Sequence[tuple[int, int]], algorithm: str = ALGORITHM) -> str:
+    """The checksum of ``ranges`` of ``path``, in order (one buffer, reused: memory does not grow with the
+    file). A file too short for them hashes what is there, which will not match."""
+    digest = ALGORITHMS[algorithm]()
+    buffer = bytearray(min(READ_CHUNK, max((length for _, length in ranges), default=0)))
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        for offset, length in ranges:
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [view[: min(len(buffer), length - done)]], offset + done)
+                if n <= 0:
+                    return str(digest.hexdigest()) + "-short"
+                digest.update(view[:n])
+                done += n
+    return str(digest.hexdigest())
