@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test check lint format typecheck unit bench bench-quality soak clean
+.PHONY: install demo test check lint format typecheck unit bench bench-full bench-quality soak clean
 
 install: $(STAMP)
 
@@ -50,12 +50,17 @@ test: check
 soak: $(STAMP)
 	$(BIN)/pytest -q -s -m soak
 
-# Performance as side-by-side ratios (trainer vs hand-written loop, async vs sync saves, ...): prints a
-# table with targets and PASS/FAIL, writes benchmarks/results.md, exits 1 if a figure misses its target;
-# ~49 min on 2 CPU cores (benchmarks/perf.py; benchmarks/gpu.md for GPUs). ARGS go to perf.py, e.g.
+# Performance as side-by-side ratios (trainer vs hand-written loop, the checkpoint engine vs its peers, ...):
+# prints a table with targets and PASS/FAIL, exits 1 if a figure misses its target (benchmarks/perf.py;
+# benchmarks/gpu.md for GPUs). `make bench`: the headline figures, ~24 min on 2 CPU cores, writes
+# benchmarks/results-headline.md; `make bench-full`: every figure at every size (the peers at 244M, the scale
+# figures, the curves), ~90 min, writes benchmarks/results.md. ARGS go to perf.py, e.g.
 # `make bench ARGS="--only stall,write"` for some figures (and the runs they need).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perf.py $(ARGS)
+
+bench-full: $(STAMP)
+	$(BIN)/python benchmarks/perf.py --full $(ARGS)
 
 # Sample quality of the demo model, judged by an independent digit classifier (~7 min on 2 CPU cores).
 bench-quality: $(STAMP)

@@ -73,11 +73,12 @@ def markdown(figures: list[Figure], context: dict[str, str], notes: list[str] | 
     out = [
         "# Performance ratios",
         "",
-        "Written by `benchmarks/perf.py` (`make bench`); what each figure compares is in the docstring of "
-        "its module in `benchmarks/figures/`. Every figure is a ratio of two things measured in the same run "
-        f"on the same machine (medians of {REPS} or more repetitions after a warm-up; {PEER_REPS} for the peers, "
-        f"{PEER_LARGEST_REPS} for the peers at the largest size, whose 2 -> 1 resume is timed once without a "
-        f"warm-up, {SCALE_REPS} per size for the scale figures), except the listing time.",
+        "Written by `benchmarks/perf.py` (`make bench-full` writes results.md, `make bench` results-headline.md); "
+        "what each figure compares is in the docstring of its module in `benchmarks/figures/`. Every figure is "
+        "a ratio of two things measured in the same run on the same machine (medians of repetitions after a "
+        f"warm-up: {REPS} for most, {PEER_REPS} for the peers, {PEER_LARGEST_REPS} for the peers at the "
+        f"largest size, whose 2 -> 1 resume is timed once without a warm-up, {SCALE_REPS} per size for the "
+        "scale figures), except the listing time.",
         "",
         *[f"- {k}: {v}" for k, v in context.items()],
         "",

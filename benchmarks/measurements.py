@@ -29,6 +29,7 @@ from benchmarks.launching import (
 from benchmarks.runs import TrainerRun, trainer_run
 from benchmarks.settings import (
     ASYNC_STEPS_PER_EPOCH,
+    LARGEST_WIDTH,
     LORA_EPOCHS,
     LORA_STEPS_PER_EPOCH,
     MODEL,
@@ -36,15 +37,13 @@ from benchmarks.settings import (
     PEER_REPS,
     REPS,
     SAVE_INTERVAL_EPOCHS,
-    SAVE_INTERVALS,
     SYNC_STEPS_PER_EPOCH,
     WRITE_REPS,
     ZERO_OVERHEAD_EPOCHS,
     ZERO_OVERHEAD_ROUNDS,
     Setup,
 )
-from trainer.checkpoint.manifest import read_manifests
-from trainer.runs.layout import RunLayout, epoch_tag
+from trainer.runs.layout import RunLayout
 
 
 class Interleaved(NamedTuple):
@@ -137,13 +136,13 @@ class Measurements:
 
     @cached_property
     def save_intervals(self) -> tuple[list[float], dict[int, TrainerRun]]:
-        """The save-interval figure's launches: a trainer run per interval in ``SAVE_INTERVALS``, saving in the
-        background every that many steps (and every epoch), and one hand-written loop, all at once, taking
-        turns (``time_sliced``). Returns (seconds per epoch of the hand loop, the runs by interval), in
+        """The save-interval figure's launches: a trainer run per interval of ``Setup.save_intervals``, saving
+        in the background every that many steps (and every epoch), and one hand-written loop, all at once,
+        taking turns (``time_sliced``). Returns (seconds per epoch of the hand loop, the runs by interval), in
         running clock."""
-        s, epochs = self.setup, SAVE_INTERVAL_EPOCHS
+        s, epochs, intervals = self.setup, SAVE_INTERVAL_EPOCHS, self.setup.save_intervals
         jobs, roots = [], {}
-        for n in SAVE_INTERVALS:
+        for n in intervals:
             roots[n] = self.work / f"every{n}"
             extra = ("--set", "checkpoint.async_save=true", "--set", f"checkpoint.save_every_n_steps={n}")
             args = self.trainer_args(roots[n], steps=s.steps, epochs=epochs, extra=extra)
@@ -152,11 +151,11 @@ class Measurements:
             self.data_root, batch=s.batch, steps=s.steps, epochs=10 * len(jobs) * epochs
         )
         jobs.append(Job(self.command(HAND_LOOP, hand), self.logs / "hand_loop_intervals.log", finite=False))
-        print(f"  {len(SAVE_INTERVALS)} x train_base.py ({epochs} epochs of {s.steps} steps, a save every "
-              f"{', '.join(map(str, SAVE_INTERVALS))} steps) and a hand-written loop, taking turns of "
+        print(f"  {len(intervals)} x train_base.py ({epochs} epochs of {s.steps} steps, a save every "
+              f"{', '.join(map(str, intervals))} steps) and a hand-written loop, taking turns of "
               f"{s.slice_seconds:g} s ...", flush=True)  # fmt: skip
         *launches, loop = time_sliced(jobs, slice_seconds=s.slice_seconds)
-        runs = {n: trainer_run(result, roots[n]) for n, result in zip(SAVE_INTERVALS, launches)}
+        runs = {n: trainer_run(result, roots[n]) for n, result in zip(intervals, launches)}
         return [b - a for a, b in itertools.pairwise(epoch_stamps(loop))], runs
 
     @property
@@ -188,17 +187,6 @@ class Measurements:
         steps = min(SYNC_STEPS_PER_EPOCH, self.setup.steps)
         extra = ("--set", "checkpoint.async_save=false")
         return self.train("sync", steps=steps, epochs=WRITE_REPS + 1, extra=extra)
-
-    @cached_property
-    def zero_run(self) -> Path:
-        """The resumable state (ZeRO-2 shards) of a 2-process DeepSpeed run of one step."""
-        root = self.work / "zero"
-        args = self.trainer_args(root, steps=1, epochs=1, extra=("--set", "checkpoint.async_save=false"))
-        print(f"  2-process DeepSpeed run ({self.setup.zero_config}): 1 step ...", flush=True)
-        launch(
-            command("train_base.py", args, self.setup.zero_config, num_processes=2), self.logs / "zero.log"
-        )
-        return RunLayout.of(root, "base", 1).state_root / epoch_tag(1)
 
     def lora_args(self, root: Path, *, steps: int, epochs: int, extra: tuple[str, ...] = ()) -> list[str]:
         """``train_lora.py``'s flags: the synchronous run's model adapted on CIFAR-100 trees (the default
@@ -248,13 +236,14 @@ class Measurements:
     def peer_timings(self, config: str, width: int = 1) -> dict[str, Any]:
         """The peers figure's launches of diffit_cifar widened ``width`` times, under
         ``configs/accelerate/<config>.yaml``: ``peer_timings.py save`` on 2 processes, then ``resume`` on 1;
-        their records (``save``, ``resume``), each made once.
+        their records (``save``, ``resume``), each made once. Widened, its training step takes one image per
+        process.
 
-        Widened, the state is too large for the trainer's engine and DCP's FSDP2 twin in the same processes:
-        the engine's sides and DCP's save in launches of their own (``--sides``), with ``PEER_LARGEST_REPS``
-        repetitions after the warm-up, and the resume on 1 process times the engine's sides once, without
-        DCP's resharding load; its one training step takes one image per process. The launches' files
-        are removed after them (at 244 M the newest saves of the sides alone take ~30 GB)."""
+        At ``LARGEST_WIDTH`` the state is too large for the trainer's engine and DCP's FSDP2 twin in the same
+        processes: the engine's sides and DCP's save in launches of their own (``--sides``), with
+        ``PEER_LARGEST_REPS`` repetitions after the warm-up, and the resume on 1 process times the engine's
+        sides once, without DCP's resharding load. The launches' files are removed after them (at 244 M the
+        newest saves of the sides alone take ~20 GB)."""
         key = f"peers-{config}" + (f"-w{width}" if width > 1 else "")
         if key not in self._runs:
             work = self.work / key
@@ -264,6 +253,7 @@ class Measurements:
             launches = [("save", "all", 2, PEER_REPS), ("resume", "all", 1, PEER_REPS)]
             if width > 1:
                 args += ["--width", str(width)]
+            if width >= LARGEST_WIDTH:
                 launches = [("save", "engine", 2, PEER_LARGEST_REPS), ("save", "twin", 2, PEER_LARGEST_REPS),
                             ("resume", "engine", 1, 0)]  # fmt: skip
             print(f"  peer_timings.py: diffit_cifar x{width}, saves and loads on 2 processes ({config}), then "
@@ -282,8 +272,7 @@ class Measurements:
     def scale_run(self, width: int, config: str | None) -> dict[str, Any]:
         """The scaling figures' launch of diffit_cifar widened ``width`` times, in one process (``config``
         None) or on 2 under ``configs/accelerate/<config>.yaml``, each made once: every rank's record of
-        ``scale_timings.py`` (``ranks``), and under ZeRO the merges of its last synchronous save's shards
-        (``merge_seconds`` by merge, ``merge_peak`` and ``merged_bytes``). Its files are removed after."""
+        ``scale_timings.py`` (``ranks``). Its files are removed after."""
         key = f"scale-w{width}-{config or 'single'}"
         if key not in self._runs:
             work = self.work / key
@@ -294,24 +283,25 @@ class Measurements:
             launch(command(SCALE_TIMINGS, args, config, processes), self.logs / f"{key}.log", timeout=1800)
             ranks = [json.loads(p.read_text()) for p in sorted(work.glob("scale_rank*.json"))]
             record: dict[str, Any] = {"ranks": ranks}
-            if config:
-                layout = RunLayout.of(work / "sync", "base", 1)
-                tag = read_manifests(layout.checkpoints)[-1].tag
-                from benchmarks.figures.merge import merge_costs
-
-                record.update(merge_costs(layout.state_root / tag, self.logs / f"{key}_merge.log"))
             shutil.rmtree(work, ignore_errors=True)
             self._runs[key] = record
         return self._runs[key]
 
     @cached_property
     def write_rates(self) -> tuple[list[float], list[float], float]:
-        """(checkpoint bytes/s per synchronous save after the first, plain-file bytes/s per repetition, bytes)."""
-        saves = self.sync_run.epoch_saves[1:]
-        nbytes = median([s.nbytes for s in saves])
-        folder = self.sync_run.layout.checkpoints
-        plain = [nbytes / plain_write_seconds(folder, int(nbytes)) for _ in range(WRITE_REPS + 1)][1:]
-        return [s.nbytes / s.write_seconds for s in saves], plain, nbytes
+        """(checkpoint bytes/s per synchronous save, plain-file bytes/s per repetition, bytes), after a warm-up
+        of each: ``WRITE_REPS`` turns of a save then a plain fsynced file of as many bytes, in one process
+        (``scale_timings.py --write-only``)."""
+        work = self.work / "write"
+        args = [str(self.data_root), str(work), "--reps", str(WRITE_REPS), "--write-only"]
+        print(f"  scale_timings.py --write-only: {WRITE_REPS} synchronous saves and plain files in turns ...",
+              flush=True)  # fmt: skip
+        launch(command(SCALE_TIMINGS, args, None, None), self.logs / "write.log")
+        times = json.loads((work / "scale_rank0.json").read_text())["times"]
+        shutil.rmtree(work, ignore_errors=True)
+        saves = list(zip(times["write"]["bytes"], times["write"]["seconds"]))[1:]
+        plain = [b / s for b, s in zip(times["write"]["bytes"], times["plain"]["seconds"])][1:]
+        return [b / s for b, s in saves], plain, median([b for b, _ in saves])
 
 
 def plain_write_seconds(folder: Path, nbytes: int, block: int = 16 << 20) -> float:

@@ -6,7 +6,8 @@ saving and loading the same state in the same processes, taking turns, in a new 
     accelerate launch --config_file configs/accelerate/cpu_zero2.yaml --num_processes 1 \\
         benchmarks/peer_timings.py resume DATA_ROOT WORK
 
-``--sides engine`` or ``twin`` runs only the sides on the DeepSpeed engine (ours, Accelerate, DeepSpeed)
+``--sides engine`` or ``twin`` runs only the sides on the DeepSpeed engine (ours, Accelerate, DeepSpeed and its
+fast writer)
 or only DCP's, each launch holding one copy of the state: what a size too large for both at once needs.
 ``--width`` widens the model as the scale figure does (``settings.widened``).
 
@@ -45,7 +46,7 @@ from benchmarks.hand_loop import batch_loss  # noqa: E402
 from benchmarks.settings import BATCH, MODEL, PEER_REPS, widened  # noqa: E402
 from benchmarks.trainer_side import EPOCH_END, TrainerSide  # noqa: E402
 
-ENGINE_SIDES = ("ours", "accelerate", "deepspeed")
+ENGINE_SIDES = ("ours", "accelerate", "deepspeed", "deepspeed_fast")
 LAUNCH_SIDES = {"all": (*ENGINE_SIDES, "dcp"), "engine": ENGINE_SIDES, "twin": ("dcp",)}
 """The sides each ``--sides`` times: those on the DeepSpeed engine, DCP's on its FSDP2 twin, or all."""
 
@@ -59,8 +60,25 @@ class Sides(TrainerSide):
         universal = {"checkpoint": {"load_universal": True}} if phase == "resume" else None
         super().__init__(args.data_root, args.work, batch=args.batch_size, model=args.model,
                          overrides=widened(args.width), deepspeed=universal, with_engine="ours" in self.names)  # fmt: skip
+        self.whole_ema: Any = None
         if self.ema is not None:
-            self.accelerator.register_for_checkpointing(self.ema)
+            self.whole_ema = peers.WholeEMA(self.ema)
+            self.accelerator.register_for_checkpointing(self.whole_ema)
+        self.fast: Any = None
+        """DeepSpeed's fast checkpoint writer, where it runs (``fast_unavailable`` says why not)."""
+        self.fast_unavailable = (
+            "left out (--no-fast-writer)" if args.no_fast_writer else peers.async_io_unavailable()
+        )
+        if "deepspeed_fast" in self.names and self.fast_unavailable is None:
+            try:
+                self.fast = peers.fast_checkpoint_engine(self.engine)
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else ""
+                self.fast_unavailable = (
+                    f"DeepSpeed's fast writer cannot run here: {type(e).__name__}: {first}"
+                )
+        if self.fast is None:
+            self.names = tuple(name for name in self.names if name != "deepspeed_fast")
         self.twin: Any = None
         if "dcp" in self.names:
             self.build_twin()
@@ -109,22 +127,26 @@ class Sides(TrainerSide):
         return action
 
     def shift_weights(self, which: str) -> None:
-        """Move every weight of the ``engine`` or the ``twin`` this process holds, so that a load must
-        restore them."""
+        """Move every weight and EMA tensor of the ``engine`` or the ``twin`` this process holds, so that a
+        load must restore them."""
         import torch
 
+        model, ema = (self.engine, self.ema.state_dict()) if which == "engine" else (self.twin, self.twin_ema)
         with torch.no_grad():
-            for tensor in local_tensors(self.engine if which == "engine" else self.twin):
+            for tensor in local_tensors(model) + [local(t) for t in ema.values()]:
                 tensor.add_(1.0)
 
     def fingerprints(self) -> dict[str, float]:
-        """Sums of the full weights of the trainer's model and of the twin, those this launch has
+        """Sums of the full weights and EMA of the trainer's model and of the twin, those this launch has
         (collective)."""
         sums = {}
         if self.engine is not None:
             sums["engine"] = full_sum(self.engine, self.topo.deepspeed_stage)
+            sums["engine_ema"] = float(sum(t.double().sum().item() for t in self.ema.full_state().values()))
         if self.twin is not None:
             sums["twin"] = full_sum(self.twin, None)
+            whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in self.twin_ema.values()]
+            sums["twin_ema"] = float(sum(t.double().sum().item() for t in whole))
         return sums
 
     def parameters(self) -> int:
@@ -139,12 +161,19 @@ class Sides(TrainerSide):
     def record_name(self, phase: str) -> str:
         return phase if self.launch == "all" else f"{phase}_{self.launch}"
 
-    def check(self, name: str, expected: dict[str, float], which: str) -> None:
-        got = self.fingerprints()[which]
-        if got != expected[which]:
-            raise SystemExit(
-                f"error: {name}'s load did not restore the saved weights ({got!r} != {expected[which]!r})"
-            )
+    def check(self, name: str, expected: dict[str, float], which: str, *, ema: bool) -> None:
+        """``name``'s load restored the weights of ``which`` (and with ``ema``, its EMA) exactly."""
+        got = self.fingerprints()
+        for key, what in ((which, "weights"), (f"{which}_ema", "EMA")):
+            if (what == "weights" or ema) and got[key] != expected[key]:
+                raise SystemExit(
+                    f"error: {name}'s load did not restore the saved {what} ({got[key]!r} != {expected[key]!r})"
+                )
+
+
+def local(tensor: Any) -> Any:
+    """The part of a tensor this process holds (an FSDP2 DTensor's shard, or the tensor)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def local_tensors(model: Any) -> list[Any]:
@@ -180,8 +209,11 @@ def durable_saves(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str
     """Each side's save of the state into a new place (the peers': ``folders``), until its bytes are on disk."""
     acc, engine, ema, twin = sides.accelerator, sides.engine, sides.ema, sides.twin
     into: dict[str, Callable[[Path], Any]] = {
-        "accelerate": lambda folder: peers.accelerate_save(acc, folder),
+        "accelerate": lambda folder: peers.accelerate_save(acc, folder, sides.whole_ema),
         "deepspeed": lambda folder: peers.deepspeed_save(engine, folder.parent, folder.name, ema),
+        "deepspeed_fast": lambda folder: peers.deepspeed_fast_save(
+            engine, sides.fast, folder.parent, folder.name, ema
+        ),
         "dcp": lambda folder: peers.dcp_save(twin, sides.twin_optimizer, sides.twin_ema, folder),
     }
     saves: dict[str, Callable[[], Any]] = {"ours": lambda: ours.maybe_save("epoch", **EPOCH_END)}
@@ -201,16 +233,35 @@ def background_saves(sides: Sides, ours_async: Any, folder: Path) -> dict[str, C
     }
 
 
-def loads(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str, tuple[Callable[[], Any], str]]:
-    """Each side's load of what it saved last, and the model it restores (``engine`` or ``twin``)."""
-    ds = folders.get("deepspeed", Path())
+Restore = tuple[Callable[[], Any], str, bool]
+"""A side's load, the model it restores (``engine`` or ``twin``), and whether it restores the EMA too."""
+
+
+def loads(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str, Restore]:
+    """Each side's load of what it saved last."""
+    ds, fast = folders.get("deepspeed", Path()), folders.get("deepspeed_fast", Path())
+    acc = folders.get("accelerate", Path())
     return {
-        "ours": (lambda: ours.load(), "engine"),
-        "accelerate": (lambda: peers.accelerate_load(sides.accelerator, folders["accelerate"]), "engine"),
-        "deepspeed": (lambda: peers.deepspeed_load(sides.engine, ds.parent, ds.name, sides.ema), "engine"),
+        "ours": (lambda: ours.load(), "engine", True),
+        "accelerate": (
+            lambda: peers.accelerate_load(sides.accelerator, acc, sides.whole_ema),
+            "engine",
+            True,
+        ),
+        "deepspeed": (
+            lambda: peers.deepspeed_load(sides.engine, ds.parent, ds.name, sides.ema),
+            "engine",
+            True,
+        ),
+        "deepspeed_fast": (
+            lambda: peers.deepspeed_load(sides.engine, fast.parent, fast.name, sides.ema),
+            "engine",
+            True,
+        ),
         "dcp": (
             lambda: peers.dcp_load(sides.twin, sides.twin_optimizer, sides.twin_ema, folders["dcp"]),
             "twin",
+            True,
         ),
     }
 
@@ -225,6 +276,7 @@ def save_phase(sides: Sides, reps: int) -> None:
         )
     expected = sides.fingerprints()
     peer_root, kept = sides.work / "peers", list[Path]()
+    load_memory: list[dict[str, int]] = []
     for rep in range(reps + 1):  # repetition 0 warms up
         if sides.is_main:  # the last repetition's saves were loaded: only the newest stay (for the resume)
             for old in kept:
@@ -235,6 +287,8 @@ def save_phase(sides: Sides, reps: int) -> None:
         saves = sides.mine(durable_saves(sides, ours, folders))
         for name in rotated(saves, rep):
             sides.timed("save", name, saves[name])
+            if name == "ours":  # retention deletes the last repetition's save: untimed, as the peers' rmtree
+                ours.protocol.join()
         background = peer_root / "dcp_async" / f"rep{rep}"
         started = sides.mine(background_saves(sides, ours_async, background))
         for name in rotated(started, rep):
@@ -243,7 +297,7 @@ def save_phase(sides: Sides, reps: int) -> None:
                 ours_async.close()
             else:
                 future.result()
-        timed_loads(sides, "load", sides.mine(loads(sides, ours, folders)), expected, rep)
+        timed_loads(sides, "load", sides.mine(loads(sides, ours, folders)), expected, rep, memory=load_memory)
         kept = [*folders.values(), background]
         sides.accelerator.wait_for_everyone()
     from benchmarks.runs import read_saves
@@ -252,8 +306,11 @@ def save_phase(sides: Sides, reps: int) -> None:
     if ours is not None:
         sizes["ours"] = read_saves(ours.layout)[-1].nbytes if sides.is_main else 0
     newest = {name: str(folder) for name, folder in folders.items()}
+    memory = (
+        sides.topo.comm.all_gather(load_memory, what="the memory of the loads") if ours is not None else []
+    )
     sides.record(sides.record_name("save"), parameters=sides.parameters(), fingerprints=expected, newest=newest,
-                 bytes=sizes, deepspeed_async=peers.async_io_unavailable())  # fmt: skip
+                 bytes=sizes, deepspeed_fast=sides.fast_unavailable, load_memory=memory)  # fmt: skip
 
 
 def folder_bytes(folder: Path) -> int:
@@ -281,10 +338,10 @@ def resume_phase(sides: Sides, reps: int) -> None:
         peers.dcp_load(sides.twin, sides.twin_optimizer, sides.twin_ema, newest["dcp"])
 
     for rep in range(reps + 1):
-        reshards = {
-            "ours": (lambda: ours.load(), "engine"),
-            "deepspeed": (universal(rep), "engine"),
-            "dcp": (dcp_load, "twin"),
+        reshards: dict[str, Restore] = {  # a universal checkpoint converts weights and optimizer, no EMA
+            "ours": (lambda: ours.load(), "engine", True),
+            "deepspeed": (universal(rep), "engine", False),
+            "dcp": (dcp_load, "twin", True),
         }
         timed_loads(sides, "reshard", sides.mine(reshards), expected, rep)
         if sides.is_main and "deepspeed" in sides.names:
@@ -293,15 +350,42 @@ def resume_phase(sides: Sides, reps: int) -> None:
 
 
 def timed_loads(
-    sides: Sides, kind: str, restores: dict[str, tuple[Callable[[], Any], str]], expected: dict[str, float], rep: int
+    sides: Sides, kind: str, restores: dict[str, Restore], expected: dict[str, float], rep: int,
+    memory: list[dict[str, int]] | None = None,
 ) -> None:  # fmt: skip
-    """Time each load as ``kind``, in turn: the weights it restores are shifted first and must then equal
-    the saved ones exactly."""
+    """Time each load as ``kind``, in turn: the weights and EMA it restores are shifted first and must then
+    equal the saved ones exactly. With ``memory``, the resident memory of this process before the trainer's
+    load and its peak during it are appended there (bytes)."""
     for name in rotated(restores, rep):
-        load, which = restores[name]
+        load, which, ema = restores[name]
         sides.shift_weights(which)
+        if name == "ours" and memory is not None:
+            load = measured_memory(load, memory)
         sides.timed(kind, name, load)
-        sides.check(name, expected, which)
+        sides.check(name, expected, which, ema=ema)
+
+
+def measured_memory(action: Callable[[], Any], into: list[dict[str, int]]) -> Callable[[], Any]:
+    """``action``, recording into ``into`` this process's resident memory before it and its peak during it
+    (Linux: the peak is reset first through ``/proc/self/clear_refs``)."""
+
+    def run() -> Any:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident memory starts again from the current
+        before = status_bytes("VmRSS")
+        result = action()
+        into.append({"rss_before": before, "peak": status_bytes("VmHWM")})
+        return result
+
+    return run
+
+
+def status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status``, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def rotated(names: Any, rep: int) -> list[str]:
@@ -324,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--width", type=int, default=1, help="channels and time embedding x WIDTH (default 1)"
     )
+    parser.add_argument("--no-fast-writer", action="store_true",
+                        help="leave out DeepSpeed's fast writer (its async_io op builds for minutes the first time)")  # fmt: skip
     parser.add_argument("--sides", choices=tuple(LAUNCH_SIDES), default="all",
                         help="time the sides on the DeepSpeed engine, DCP's on its twin, or all (default)")  # fmt: skip
     args = parser.parse_args(argv)

@@ -2,7 +2,9 @@
 that the peers figure (``benchmarks/figures/peers.py``) is fair. Nothing here is used by the trainer.
 
     Accelerate   ``accelerator.save_state(folder)`` / ``load_state(folder)``, the EMA registered with
-                 ``accelerator.register_for_checkpointing`` (Accelerate's "Checkpointing" guide)
+                 ``accelerator.register_for_checkpointing`` (Accelerate's "Checkpointing" guide), gathered
+                 whole first where ZeRO-3 partitions it (Accelerate saves registered objects from the
+                 main process alone: ``WholeEMA``)
     DeepSpeed    ``engine.save_checkpoint(root, tag, client_state={"ema": ...})`` / ``load_checkpoint(root,
                  tag)``; a universal checkpoint for another number of processes: ``ds_to_universal`` on the
                  saved tag, then ``load_checkpoint`` with ``"checkpoint": {"load_universal": true}`` in the
@@ -13,16 +15,21 @@ that the peers figure (``benchmarks/figures/peers.py``) is fair. Nothing here is
                  Saving with DCP" recipes). Without CUDA there is no pinned memory: ``async_save`` stages the
                  state in plain host memory (its default stager), then writes it in a thread.
 
-Every peer saves the same state as the trainer: the weights, AdamW's moments and an EMA of the weights.
+Every peer saves the same state as the trainer: the weights, AdamW's moments and an EMA of the weights, and
+every load is checked to restore the weights and the EMA exactly (``peer_timings.py``).
 A save counts as done when its bytes are on disk: ``durable`` fsyncs every file and folder it wrote (DCP
 and the trainer fsync as they write; ``torch.save``, which Accelerate and DeepSpeed use, does not).
-DeepSpeed's own background saves (its "decoupled" and "fast" checkpoint engines) need its ``async_io`` op,
-which needs libaio and is not built on a CPU-only machine (``async_io_unavailable`` says why).
+DeepSpeed's fast checkpoint writer (``"checkpoint": {"writer": {"type": "fast"}}``: O_DIRECT writes through
+its ``async_io`` op) is a peer of its own where it runs: its op needs libaio (``libaio-dev``, which ``.ci/run``
+installs) and builds on the CPU, but on a machine without a GPU DeepSpeed 0.19's writer pins its I/O buffer
+through CUDA and fails (``fast_checkpoint_engine``); the record says why it is left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -44,13 +51,31 @@ def durable(folder: Path) -> None:
 # -- Accelerate -------------------------------------------------------------------------------------------
 
 
-def accelerate_save(accelerator: Any, folder: Path) -> None:
+class WholeEMA:
+    """What an Accelerate user registers for an EMA (``register_for_checkpointing``): Accelerate saves custom
+    objects from the main process alone, so an EMA that ZeRO-3 partitions (each rank its slice) is gathered
+    whole on every rank before ``save_state`` and cut back to each rank's slice after ``load_state``;
+    unpartitioned, it is the EMA itself."""
+
+    def __init__(self, ema: Any) -> None:
+        self.ema, self.value = ema, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.value
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state
+
+
+def accelerate_save(accelerator: Any, folder: Path, ema: WholeEMA) -> None:
     """Model, optimizer, RNG and every object registered with ``register_for_checkpointing``."""
+    ema.value = ema.ema.full_state()  # collective under ZeRO-3
     accelerator.save_state(str(folder))
 
 
-def accelerate_load(accelerator: Any, folder: Path) -> None:
+def accelerate_load(accelerator: Any, folder: Path, ema: WholeEMA) -> None:
     accelerator.load_state(str(folder))
+    ema.ema.from_full(ema.value)
 
 
 # -- DeepSpeed --------------------------------------------------------------------------------------------
@@ -58,6 +83,56 @@ def accelerate_load(accelerator: Any, folder: Path) -> None:
 
 def deepspeed_save(engine: Any, root: Path, tag: str, ema: Any) -> None:
     engine.save_checkpoint(str(root), tag=tag, client_state={"ema": ema.state_dict()})
+
+
+def fast_checkpoint_engine(engine: Any) -> Any:
+    """DeepSpeed's fast checkpoint writer for ``engine`` (``"checkpoint": {"writer": {"type": "fast"}}`` in its
+    config: O_DIRECT writes through the async_io op, libaio), built as the engine builds its own checkpoint
+    engine from that config (``_configure_checkpointing``). Raises what DeepSpeed raises where it cannot run:
+    on a machine without a GPU, 0.19 pins its I/O buffer through CUDA ("Found no NVIDIA driver")."""
+    import copy
+
+    from deepspeed.runtime.checkpoint_engine.utils import create_checkpoint_engine
+    from deepspeed.runtime.model_checkpointing.config import get_checkpoint_config
+    from deepspeed.utils import groups
+
+    # Its writer factory reads the machine layout from the variables DeepSpeed's own launcher sets; torch
+    # elastic (under accelerate launch) names them otherwise.
+    os.environ.setdefault("CROSS_RANK", os.environ.get("GROUP_RANK", "0"))
+    machines = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    os.environ.setdefault("CROSS_SIZE", str(max(1, machines)))
+    config = copy.copy(engine._config)
+    # data_parallel set: without it DeepSpeed 0.19 fails on an engine with no model parallelism (it reads a
+    # dp_rank its parallel info lacks); "replica" spreads the writing of replicated state over the ranks.
+    writer = {"type": "fast", "data_parallel": "replica"}
+    config.checkpoint_config = get_checkpoint_config({"checkpoint": {"writer": writer}})
+    return create_checkpoint_engine(config_params=config, groups=groups, zero_stage=engine.zero_optimization_stage(),
+                                    has_moe_layers=engine.has_moe_layers,
+                                    optimize_dp_state=not engine.zero_optimization_partition_weights())  # fmt: skip
+
+
+@contextlib.contextmanager
+def fast_writer(engine: Any, fast: Any) -> Iterator[None]:
+    """``engine`` saving through ``fast`` (``fast_checkpoint_engine``) for one save, with the ranks that write
+    replicated state chosen as the engine chooses them; its own writer again after it."""
+    from deepspeed.utils import groups
+
+    saved = engine.checkpoint_engine, engine.save_non_zero_checkpoint
+    engine.checkpoint_engine = fast
+    engine.save_non_zero_checkpoint = (
+        fast.is_data_parallel_writer(groups._get_sequence_data_parallel_rank()) or saved[1]
+    )
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine, engine.save_non_zero_checkpoint = saved
+
+
+def deepspeed_fast_save(engine: Any, fast: Any, root: Path, tag: str, ema: Any) -> None:
+    """``deepspeed_save`` through DeepSpeed's fast checkpoint writer ``fast``; its files load as the default
+    writer's do."""
+    with fast_writer(engine, fast):
+        deepspeed_save(engine, root, tag, ema)
 
 
 def deepspeed_load(engine: Any, root: Path, tag: str, ema: Any | None) -> None:
@@ -88,14 +163,12 @@ def to_universal(root: Path, tag: str, universal_tag: str) -> None:
 
 
 def async_io_unavailable() -> str | None:
-    """Why DeepSpeed's background checkpoint engines cannot run here, or None if they can."""
+    """Why DeepSpeed's async_io op (of its fast and decoupled checkpoint writers) cannot build here, or None."""
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if AsyncIOBuilder().is_compatible(verbose=False):
         return None
-    return (
-        "DeepSpeed's decoupled and fast checkpoint engines need its async_io op (libaio), not available here"
-    )
+    return "DeepSpeed's fast and decoupled checkpoint writers need its async_io op (libaio-dev), not installed here"
 
 
 # -- torch.distributed.checkpoint, with FSDP2 --------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Performance benchmarks as side-by-side ratios: `make bench`.
 
-    python benchmarks/perf.py                      # every figure; prints the table, writes benchmarks/results.md
+    python benchmarks/perf.py                      # the headline figures (`make bench`); prints the table
+    python benchmarks/perf.py --full               # every figure at every size (`make bench-full`); writes
+                                                   # benchmarks/results.md
     python benchmarks/perf.py --only stall,write   # some figures (the runs they need are made too)
     python benchmarks/perf.py --keep               # keep the scratch folder (runs and logs) for inspection
     python benchmarks/perf.py --flops              # training FLOPs per image of the model (for MFU, gpu.md)
@@ -42,13 +44,14 @@ REPO = Path(__file__).resolve().parent.parent
 if not __package__:  # run as a script: import from the checkout, and this folder's modules as benchmarks.*
     sys.path[0] = str(REPO)
 
-from benchmarks.figures import FIGURES, explain  # noqa: E402
+from benchmarks.figures import FIGURES, HEADLINE, explain  # noqa: E402
 from benchmarks.harness import Figure, markdown, table  # noqa: E402
 from benchmarks.measurements import Measurements  # noqa: E402
 from benchmarks.settings import (  # noqa: E402
     BATCH,
     EPOCHS,
     HAND_LOOP_WARMUP_STEPS,
+    HEADLINE_RESULTS,
     MODEL,
     RESULTS,
     ROUNDS,
@@ -88,9 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", help=f"comma-separated figures to measure (default all: {','.join(ORDER)})")
+    parser.add_argument("--only", help=f"comma-separated figures to measure (default: {','.join(HEADLINE)}; "
+                        f"with --full: {','.join(ORDER)})")  # fmt: skip
+    parser.add_argument(
+        "--full", action="store_true", help="every figure, each at every size (make bench-full)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (its path is printed)")
-    parser.add_argument("--no-record", action="store_true", help=f"don't write {RESULTS.relative_to(REPO)}")
+    parser.add_argument("--no-record", action="store_true", help=f"don't write {HEADLINE_RESULTS.relative_to(REPO)} "
+                        f"(with --full: {RESULTS.relative_to(REPO)})")  # fmt: skip
     parser.add_argument(
         "--note", help="a line about this run for results.md (e.g. what else ran on the machine)"
     )
@@ -123,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def checked(args: argparse.Namespace) -> tuple[list[str], Setup]:
     """The figures to measure and the setup, or SystemExit saying what is wrong with the flags."""
-    wanted = ORDER if not args.only else [k.strip() for k in args.only.split(",")]
+    default = ORDER if args.full else [key for key in ORDER if key in HEADLINE]
+    wanted = default if not args.only else [k.strip() for k in args.only.split(",")]
     unknown = [k for k in wanted if k not in FIGURES]
     if unknown:
         raise SystemExit(f"error: unknown figure(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
@@ -134,7 +143,7 @@ def checked(args: argparse.Namespace) -> tuple[list[str], Setup]:
     if args.slice_seconds <= 0:
         raise SystemExit("error: --slice-seconds must be positive")
     setup = Setup(args.batch_size, args.steps_per_epoch, args.epochs, args.accelerate_config, args.num_processes,
-                  args.zero_config, args.zero3_config, args.rounds, args.slice_seconds)  # fmt: skip
+                  args.zero_config, args.zero3_config, args.rounds, args.slice_seconds, args.full)  # fmt: skip
     return wanted, setup
 
 
@@ -200,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table(figures))
     print(f"\nWall time: {time.perf_counter() - start:.0f} s")
     if not args.no_record:
-        RESULTS.write_text(markdown(figures, context, notes))
-        print(f"Wrote {RESULTS.relative_to(REPO)}")
+        results = RESULTS if args.full else HEADLINE_RESULTS
+        results.write_text(markdown(figures, context, notes))
+        print(f"Wrote {results.relative_to(REPO)}")
     return 0 if all(f.passed is not False for f in figures) else 1
 
 

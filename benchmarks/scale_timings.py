@@ -17,8 +17,8 @@ manager (``TrainerSide``). After a training step, every process records:
   ``logs/events.jsonl``) and bytes, each followed by one plain fsynced file of as many bytes in the same
   folder (``measurements.plain_write_seconds``).
 
-The first background save and memcpy are a warm-up. Each process writes WORK/scale_rank<R>.json; the run
-folder of the synchronous saves (WORK/sync/...) is kept for the merge figures.
+The first background save and memcpy are a warm-up. Each process writes WORK/scale_rank<R>.json.
+``--write-only`` records ``write`` and ``plain`` alone, a warm-up save first (the write figure).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def synchronous_saves(side: TrainerSide, reps: int) -> None:
     for _ in range(reps):
         side.next_epoch()
         manager.maybe_save("epoch", **EPOCH_END)
+        manager.protocol.join()  # retention's deletion of the save before runs in the background: not beside
         if side.is_main:
             save = read_saves(manager.layout)[-1]
             side.times["write"]["seconds"].append(save.write_seconds)
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=SCALE_REPS, help="repetitions after the warm-up")
     parser.add_argument("--model", default=MODEL, help=f"the model to widen (default {MODEL})")
+    parser.add_argument("--write-only", action="store_true", help="only synchronous saves and plain files")
     args = parser.parse_args(argv)
     from trainer.checkpoint.io.staging import retain_freed_heap
 
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         args.data_root, args.work, batch=batch, model=args.model, overrides=widened(args.width)
     )
     side.train_step(0)  # allocates the gradients and AdamW's moments: training's steady state
+    if args.write_only:
+        synchronous_saves(side, args.reps + 1)
+        side.record("scale", every_rank=True, width=args.width)
+        side.accelerator.end_training()
+        return 0
     rss_training = peak_rss()
     memory = background_saves(side, args.reps)
     device, staged = side.accelerator.device, memory["staged_bytes"]

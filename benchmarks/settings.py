@@ -1,8 +1,10 @@
-"""Sizes and repetitions of `make bench`, and ``Setup``: the part of them the command line may change.
+"""Sizes and repetitions of `make bench` and `make bench-full`, and ``Setup``: the part of them the command
+line may change.
 
-The defaults make `make bench` take ~49 minutes on 2 CPU cores, ~13 of them for the peers at 244 M parameters
-and ~4 for the LoRA step on 2 processes (see results.md; README says why that is above the 30-minute budget);
-gpu.md has values for GPUs.
+`make bench` measures the headline figures (the peers at 15 M and 61 M parameters, write efficiency, the stall,
+saving every 1 and 2 steps, the trainer's overhead on 1 and 2 processes) in ~24 minutes on 2 CPU cores;
+`make bench-full` adds the peers at 244 M, the scale figures, the save-interval curve, the LoRA figures, the
+resume latency and the listing (README says how long each takes here); gpu.md has values for GPUs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results.md"
+"""What `make bench-full` writes (and the one README quotes); `make bench` writes ``HEADLINE_RESULTS``."""
+HEADLINE_RESULTS = REPO / "benchmarks" / "results-headline.md"
 
 MODEL = "diffit_cifar"
 BATCH = 4  # global batch; one diffit_cifar step at batch 4 takes ~1.8 s on one core of a 2-core AMD EPYC VM
@@ -26,10 +30,17 @@ SYNC_STEPS_PER_EPOCH = 1  # the synchronous run measures saves, not epochs: shor
 ASYNC_STEPS_PER_EPOCH = 2  # the stall figure's background run: epochs just long enough for a save to end
 LORA_STEPS_PER_EPOCH = 5  # the lora-step figure's epochs: every training image of the fake CIFAR-100 trees
 LORA_EPOCHS = 6  # per side of the lora-step figure: epochs 2..5 are timed (1 warms up, 6 ends in a save)
-SAVE_INTERVALS = (1, 2, 5, 10)  # the save-interval figure's curve: a background save every N steps
+SAVE_INTERVALS = (1, 2)  # the save-interval figure's points in `make bench`: a background save every N steps
+SAVE_INTERVALS_FULL = (1, 2, 5, 10)  # its curve in `make bench-full`
 SAVE_INTERVAL_EPOCHS = 4  # per trainer launch of that figure: epochs 2..4 are timed
-PEER_REPS = 3  # repetitions of each peer's save and load after a warm-up, in one launch (~2 min per config)
-PEER_LARGEST_REPS = 1  # the same at the largest scale width (a save there writes 4-7 GB: ~6 min per config)
+PEER_WIDTHS = (
+    1,
+    2,
+)  # the peers figure's sizes in `make bench`: diffit_cifar widened (15.3 M, 61 M parameters)
+PEER_WIDTHS_FULL = (1, 2, 4)  # and in `make bench-full` (244 M)
+LARGEST_WIDTH = 4  # from this width on, the peers' engine and DCP's twin no longer fit in memory together
+PEER_REPS = 3  # repetitions of each peer's save and load after a warm-up, in one launch
+PEER_LARGEST_REPS = 3  # the same at the largest width (a save there writes ~4 GB), in launches of their own
 ZERO_OVERHEAD_ROUNDS = 1  # trainer launches per config of that figure, each run beside a hand-loop launch
 ZERO_OVERHEAD_EPOCHS = 4  # per trainer launch of that figure: epochs 2..4 are timed
 SCALE_WIDTHS = (1, 2, 4)  # the scale figure: diffit_cifar widened 1, 2, 4 x (15.3 M, 61 M, 244 M
@@ -59,6 +70,16 @@ class Setup:
     """Trainer launches of the overhead figure (``epochs`` each), and as many hand-loop launches."""
     slice_seconds: float = SLICE_SECONDS
     """How long each of the overhead figure's processes runs at a turn."""
+    full: bool = False
+    """`make bench-full`: every figure at every size, the curves whole; else the headline figures."""
+
+    @property
+    def peer_widths(self) -> tuple[int, ...]:
+        return PEER_WIDTHS_FULL if self.full else PEER_WIDTHS
+
+    @property
+    def save_intervals(self) -> tuple[int, ...]:
+        return SAVE_INTERVALS_FULL if self.full else SAVE_INTERVALS
 
     def zero_configs(self) -> dict[str, str]:
         """The ZeRO configs of the runs on 2 processes, by the stage the figures name."""

@@ -1,5 +1,6 @@
-"""The figures of `make bench`, one module each, and ``FIGURES``: the registry, in the order they are
-measured and printed (``perf.py --only`` picks from its keys).
+"""The figures of `make bench` and `make bench-full`, one module each, and ``FIGURES``: the registry, in the
+order they are measured and printed (``perf.py --only`` picks from its keys); ``HEADLINE``: those `make bench`
+measures (`make bench-full` measures them all, each at every size).
 
 A figure module has a docstring that says what the two sides of its ratio are (``perf.py --help`` shows it),
 its target(s), and ``measure(m: Measurements) -> list[Figure]``, which takes the launches it needs from
@@ -16,7 +17,6 @@ from benchmarks.figures import (
     adapter,
     listing,
     lora_step,
-    merge,
     overhead,
     peers,
     resume,
@@ -37,7 +37,6 @@ FIGURES: dict[str, FigureGroup] = {
     "stall": stall.measure,
     "save-interval": save_interval.measure,
     "write": write.measure,
-    "merge": merge.measure,
     "adapter": adapter.measure,
     "lora-step": lora_step.measure,
     "peers": peers.measure,
@@ -45,6 +44,8 @@ FIGURES: dict[str, FigureGroup] = {
     "resume": resume.measure,
     "listing": listing.measure,
 }
+
+HEADLINE = ("overhead", "zero-overhead", "stall", "save-interval", "write", "peers")
 
 
 def explain(key: str) -> str:

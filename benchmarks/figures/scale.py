@@ -8,9 +8,7 @@ after a warm-up, one launch per size):
   snapshot: a memcpy of ``staged_bytes`` in 256 MB blocks, in the same process);
 - write efficiency: a synchronous save's bytes/s ÷ one plain fsynced file's (as the write figure);
 - memory: a training process's peak resident memory across its background saves ÷ (its peak while
-  training without saves + its snapshot's bytes): above 1, the save holds memory it does not account for;
-- merge (ZeRO-2): our merge of the shards ÷ DeepSpeed's ``zero_to_fp32`` (results checked equal), and the
-  peak memory our merge adds, in a process of its own, ÷ the bytes of the merged state.
+  training without saves + its snapshot's bytes): above 1, the save holds memory it does not account for.
 
 Each figure's value is its worst size; the detail gives every size, and ``notes`` (results.md) a table of
 the seconds against the bytes, also plotted to docs/bench_scaling.png: each cost should grow linearly.
@@ -27,8 +25,6 @@ from benchmarks.settings import SCALE_WIDTHS
 SNAPSHOT = ("<=", 2.0)
 WRITE = (">=", 0.9)
 MEMORY = ("<=", 1.1)
-MERGE = ("<=", 1.0)
-MERGE_MEMORY = ("<=", 1.5)  # the merged state, plus one of 2 ranks' fp32 partitions at a time
 
 
 def warm(values: list[float]) -> list[float]:
@@ -54,12 +50,6 @@ def per_size(m: Measurements, config: str | None) -> list[dict[str, Any]]:
         }  # fmt: skip
         row["snapshot"] = row["blocked"] / row["memcpy"]
         row["efficiency"] = row["plain"] / row["write"]
-        if "merge_seconds" in run:
-            merge = {name: median(s) for name, s in run["merge_seconds"].items()}
-            row.update(merge_ours=merge["ours"], merge_deepspeed=merge["deepspeed"],
-                       merge=merge["ours"] / merge["deepspeed"],
-                       merge_memory=run["merge_peak"]["ours"] / run["merged_bytes"],
-                       merge_memory_deepspeed=run["merge_peak"]["deepspeed"] / run["merged_bytes"])  # fmt: skip
         rows.append(row)
     return rows
 
@@ -85,26 +75,16 @@ def figures_of(where: str, rows: list[dict[str, Any]]) -> list[Figure]:
         worst(MEMORY, f"peak RSS across saves / (training RSS + snapshot), {where}", rows, "memory",
               lambda r: ", ".join(f"{s / mb:.0f} / ({t / mb:.0f} + {b / mb:.0f}) MB" for t, b, s in r["rss"])),
     ]  # fmt: skip
-    if "merge" in rows[0]:
-        figures += [
-            worst(MERGE, f"merge by size (ours / zero_to_fp32), {where}", rows, "merge",
-                  lambda r: f"{r['merge_ours']:.3g} s vs {r['merge_deepspeed']:.3g} s"),
-            worst(MERGE_MEMORY, f"merge peak memory / merged bytes, {where}", rows, "merge_memory",
-                  lambda r: f"{r['merge_memory']:.2f} (zero_to_fp32: {r['merge_memory_deepspeed']:.2f})"),
-        ]  # fmt: skip
     return figures
 
 
 def table(where: str, rows: list[dict[str, Any]]) -> str:
     """The costs against the state's size, as a markdown table."""
-    merge = "merge_ours" in rows[0]
     head = "| parameters | checkpoint | snapshot | blocked | memcpy | sync save | plain file |"
-    head += " merge | zero_to_fp32 |" if merge else ""
     lines = [f"### Scaling, {where}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [size(r), f"{r['checkpoint_bytes'] / 1e9:.2f} GB", f"{r['staged_bytes'] / 1e9:.2f} GB",
                  f"{r['blocked']:.3f} s", f"{r['memcpy']:.3f} s", f"{r['write']:.2f} s", f"{r['plain']:.2f} s"]  # fmt: skip
-        cells += [f"{r['merge_ours']:.2f} s", f"{r['merge_deepspeed']:.2f} s"] if merge else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -129,7 +109,7 @@ def plot(scaling: dict[str, list[dict[str, Any]]], path: Any) -> Any:
     import matplotlib.pyplot as plt
 
     costs = {"blocked": "background save: blocked", "memcpy": "memcpy of the snapshot", "write": "synchronous save",
-             "plain": "plain fsynced file", "merge_ours": "merge (ours)", "merge_deepspeed": "zero_to_fp32"}  # fmt: skip
+             "plain": "plain fsynced file"}  # fmt: skip
     fig, axes = plt.subplots(1, len(scaling), figsize=(6 * len(scaling), 4.5), squeeze=False)
     for ax, (where, rows) in zip(axes[0], scaling.items()):
         gb = [r["checkpoint_bytes"] / 1e9 for r in rows]

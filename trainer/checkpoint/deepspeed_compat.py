@@ -28,6 +28,8 @@ The touches:
                          rank's flat partitions: what a checkpoint writes and reads of each parameter.
   zero3-checkpoint-events  ZeRO-3's ``checkpoint_event_prologue``/``epilogue``, which ``load_checkpoint`` calls
                          around a load: parameters partitioned before, the persistent ones gathered again after.
+  zero3-swap             ZeRO-3's ``swap_optimizer`` (NVMe offload): only without it are the tensors that
+                         ``safe_get_local_*`` return views that stay valid (else copies are taken).
   engine-counters        the engine's ``global_steps``, ``global_samples``, ``skipped_steps`` and its
                          optimizer's loss scaler, which ``load_checkpoint`` restores from its own files.
   zero-shard-keys        the keys of DeepSpeed's shard files read by ``sharding/zero_merge.py`` (the same
@@ -120,6 +122,15 @@ def _check_zero3_checkpoint_events() -> None:
     assert "persistent_parameters" in _source(DeepSpeedZeroOptimizer_Stage3.checkpoint_event_epilogue)
 
 
+def _check_zero3_swap() -> None:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert "self.swap_optimizer = " in _source(DeepSpeedZeroOptimizer_Stage3.__init__)
+    assert "if not self.swap_optimizer:" in _source(
+        DeepSpeedZeroOptimizer_Stage3._swappable_optimizer_subgroup
+    )
+
+
 def _check_engine_counters() -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
 
@@ -157,6 +168,7 @@ TOUCHES = [
           "get_hp_fragment(key))", _check_zero12_fragments),
     Touch("zero3-checkpoint-events", "DeepSpeedZeroOptimizer_Stage3.checkpoint_event_prologue/epilogue",
           _check_zero3_checkpoint_events),
+    Touch("zero3-swap", "DeepSpeedZeroOptimizer_Stage3.swap_optimizer", _check_zero3_swap),
     Touch("engine-counters", "the engine's global_steps, global_samples, skipped_steps", _check_engine_counters),
 ]  # fmt: skip
 
@@ -315,6 +327,12 @@ def zero3_checkpoint_events(engine: Any) -> Iterator[None]:
     yield
     if hasattr(optimizer, "checkpoint_event_epilogue"):
         optimizer.checkpoint_event_epilogue()
+
+
+def zero3_views_stay(engine: Any) -> bool:
+    """Whether the tensors ZeRO-3's ``safe_get_local_*`` return are views of its partitions that stay valid
+    (not with the optimizer swapped to NVMe, whose buffers are given back after each call)."""
+    return not getattr(engine.optimizer, "swap_optimizer", False)
 
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 import torch
 
 from launch import PeerLost, Topology
-from trainer.checkpoint.formats import CheckpointFormat, PendingFile, Snapshot, Written
-from trainer.checkpoint.io.atomic import Flusher, write_file
+from trainer.checkpoint.formats import CheckpointFormat, PendingFile, PendingPart, Snapshot, Written
+from trainer.checkpoint.io.atomic import Flusher, fsync_dir, write_file
 from trainer.checkpoint.io.parts import Part, write_part
 from trainer.checkpoint.io.tensor_files import FileLayout
 from trainer.checkpoint.manifest import Entry, Manifest, whole
@@ -114,50 +115,78 @@ class Committer:
             job.snapshot = Snapshot()  # drop the snapshot's references (staging keeps its buffers)
         job.outcome.update(outcome, tag=tag, global_step=job.step)
 
-    def _layouts(self, snapshot: Snapshot, tag: str) -> tuple[dict[str, FileLayout], str | None]:
-        """The layouts of the files every rank writes a part of: drawn up by rank 0 (with the headers only
-        it writes) and handed to every rank (their offsets); (layouts, why there are none)."""
-        if not snapshot.parts:
-            return {}, None
+    def _write(self, job: SaveJob) -> tuple[str | None, dict[str, Entry | Part]]:
+        """This rank's files and parts of the save, hashed as written: (the first error, or None; what was
+        written, by file name). A failed write (full disk, lost mount) skips the rest. Rank 0 draws up the
+        layouts it hands out (``Snapshot.layouts``) on a thread of its own while the rest is written."""
+        written: dict[str, Entry | Part] = {}
+        snapshot, tag = job.snapshot, job.tag
+        later: list[PendingFile | PendingPart] = [p for p in snapshot.parts if isinstance(p.layout, str)]
+        later += [f for f in snapshot.files if f.after_layouts]
+        first: list[PendingFile | PendingPart] = [f for f in snapshot.files if not f.after_layouts]
+        first += [part for part in snapshot.parts if not isinstance(part.layout, str)]
+        drawing: Future[dict[str, FileLayout]] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layout") as pool, Flusher() as flusher:
+            if later and self.topo.is_main:
+                assert snapshot.layouts is not None, "rank 0's snapshot has no layouts"
+                drawing = pool.submit(snapshot.layouts)
+            error = self._write_some(job, first, {}, flusher, written)
+            if later:  # every rank meets here, whatever happened so far
+                layouts, drawn_error = self._handed_out(drawing, tag)
+                error = error or drawn_error
+                if self.topo.is_main:
+                    snapshot.drawn = layouts
+                if error is None:
+                    error = self._write_some(job, later, layouts, flusher, written)
+            if error is None:
+                try:
+                    flusher.wait()  # every file on disk before the others are told so, and its name too
+                    for folder in {item.path.parent for item in (*first, *later)}:
+                        fsync_dir(folder)
+                except OSError as e:
+                    error = describe(e)
+        return error, written
+
+    def _write_some(
+        self, job: SaveJob, pending: list[PendingFile | PendingPart], layouts: dict[str, FileLayout],
+        flusher: Flusher, written: dict[str, Entry | Part],
+    ) -> str | None:  # fmt: skip
+        """Write ``pending`` (``layouts``: rank 0's, by name) into ``written``; the first error, or None."""
+        try:
+            for item in pending:
+                self.faults.point("write", tag=job.tag, step=job.step)
+                if isinstance(item, PendingFile):
+                    written[item.path.name] = whole(*write_file(
+                        item.path, partial(_serialize, item), flusher, hash_on_thread=not self.background,
+                    ))  # fmt: skip
+                    continue
+                layout = item.layout if isinstance(item.layout, FileLayout) else layouts[item.layout]
+                blocks = _placed(layout, item.pieces)
+                if self.topo.is_main:
+                    blocks += layout.header
+                written[item.path.name] = write_part(item.path, blocks, flusher, rank=self.topo.rank,
+                                                     hash_on_thread=not self.background)  # fmt: skip
+        except OSError as e:
+            return describe(e)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def _handed_out(
+        self, drawing: Future[dict[str, FileLayout]] | None, tag: str
+    ) -> tuple[dict[str, FileLayout], str | None]:
+        """Rank 0's layouts on every rank (the headers, which only rank 0 writes, stay on rank 0); (layouts,
+        why there are none)."""
         mine: dict[str, FileLayout] = {}
         error = None
-        if self.topo.is_main:
+        if drawing is not None:
             try:
-                assert snapshot.layouts is not None, "rank 0's snapshot has no layouts"
-                mine = snapshot.layouts()
+                mine = drawing.result()
             except Exception as e:  # every rank must still meet at the broadcast
                 error = f"{type(e).__name__}: {e}"
         offsets = {name: replace(layout, header=[]) for name, layout in mine.items()}
         sent = self.topo.comm.background_broadcast((offsets, error), what=f"the save of {tag} (its layout)")
         return (mine if self.topo.is_main else sent[0]), sent[1]
-
-    def _write(self, job: SaveJob) -> tuple[str | None, dict[str, Entry | Part]]:
-        """This rank's files and parts of the save, hashed as written: (the first error, or None; what was
-        written, by file name). A failed write (full disk, lost mount) skips the rest."""
-        written: dict[str, Entry | Part] = {}
-        snapshot, rank = job.snapshot, self.topo.rank
-        layouts, error = self._layouts(snapshot, job.tag)
-        if error is not None:
-            return error, written
-        try:
-            with Flusher() as flusher:
-                for pending in snapshot.files:
-                    self.faults.point("write", tag=job.tag, step=job.step)
-                    written[pending.path.name] = whole(*write_file(
-                        pending.path, partial(_serialize, pending), flusher, hash_on_thread=not self.background,
-                    ))  # fmt: skip
-                for part in snapshot.parts:
-                    self.faults.point("write", tag=job.tag, step=job.step)
-                    layout = layouts[part.layout]
-                    blocks = [*layout.header, *_placed(layout, part.pieces)]
-                    written[part.path.name] = write_part(part.path, blocks, flusher, rank=rank,
-                                                         hash_on_thread=not self.background)  # fmt: skip
-                flusher.wait()  # every file on disk before the others are told so
-        except OSError as e:
-            return describe(e), written
-        except Exception as e:
-            return f"{type(e).__name__}: {e}", written
-        return None, written
 
     def _commit(
         self, job: SaveJob, reports: list[tuple[str | None, dict[str, Entry | Part]]]

@@ -265,8 +265,7 @@ class CheckpointManager:
             return
         if job.thread is not None:
             job.thread.join()
-        self.protocol.join()
-        self._report(job)
+        self._report(job)  # the files of checkpoints retention dropped may still be being deleted
 
     def _report(self, job: SaveJob) -> None:
         outcome, run = job.outcome, self.run
@@ -326,11 +325,13 @@ class CheckpointManager:
         return self.protocol.epochs_on_disk() if self.topo.is_main else []
 
     def close(self, *, failed: bool = False) -> None:
-        """The end of training: finish and report the save in flight. After a failure (``failed``), only
+        """The end of training: finish and report the save in flight, and let the deletion of the
+        checkpoints retention dropped end. After a failure (``failed``), only
         this rank's part of it is let finish, without a collective (the other ranks may be elsewhere), and
         nothing is raised."""
         if not failed:
             self._finish()
+            self.protocol.join()
             return
         job, self._job = self._job, None
         if job is not None and job.thread is not None:

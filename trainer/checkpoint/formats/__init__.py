@@ -4,8 +4,8 @@ A format says which files a checkpoint has and how they are written and read; th
 and the commit protocol makes them count. A save goes through a format in two parts:
   ``snapshot``  on every rank (collective under DeepSpeed): copy the state to host memory and list what this
                 rank writes: whole files (``PendingFile``) and its parts of files that every rank writes side
-                by side (``PendingPart``, placed by the layouts rank 0 draws up, ``Snapshot.layouts``);
-                training goes on as soon as it returns.
+                by side (``PendingPart``, placed by a layout every rank has, or that rank 0 draws up in the
+                save's job: ``Snapshot.layouts``); training goes on as soon as it returns.
   ``finish``    on global rank 0, once every rank's files are written: put the checkpoint in place (rename
                 folders, write the files rank 0 alone writes) and return the manifest entries it knows.
 ``load`` restores a committed checkpoint on every rank, on this launch's number of processes and stage.
@@ -45,15 +45,17 @@ class PendingFile:
     path: Path
     obj: Any
     write: Callable[[Any, Any], Any]
+    after_layouts: bool = False
+    """Written once rank 0's layouts are drawn up (``Snapshot.drawn``), which ``write`` may then read."""
 
 
 @dataclass
 class PendingPart:
-    """This rank's part of a file that every rank writes side by side: its ``pieces``, placed by the
-    layout named ``layout`` (``Snapshot.layouts``)."""
+    """This rank's part of a file that every rank writes side by side: its ``pieces``, placed by ``layout``
+    (the same on every rank), or by the layout of that name that rank 0 draws up (``Snapshot.layouts``)."""
 
     path: Path
-    layout: str
+    layout: FileLayout | str
     pieces: list[Piece]
 
 
@@ -66,9 +68,12 @@ class Snapshot:
     parts: list[PendingPart] = field(default_factory=list)
     """This rank's parts of the files every rank writes."""
     layouts: Callable[[], dict[str, FileLayout]] | None = None
-    """Rank 0: the layouts of those files, by name (computed by the save's job, off the training thread)."""
+    """Rank 0: the layouts its parts name, by name; drawn up by the save's job, off the training thread,
+    while the parts with a layout of their own are written."""
     payload: Any = None
     """What rank 0's ``finish`` needs (None on the other ranks)."""
+    drawn: dict[str, FileLayout] = field(default_factory=dict)
+    """Rank 0: the layouts ``layouts`` drew up, once the save's job has (for ``finish`` to record)."""
 
     def tensors(self) -> list[Any]:
         """What the snapshot holds in memory (to count the host memory of a background save)."""

@@ -11,8 +11,8 @@ Files of a base run (``run_NNN/checkpoints/``), per tag (``epoch_NNN`` or ``step
 Every tensor is stored once: a resume takes the weights and the EMA from the model file. Each rank writes its
 own pieces of the two tensor files side by side (``sharding/owned.py`` says which, ``io/tensor_files.py``
 where), so a save writes at the speed of every rank's disk bandwidth and no rank gathers another's tensors;
-global rank 0 also writes the files' headers (laid out in the save's job, off the training thread) and
-``trainer_state.json``. Everything is written under ``state/.tmp-<tag>/``; rank 0 then renames the folder
+global rank 0 also writes the model file's header (its layout drawn up in the save's job, off the training
+thread, while the moments are written) and ``trainer_state.json``. Everything is written under ``state/.tmp-<tag>/``; rank 0 then renames the folder
 into place and the model file out of it. A resume reads exactly what its launch needs, on any number of
 processes and any ZeRO stage.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,11 @@ import torch
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
 from trainer.checkpoint.formats import CKPT_FORMAT, PendingFile, PendingPart, Snapshot, Written, legacy
-from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, atomic_write_json
+from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename
 from trainer.checkpoint.io.tensor_files import (
-    FileLayout,
     TensorFileReader,
-    safetensors_layout,
+    layout_record,
+    recorded_layout,
     torch_file_layout,
 )
 from trainer.checkpoint.manifest import Entry, Manifest
@@ -58,8 +59,15 @@ class BaseFormat:
     def __init__(self, layout: RunLayout, topo: Topology, config: dict[str, Any], faults: Faults = NO_FAULTS):
         self.layout, self.topo, self.config, self.faults = layout, topo, config, faults
         self.state_root = layout.state_root
+        self._owned_state: OwnedState | None = None
         if topo.deepspeed_stage is not None:
             compat.verify_touches()
+
+    def _owned(self, states: TrainingStates) -> OwnedState:
+        """This rank's pieces of ``states`` (kept between saves: see ``OwnedState.pieces``)."""
+        if self._owned_state is None or self._owned_state.states is not states:
+            self._owned_state = OwnedState(states, self.topo)
+        return self._owned_state
 
     def _tmp(self, tag: str) -> Path:
         return self.state_root / f"{TMP_PREFIX}{tag}"
@@ -75,31 +83,34 @@ class BaseFormat:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         topo.comm.barrier(what=f"the snapshot of {tag}")
-        owned = OwnedState(states, topo)
-        model, optimizer = owned.model_pieces(), owned.optimizer_pieces()
+        owned = self._owned(states)
+        model, optimizer = owned.pieces()
         copies = keep([piece.data for piece in (*model, *optimizer)])
         kept = [Piece(piece.key, piece.start, data) for piece, data in zip((*model, *optimizer), copies)]
         snapshot = Snapshot(
             files=[PendingFile(tmp / f"rng_rank{topo.rank}.pt", states.rng.state_dict(), torch.save)],
-            parts=[
-                PendingPart(tmp / MODEL_FILE, "model", kept[: len(model)]),
-                PendingPart(tmp / OPTIMIZER_FILE, "optimizer", kept[len(model) :]),
+            parts=[  # the moments' layout is every rank's own; the model file's, rank 0's (its pickle)
+                PendingPart(tmp / OPTIMIZER_FILE, owned.moments_layout, kept[len(model) :]),
+                PendingPart(tmp / MODEL_FILE, MODEL_FILE, kept[: len(model)]),
             ],
         )
         if topo.is_main:
+            trainer_state = self._trainer_state(progress, states, owned)
+            write = partial(_write_trainer_state, snapshot)
+            snapshot.files.append(
+                PendingFile(tmp / "trainer_state.json", trainer_state, write, after_layouts=True)
+            )
             model_file = {
                 "format": CKPT_FORMAT,
                 "kind": self.layout.kind,
-                WEIGHTS: owned.weight_specs(),
-                EMA: owned.ema_specs(),
+                WEIGHTS: owned.weight_specs,
+                EMA: owned.ema_specs,
                 "epoch": progress["epoch"],
                 "global_step": progress["global_step"],
                 "metrics": dict(metrics),
                 "config": self.config,
             }
-            moments = owned.moment_specs()
-            snapshot.layouts = lambda: _layouts(model_file, moments)
-            snapshot.payload = self._trainer_state(progress, states, owned)
+            snapshot.layouts = lambda: {MODEL_FILE: torch_file_layout(model_file)}
         return snapshot
 
     def finish(
@@ -107,7 +118,6 @@ class BaseFormat:
         metrics: dict[str, float], before_publish: Callable[[Path], None],
     ) -> dict[Path, Entry]:  # fmt: skip
         tmp, final, ckpt = self._tmp(tag), self.state_root / tag, self.layout.ckpt(tag)
-        atomic_write_json(tmp / "trainer_state.json", snapshot.payload)  # the others were fsynced as written
         if final.exists():  # an uncommitted orphan (its manifest was never written)
             shutil.rmtree(final)
         atomic_rename(tmp, final)
@@ -138,14 +148,22 @@ class BaseFormat:
     def load(self, tag: str, states: TrainingStates) -> dict[str, Any]:
         """Restore ``tag`` on every rank, on this launch's number of processes and ZeRO stage."""
         folder, topo = self.state_root / tag, self.topo
+        self._owned_state = None  # a load may give the optimizer new state tensors: pieces are made anew
         saved = json.loads((folder / "trainer_state.json").read_text())
         _refuse_other_shapes(tag, saved["param_shapes"], states.ema.shapes())
         if saved.get("state_version", 1) < STATE_VERSION:
             legacy.load(folder, saved, states, topo)
         else:
             try:
-                with TensorFileReader([self.layout.ckpt(tag), folder / OPTIMIZER_FILE]) as read:
-                    OwnedState(states, topo).restore(read, saved["adam_steps"], saved.get("engine") or {})
+                recorded = saved["tensor_files"]
+                files = {
+                    self.layout.ckpt(tag): recorded[MODEL_FILE],
+                    folder / OPTIMIZER_FILE: recorded[OPTIMIZER_FILE],
+                }
+                with TensorFileReader(
+                    {path: recorded_layout(record) for path, record in files.items()}
+                ) as read:
+                    self._owned(states).restore(read, saved["adam_steps"], saved.get("engine") or {})
             except (
                 KeyError,
                 ValueError,
@@ -167,8 +185,12 @@ class BaseFormat:
         return legacy.adopt(self.state_root, tag, self.topo)
 
 
-def _layouts(model_file: dict[str, Any], moments: dict[str, Any]) -> dict[str, FileLayout]:
-    return {"model": torch_file_layout(model_file), "optimizer": safetensors_layout(moments)}
+def _write_trainer_state(snapshot: Snapshot, trainer_state: dict[str, Any], f: Any) -> None:
+    """``trainer_state.json``, with where each tensor lies in the two tensor files (once rank 0's layouts
+    are drawn up), for a resume to read slices without parsing the files."""
+    placed = {part.path.name: part.layout for part in snapshot.parts if not isinstance(part.layout, str)}
+    layouts = {name: layout_record(layout) for name, layout in {**placed, **snapshot.drawn}.items()}
+    f.write((json.dumps({**trainer_state, "tensor_files": layouts}, indent=1) + "\n").encode())
 
 
 def _refuse_other_shapes(tag: str, saved: dict[str, list[int]], now: dict[str, torch.Size]) -> None:

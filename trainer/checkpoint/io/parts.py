@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint.io.atomic import Flusher
+from trainer.checkpoint.io.atomic import HASH_ON_THREAD_BYTES, Flusher
 from trainer.checkpoint.io.checksums import ALGORITHM, new_digest
 
 Block = tuple[int, Any]
@@ -65,7 +65,8 @@ def write_part(
     """Write ``blocks`` into ``path`` at their offsets (creating the file if no other process has yet; never
     truncating it, never through a symbolic link) and hand the file to ``flusher``. With ``hash_on_thread``
     the blocks are hashed on the flusher's hashing thread while they are written (both release the GIL);
-    a background save passes False, to keep to one core. Returns the part written."""
+    a background save passes False, to keep to one core (and blocks under ``HASH_ON_THREAD_BYTES`` are
+    hashed here either way: handing them over costs more). Returns the part written."""
     placed = ((offset, as_bytes(data)) for offset, data in blocks)
     ordered = sorted(((offset, view) for offset, view in placed if view.nbytes), key=lambda b: b[0])
     for (a, first), (b, _) in itertools.pairwise(ordered):
@@ -76,9 +77,11 @@ def write_part(
     digest, hashed = new_digest(), []
     try:
         for offset, view in ordered:
-            if hash_on_thread:  # one hashing thread: the blocks are hashed in order
+            if hash_on_thread and view.nbytes >= HASH_ON_THREAD_BYTES:  # one hashing thread: in order
                 hashed.append(flusher.hasher.submit(digest.update, view))
             else:
+                if hashed:  # the blocks before it first
+                    hashed[-1].result()
                 digest.update(view)
             _pwrite_all(f.fileno(), view, offset)
             flusher.written(f, view.nbytes)

@@ -7,8 +7,9 @@ known before a byte of it is written:
   ``torch_file_layout``        a ``torch.save`` file (PyTorch's zip format, what ``torch.load`` reads). The
                                layout is ``torch.save``'s own: the object is saved with ``skip_data`` into a
                                recorder, which keeps the bytes torch writes (records' headers, the pickle,
-                               the zip directory) and skips the holes it leaves for the tensors' data; the
-                               holes' offsets are then read back as ``torch.load`` itself computes them.
+                               the zip directory) and notes the holes it leaves for the tensors' data, one
+                               per tensor in the order it pickles them (or, should that order ever change,
+                               the holes' offsets are read back as ``torch.load`` itself finds them).
   ``safetensors_layout``       a safetensors file: an 8-byte header length, a JSON header of dtype, shape and
                                byte offsets, then the tensors back to back.
   ``read_layout``              the same offsets found in a file on disk, to read slices of its tensors back.
@@ -24,6 +25,7 @@ does not check them): the checkpoint's manifest checks every byte instead (``man
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import struct
@@ -113,13 +115,28 @@ def torch_file_layout(obj: dict[str, Any]) -> FileLayout:
     with torch.serialization.skip_data():
         torch.save(placeholder, recorder)  # type: ignore[arg-type]
     del placeholder
-    loaded = torch.load(
-        io.BufferedReader(_SparseReader(recorder.pieces, recorder.size)),
-        map_location="meta",
-        weights_only=True,
-    )
-    offsets = _storage_offsets(loaded, "", specs)
-    return FileLayout(recorder.size, offsets, specs, _merged(recorder.pieces))
+    header = _merged(recorder.pieces)
+    offsets = _holes_in_order(specs, recorder.holes)
+    if offsets is None:  # not torch.save's usual order: ask torch.load where each tensor's bytes are
+        loaded = torch.load(io.BufferedReader(_SparseReader(header, recorder.size)), map_location="meta",
+                            weights_only=True)  # fmt: skip
+        offsets = _storage_offsets(loaded, "", specs)
+    return FileLayout(recorder.size, offsets, specs, header)
+
+
+def _holes_in_order(specs: dict[str, TensorSpec], holes: list[tuple[int, int]]) -> dict[str, int] | None:
+    """The holes torch.save left, matched to the tensors in the order it pickled them (the order of ``obj``:
+    each tensor's storage gets the next record, and an empty one none), or None when the sizes disagree."""
+    offsets, remaining = {}, iter(holes)
+    for key, spec in specs.items():
+        if spec.nbytes == 0:
+            offsets[key] = 0
+            continue
+        hole = next(remaining, None)
+        if hole is None or hole[1] != spec.nbytes:
+            return None
+        offsets[key] = hole[0]
+    return offsets if next(remaining, None) is None else None
 
 
 def _with_placeholders(obj: Any, path: str, specs: dict[str, TensorSpec]) -> Any:
@@ -155,6 +172,8 @@ class _Recorder:
     def __init__(self) -> None:
         self.pos, self.size = 0, 0
         self.pieces: list[tuple[int, bytes]] = []
+        self.holes: list[tuple[int, int]] = []
+        """(offset, bytes) of each region seeked over: the records' data, in order."""
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         data = bytes(data)
@@ -164,6 +183,8 @@ class _Recorder:
         return len(data)
 
     def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1 and offset > 0:
+            self.holes.append((self.pos, offset))
         self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
         self.size = max(self.size, self.pos)
         return self.pos
@@ -179,7 +200,8 @@ class _SparseReader(io.RawIOBase):
     """A recorded file read back, holes as zeros, without ever holding the holes in memory."""
 
     def __init__(self, pieces: list[tuple[int, bytes]], size: int) -> None:
-        self.pieces, self.size, self.pos = pieces, size, 0
+        self.pieces, self.size, self.pos = pieces, size, 0  # pieces: ascending, not overlapping
+        self._starts = [offset for offset, _ in pieces]
 
     def readable(self) -> bool:
         return True
@@ -198,7 +220,10 @@ class _SparseReader(io.RawIOBase):
         n = max(0, min(len(buffer), self.size - self.pos))
         view = memoryview(buffer).cast("B")[:n]
         view[:] = bytes(n)
-        for offset, data in self.pieces:
+        first = max(0, bisect.bisect_right(self._starts, self.pos) - 1)
+        for offset, data in self.pieces[first:]:
+            if offset >= self.pos + n:
+                break
             lo, hi = max(offset, self.pos), min(offset + len(data), self.pos + n)
             if lo < hi:
                 view[lo - self.pos : hi - self.pos] = data[lo - offset : hi - offset]
@@ -315,6 +340,29 @@ def _safetensors_layout_of(f: IO[bytes], size: int) -> FileLayout:
     return FileLayout(size, offsets, specs)
 
 
+def layout_record(layout: FileLayout) -> dict[str, Any]:
+    """Where a file's tensors lie, as JSON (``recorded_layout`` reads it back): a checkpoint records it, so
+    that a resume reads slices without parsing the file's own header (the pickle of a torch file)."""
+    tensors = {
+        key: [offset, str(layout.specs[key].dtype).removeprefix("torch."), list(layout.specs[key].shape)]
+        for key, offset in layout.offsets.items()
+    }
+    return {"size": layout.size, "tensors": tensors}
+
+
+def recorded_layout(record: dict[str, Any]) -> FileLayout:
+    """A ``layout_record`` read back; ``ValueError`` for one that is malformed."""
+    names = {str(dtype).removeprefix("torch."): dtype for dtype in SAFETENSORS_DTYPES}
+    try:
+        offsets, specs = {}, {}
+        for key, (offset, dtype, shape) in record["tensors"].items():
+            specs[str(key)] = TensorSpec(names[dtype], tuple(int(n) for n in shape))
+            offsets[str(key)] = int(offset)
+        return FileLayout(int(record["size"]), offsets, specs)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError("its record of where the tensors lie is malformed") from None
+
+
 class TensorFileReader:
     """Slices of the tensors of several files, by key, read straight into the tensors that want them.
 
@@ -323,14 +371,15 @@ class TensorFileReader:
     ``dest``'s own memory when it is a contiguous CPU tensor of the stored dtype, else through a buffer and a
     copy (a cast). A key that no file has, or a slice outside its tensor, is a ``KeyError``/``ValueError``."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: dict[Path, FileLayout | None]) -> None:
+        """``files``: each file's layout, or None to read it from the file (``read_layout``)."""
         from contextlib import ExitStack
 
         self._stack = ExitStack()
         self._where: dict[str, tuple[int, FileLayout]] = {}
         try:
-            for path in files:
-                layout = read_layout(path)
+            for path, known in files.items():
+                layout = known if known is not None else read_layout(path)
                 fd = self._stack.enter_context(open(path, "rb", buffering=0)).fileno()  # noqa: SIM115
                 self._where.update(dict.fromkeys(layout.offsets, (fd, layout)))
         except BaseException:

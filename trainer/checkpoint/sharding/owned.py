@@ -8,8 +8,9 @@ those tensors it owns, straight into the checkpoint's files (``formats/base.py``
                                              partition (master weights and Adam state alike)
   ZeRO-3                                     this rank's slice of each parameter (padded to a multiple of the
                                              world size and cut evenly), the EMA's slices likewise
-  replicated state (one process, DDP, an     an even share (``even_share``), so that every process writes as
-  unpartitioned EMA)                         much and none twice
+  replicated state (one process, DDP, an     an even share of the section's tensors end to end (``shares``),
+  unpartitioned EMA)                         so that every process writes as much, none twice, and each one
+                                             a stretch of the file of its own
 
 Every piece is written once, by one process; together they tile every tensor. Weights are the fp32 master
 weights where DeepSpeed keeps them (the module may hold bf16 copies). Tensors of the model that are not
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from torch import nn
 
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
-from trainer.checkpoint.io.tensor_files import TensorSpec
+from trainer.checkpoint.io.tensor_files import FileLayout, TensorSpec, safetensors_layout
 from trainer.checkpoint.states import TrainingStates, unwrap_model
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -59,12 +61,18 @@ class Piece:
     """1-D; a view of the live state, or a copy."""
 
 
-def even_share(numel: int, rank: int, world_size: int) -> tuple[int, int]:
-    """(first element, count) of ``rank``'s even share of ``numel`` elements: ``ceil(numel / world_size)``
-    each, the last ones shorter or empty (ZeRO-3's split, without its padding)."""
-    per_rank = math.ceil(numel / world_size) if numel else 0
-    start = min(numel, rank * per_rank)
-    return start, max(0, min(per_rank, numel - start))
+def shares(sizes: dict[str, int], rank: int, world_size: int) -> dict[str, tuple[int, int]]:
+    """(first element, count) of ``rank``'s share of each tensor of ``sizes`` (name → elements, in file
+    order), when the tensors, end to end, are cut into ``world_size`` stretches as even as can be: each rank's
+    pieces are then next to each other in the file. Tensors outside the rank's stretch get (0, 0)."""
+    total = sum(sizes.values())
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    out, offset = {}, 0
+    for name, numel in sizes.items():
+        start, end = max(lo, offset), min(hi, offset + numel)
+        out[name] = (start - offset, end - start) if start < end else (0, 0)
+        offset += numel
+    return out
 
 
 class OwnedState:
@@ -82,11 +90,23 @@ class OwnedState:
             self.layout = "fragments"
         else:
             self.layout = "replicated"
-        self.whole = self.layout != "zero3"
-        """Whether every rank keeps whole weights in its module (then a resume reads them all)."""
+        sizes = {name: p.numel() for name, p in self.trained.items()}
+        spans = shares(sizes, topo.rank, topo.world_size)
+        self._replicated = {id(p): spans[name] for name, p in self.trained.items()}
+        """This rank's share of each trained tensor where every rank holds all of it (``shares``)."""
+        self._views_stay = self.layout == "zero3" and compat.zero3_views_stay(self.engine)
+        self._pieces: tuple[list[Piece], list[Piece]] | None = None
+        self._live = True
+        """Whether every piece made so far is a view of the live state (none a copy, none made of zeros)."""
 
     # -- what the files hold ----------------------------------------------------------------------
 
+    @cached_property
+    def moments_layout(self) -> FileLayout:
+        """The optimizer file's layout (the same on every rank, and from one save to the next)."""
+        return safetensors_layout(self.moment_specs)
+
+    @cached_property
     def weight_specs(self) -> dict[str, TensorSpec]:
         """The model file's ``state_dict``: every tensor of the module's state dict, floating ones in fp32."""
         specs = {}
@@ -95,11 +115,13 @@ class OwnedState:
             specs[name] = TensorSpec(dtype, tuple(compat.full_shape(tensor)))
         return specs
 
+    @cached_property
     def ema_specs(self) -> dict[str, TensorSpec]:
         return {
             name: TensorSpec(torch.float32, tuple(shape)) for name, shape in self.states.ema.shapes().items()
         }
 
+    @cached_property
     def moment_specs(self) -> dict[str, TensorSpec]:
         return {
             key(state, name): TensorSpec(torch.float32, tuple(compat.full_shape(p)))
@@ -115,6 +137,17 @@ class OwnedState:
         }
 
     # -- saving -----------------------------------------------------------------------------------
+
+    def pieces(self) -> tuple[list[Piece], list[Piece]]:
+        """(``model_pieces``, ``optimizer_pieces``): made once and kept while they are all views of the live
+        state (they follow it as it trains), else made anew each time; a resume makes them anew."""
+        if self._pieces is not None:
+            return self._pieces
+        self._live = True
+        made = self.model_pieces(), self.optimizer_pieces()
+        if self._live:
+            self._pieces = made
+        return made
 
     def model_pieces(self) -> list[Piece]:
         """This rank's pieces of the model file: fp32 master weights, the EMA, and the untrained tensors."""
@@ -157,17 +190,23 @@ class OwnedState:
             fragment = compat.zero12_fragment(p)
             if fragment is None:
                 return []
-            start, hp = fragment
-            data = values(p)
-            return [Piece(name, start, data.reshape(-1) if data is not None else torch.zeros(hp.numel()))]
-        if self.layout == "zero3":
+            start, count = fragment[0], fragment[1].numel()
+        elif self.layout == "zero3":
             start, count = self._zero3_span(p)
-            data = values(p)
-            return [Piece(name, start, data.reshape(-1)[:count] if data is not None else torch.zeros(count))]
-        start, count = even_share(p.numel(), self.topo.rank, self.topo.world_size)
+        else:
+            start, count = self._replicated[id(p)]
+            if not count:
+                return []
         data = values(p)
-        flat = data.reshape(-1) if data is not None else torch.zeros(p.numel())
-        return [Piece(name, start, flat[start : start + count])]
+        if data is None:  # no optimizer state yet: Adam's zeros
+            self._live = False
+            return [Piece(name, start, torch.zeros(count))]
+        flat = data.reshape(-1)
+        if self.layout == "fragments":  # the fragment itself
+            return [Piece(name, start, flat)]
+        if self.layout == "zero3":  # this rank's slice, without its padding
+            return [Piece(name, start, flat[:count])]
+        return [Piece(name, start, flat[start : start + count])]  # this rank's share of the whole tensor
 
     def _master(self, p: nn.Parameter) -> torch.Tensor:
         if self.layout == "fragments":
@@ -177,8 +216,8 @@ class OwnedState:
         if self.layout == "zero3":
             from deepspeed.utils import safe_get_local_fp32_param
 
-            return safe_get_local_fp32_param(p)
-        return p.detach().float()
+            return self._kept(safe_get_local_fp32_param(p))
+        return self._float(p.detach())
 
     def _moment(self, p: nn.Parameter, state: str) -> torch.Tensor | None:
         if self.layout == "fragments":
@@ -187,11 +226,26 @@ class OwnedState:
             from deepspeed.utils import safe_get_local_optimizer_state
 
             try:
-                return safe_get_local_optimizer_state(p, state)
+                return self._kept(safe_get_local_optimizer_state(p, state))
             except KeyError:  # no optimizer state before the first step
                 return None
         saved = self.states.optimizer.state.get(p) or {}
         return saved.get(state)
+
+    def _kept(self, local: torch.Tensor) -> torch.Tensor:
+        """A ZeRO-3 local tensor as it may be held until it is written: itself where it is a view of the
+        partitions that stays valid, else a copy (``compat.zero3_views_stay``)."""
+        if self._views_stay:
+            return local
+        self._live = False
+        return local.clone()
+
+    def _float(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in fp32: itself, or a copy (then the pieces are not kept)."""
+        if tensor.dtype == torch.float32:
+            return tensor
+        self._live = False
+        return tensor.float()
 
     def _ema_pieces(self) -> list[Piece]:
         ema, pieces = self.states.ema, []
@@ -201,19 +255,20 @@ class OwnedState:
                 start, count = self._zero3_span(p)
                 pieces.append(Piece(key(EMA, name), start, shadow.reshape(-1)[:count]))
             else:
-                start, count = even_share(shadow.numel(), self.topo.rank, self.topo.world_size)
-                pieces.append(Piece(key(EMA, name), start, shadow.reshape(-1)[start : start + count]))
+                start, count = self._replicated[id(p)]
+                if count:
+                    pieces.append(Piece(key(EMA, name), start, shadow.reshape(-1)[start : start + count]))
         return pieces
 
     def _untrained(self, name: str, tensor: torch.Tensor) -> list[Piece]:
         part = compat.zero3_slice(tensor)
         if part is not None:  # a frozen ZeRO-3 parameter: every rank writes its slice
             start, count = self._zero3_span(tensor)
-            return [Piece(name, start, part.detach().reshape(-1)[:count].float())]
+            return [Piece(name, start, self._float(part.detach().reshape(-1)[:count]))]
         if not self.topo.is_main:
             return []
         data = tensor.detach().reshape(-1)
-        return [Piece(name, 0, data.float() if data.is_floating_point() else data)]
+        return [Piece(name, 0, self._float(data) if data.is_floating_point() else data)]
 
     def _zero3_span(self, p: Any) -> tuple[int, int]:
         per_rank = compat.zero3_slice(p).numel()  # type: ignore[union-attr]
@@ -225,6 +280,7 @@ class OwnedState:
 
     def restore(self, read: Read, steps: dict[str, float], counters: dict[str, float]) -> None:
         """Load the stored state into the live model, optimizer and EMA (collective under ZeRO-3)."""
+        self._pieces = None  # the optimizer's state may be new tensors now (one process, DDP)
         if self.topo.deepspeed_stage is not None:
             compat.create_adam_state(self.engine)  # the state to read into (torch's AdamW makes it lazily)
         if self.layout == "zero3":
@@ -272,11 +328,26 @@ class OwnedState:
             read(key(moment, name), start, view)
 
     def _restore_slice(self, read: Read, name: str, p: nn.Parameter) -> None:
-        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+        from deepspeed.utils import (
+            safe_get_local_fp32_param,
+            safe_get_local_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
 
         start, count = self._zero3_span(p)
         part = compat.zero3_slice(p)
         assert part is not None
+        if self._views_stay:  # straight into the partitions (the padding after the slice stays zero)
+            master = safe_get_local_fp32_param(p)
+            master[count:].zero_()
+            read(key(WEIGHTS, name), start, master[:count])
+            part.copy_(master)
+            for moment in ADAM_STATES:
+                state = safe_get_local_optimizer_state(p, moment)
+                state[count:].zero_()
+                read(key(moment, name), start, state[:count])
+            return
         local = torch.zeros(part.numel(), dtype=torch.float32)
         read(key(WEIGHTS, name), start, local[:count])
         safe_set_local_fp32_param(p, local.to(part.device))
