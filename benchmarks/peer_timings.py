@@ -44,7 +44,7 @@ if not __package__:  # run as a script: import from the checkout, and this folde
 from benchmarks import peers  # noqa: E402
 from benchmarks.hand_loop import batch_loss  # noqa: E402
 from benchmarks.settings import BATCH, MODEL, PEER_REPS, widened  # noqa: E402
-from benchmarks.trainer_side import EPOCH_END, TrainerSide  # noqa: E402
+from benchmarks.trainer_side import EPOCH_END, TrainerSide, measured_memory  # noqa: E402
 
 ENGINE_SIDES = ("ours", "accelerate", "deepspeed", "deepspeed_fast")
 LAUNCH_SIDES = {"all": (*ENGINE_SIDES, "dcp"), "engine": ENGINE_SIDES, "twin": ("dcp",)}
@@ -71,7 +71,7 @@ class Sides(TrainerSide):
         )
         if "deepspeed_fast" in self.names and self.fast_unavailable is None:
             try:
-                self.fast = peers.fast_checkpoint_engine(self.engine)
+                self.fast = peers.fast_writer(self.engine)
             except Exception as e:
                 first = str(e).splitlines()[0] if str(e) else ""
                 self.fast_unavailable = (
@@ -363,29 +363,6 @@ def timed_loads(
             load = measured_memory(load, memory)
         sides.timed(kind, name, load)
         sides.check(name, expected, which, ema=ema)
-
-
-def measured_memory(action: Callable[[], Any], into: list[dict[str, int]]) -> Callable[[], Any]:
-    """``action``, recording into ``into`` this process's resident memory before it and its peak during it
-    (Linux: the peak is reset first through ``/proc/self/clear_refs``)."""
-
-    def run() -> Any:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the peak resident memory starts again from the current
-        before = status_bytes("VmRSS")
-        result = action()
-        into.append({"rss_before": before, "peak": status_bytes("VmHWM")})
-        return result
-
-    return run
-
-
-def status_bytes(field: str) -> int:
-    """A memory field of ``/proc/self/status``, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def rotated(names: Any, rep: int) -> list[str]:

@@ -22,14 +22,12 @@ and the trainer fsync as they write; ``torch.save``, which Accelerate and DeepSp
 DeepSpeed's fast checkpoint writer (``"checkpoint": {"writer": {"type": "fast"}}``: O_DIRECT writes through
 its ``async_io`` op) is a peer of its own where it runs: its op needs libaio (``libaio-dev``, which ``.ci/run``
 installs) and builds on the CPU, but on a machine without a GPU DeepSpeed 0.19's writer pins its I/O buffer
-through CUDA and fails (``fast_checkpoint_engine``); the record says why it is left out.
+through CUDA and fails (``fast_writer``); the record says why it is left out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -85,53 +83,28 @@ def deepspeed_save(engine: Any, root: Path, tag: str, ema: Any) -> None:
     engine.save_checkpoint(str(root), tag=tag, client_state={"ema": ema.state_dict()})
 
 
-def fast_checkpoint_engine(engine: Any) -> Any:
-    """DeepSpeed's fast checkpoint writer for ``engine`` (``"checkpoint": {"writer": {"type": "fast"}}`` in its
-    config: O_DIRECT writes through the async_io op, libaio), built as the engine builds its own checkpoint
-    engine from that config (``_configure_checkpointing``). Raises what DeepSpeed raises where it cannot run:
-    on a machine without a GPU, 0.19 pins its I/O buffer through CUDA ("Found no NVIDIA driver")."""
-    import copy
-
-    from deepspeed.runtime.checkpoint_engine.utils import create_checkpoint_engine
-    from deepspeed.runtime.model_checkpointing.config import get_checkpoint_config
-    from deepspeed.utils import groups
+def fast_writer(engine: Any) -> Any:
+    """DeepSpeed's fast checkpoint writer for ``engine``: ``"checkpoint": {"writer": {"type": "fast",
+    "data_parallel": "replica"}}`` in its config (O_DIRECT writes through the async_io op, libaio; without
+    ``data_parallel`` DeepSpeed 0.19 fails on an engine with no model parallelism: it reads a ``dp_rank`` its
+    parallel info lacks). Raises what DeepSpeed raises where it cannot run: without a GPU, 0.19 pins its I/O
+    buffer through CUDA ("Found no NVIDIA driver")."""
+    from trainer.checkpoint.deepspeed_compat import writer_for
 
     # Its writer factory reads the machine layout from the variables DeepSpeed's own launcher sets; torch
     # elastic (under accelerate launch) names them otherwise.
     os.environ.setdefault("CROSS_RANK", os.environ.get("GROUP_RANK", "0"))
     machines = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     os.environ.setdefault("CROSS_SIZE", str(max(1, machines)))
-    config = copy.copy(engine._config)
-    # data_parallel set: without it DeepSpeed 0.19 fails on an engine with no model parallelism (it reads a
-    # dp_rank its parallel info lacks); "replica" spreads the writing of replicated state over the ranks.
-    writer = {"type": "fast", "data_parallel": "replica"}
-    config.checkpoint_config = get_checkpoint_config({"checkpoint": {"writer": writer}})
-    return create_checkpoint_engine(config_params=config, groups=groups, zero_stage=engine.zero_optimization_stage(),
-                                    has_moe_layers=engine.has_moe_layers,
-                                    optimize_dp_state=not engine.zero_optimization_partition_weights())  # fmt: skip
-
-
-@contextlib.contextmanager
-def fast_writer(engine: Any, fast: Any) -> Iterator[None]:
-    """``engine`` saving through ``fast`` (``fast_checkpoint_engine``) for one save, with the ranks that write
-    replicated state chosen as the engine chooses them; its own writer again after it."""
-    from deepspeed.utils import groups
-
-    saved = engine.checkpoint_engine, engine.save_non_zero_checkpoint
-    engine.checkpoint_engine = fast
-    engine.save_non_zero_checkpoint = (
-        fast.is_data_parallel_writer(groups._get_sequence_data_parallel_rank()) or saved[1]
-    )
-    try:
-        yield
-    finally:
-        engine.checkpoint_engine, engine.save_non_zero_checkpoint = saved
+    return writer_for(engine, {"writer": {"type": "fast", "data_parallel": "replica"}})
 
 
 def deepspeed_fast_save(engine: Any, fast: Any, root: Path, tag: str, ema: Any) -> None:
-    """``deepspeed_save`` through DeepSpeed's fast checkpoint writer ``fast``; its files load as the default
+    """``deepspeed_save`` through DeepSpeed's fast checkpoint writer ``fast`` (``fast_writer``); its files load as the default
     writer's do."""
-    with fast_writer(engine, fast):
+    from trainer.checkpoint.deepspeed_compat import saving_through
+
+    with saving_through(engine, fast):
         deepspeed_save(engine, root, tag, ema)
 
 

@@ -114,3 +114,26 @@ class TrainerSide:
             out = {"world_size": self.world, "distributed": self.topo.distributed, "times": times, **extra}
             path = self.work / (f"{name}_rank{self.rank}.json" if every_rank else f"{name}.json")
             path.write_text(json.dumps(out, indent=1))
+
+
+def measured_memory(action: Callable[[], Any], into: list[dict[str, int]]) -> Callable[[], Any]:
+    """``action``, recording into ``into`` this process's resident memory before it and its peak during it
+    (Linux: the peak is reset first through ``/proc/self/clear_refs``)."""
+
+    def run() -> Any:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident memory starts again from the current
+        before = status_bytes("VmRSS")
+        result = action()
+        into.append({"rss_before": before, "peak": status_bytes("VmHWM")})
+        return result
+
+    return run
+
+
+def status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status``, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")

@@ -46,14 +46,14 @@ def test_a_touch_that_no_longer_holds_is_named_when_training_starts(monkeypatch:
         deepspeed_compat.verify_touches.cache_clear()
 
 
-def test_deepspeed_private_names_appear_in_one_module_only() -> None:
+def test_deepspeed_private_names_appear_in_the_compat_package_only() -> None:
     from tests.helpers import REPO
 
     private = ("checkpoint_engine", "_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state",
                "fp32_partitioned_groups_flat", "ds_tensor", "ds_shape", "TORCH_FORCE_WEIGHTS_ONLY_LOAD")  # fmt: skip
     offenders = []
     for path in [*REPO.glob("trainer/**/*.py"), *REPO.glob("launch/*.py"), *REPO.glob("benchmarks/**/*.py")]:
-        if path.name == "deepspeed_compat.py":
+        if path.parent.name == "deepspeed_compat":
             continue
         text = path.read_text()
         offenders += [f"{path.relative_to(REPO)}: {name}" for name in private if name in text]

@@ -20,14 +20,12 @@ from trainer.checkpoint.io.atomic import Flusher
 from trainer.checkpoint.io.checksums import hash_ranges
 from trainer.checkpoint.io.parts import Part, merge_ranges, write_part
 from trainer.checkpoint.io.tensor_files import (
-    TensorFileReader,
     TensorSpec,
-    layout_record,
     read_layout,
-    recorded_layout,
     safetensors_layout,
     torch_file_layout,
 )
+from trainer.checkpoint.io.tensor_reader import TensorFileReader, layout_record, recorded_layout
 from trainer.checkpoint.job import entries_of
 from trainer.checkpoint.manifest import Manifest, verification_shares, verify
 from trainer.checkpoint.sharding.owned import shares

@@ -35,11 +35,9 @@ from trainer.checkpoint import deepspeed_compat as compat
 from trainer.checkpoint.formats import CKPT_FORMAT, PendingFile, PendingPart, Snapshot, Written, legacy
 from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename
 from trainer.checkpoint.io.tensor_files import (
-    TensorFileReader,
-    layout_record,
-    recorded_layout,
     torch_file_layout,
 )
+from trainer.checkpoint.io.tensor_reader import TensorFileReader, layout_record, recorded_layout
 from trainer.checkpoint.manifest import Entry, Manifest
 from trainer.checkpoint.sharding.owned import EMA, WEIGHTS, OwnedState, Piece
 from trainer.checkpoint.states import TrainingStates
