@@ -127,15 +127,53 @@ def _decode(value: Any) -> Any:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})  # fmt: skip
+"""Everything a CIFAR pickle refers to: numpy's arrays, dtypes and scalars, and the bytes of protocol 2."""
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle that refers to something no CIFAR file holds (and that could run code)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the CIFAR formats hold: dicts, lists, bytes, str, ints and numpy
+    arrays; anything else (a function to call, an object to build) is refused before it exists."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in CIFAR_GLOBALS:
+            raise RefusedPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise RefusedPickle(f"a persistent id ({pid!r})")
+
+
 def _load_pickle(path: str) -> dict[str, Any]:
-    """Unpickle one CIFAR file and normalise its keys (and string values) from bytes to str."""
+    """Unpickle one CIFAR file (``_CifarUnpickler``: no code runs from it) and normalise its keys (and string
+    values) from bytes to str."""
     try:
         with open(path, "rb") as f:
-            # pickle can run code, but these are dataset files in a folder the user chose to train on, the
-            # same trust as any checkpoint they load. encoding="bytes" is needed because the official files
-            # were written by Python 2; it turns their str keys into bytes, which _decode undoes.
-            raw = pickle.load(f, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            # encoding="bytes" because the official files were written by Python 2; it turns their str keys
+            # into bytes, which _decode undoes.
+            raw = _CifarUnpickler(f, encoding="bytes").load()
+    except RefusedPickle as e:
+        raise DatasetError(
+            f"{path} refers to {e}, which no CIFAR file holds: it is not loaded (a pickle like it could run "
+            "code). Use the official files (python version) from https://www.cs.toronto.edu/~kriz/cifar.html."
+        ) from None
+    except (
+        OSError,
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        AttributeError,
+        ImportError,
+        TypeError,
+    ) as e:
         raise DatasetError(
             f"Could not read {path}: {e}.\nThe file looks damaged; delete its folder and extract the tarball again."
         ) from e

@@ -38,14 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def class_names(config: dict[str, Any], num_classes: int) -> list[str]:
-    """The dataset's class names when the data is at hand (digits always is), else ``class i``."""
+    """The dataset's class names when the data is at hand (digits always is), else ``class i`` and a note
+    saying why (the data absent offline, a file refused, an older config)."""
     fallback = [f"class {i}" for i in range(num_classes)]
     try:
         from trainer.config import TrainConfig, from_dict
         from trainer.factory import load_data
 
         names = load_data(from_dict(TrainConfig, config)).class_names
-    except (UserError, OSError, ValueError, KeyError, TypeError):  # data absent offline, or an older config
+    except (UserError, OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"warning: rows are labelled 'class i': the class names of the data are not at hand ({reason})",
+              file=sys.stderr)  # fmt: skip
         return fallback
     return list(names) if len(names) == num_classes else fallback
 
