@@ -340,13 +340,19 @@ def test_listing_1000_runs_reads_only_metadata(tmp_path: Path, monkeypatch: pyte
         (path / "metadata.json").write_text(text)
         (path / "config.json").write_text("{}")
     opened: list[Path] = []
-    real_open = builtins.open
+    real_open, real_os_open = builtins.open, os.open
 
     def recording_open(file: Any, *args: Any, **kwargs: Any) -> Any:
-        opened.append(Path(file))
+        if not isinstance(file, int):  # os.fdopen: the file os.open opened
+            opened.append(Path(file))
         return real_open(file, *args, **kwargs)
 
+    def recording_os_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(file))
+        return real_os_open(file, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", recording_open)
+    monkeypatch.setattr(os, "open", recording_os_open)
     rows = list_runs(tmp_path)
     monkeypatch.undo()
     assert len(rows) == 1000

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint.formats import load_checkpoint_file
-from trainer.checkpoint.io.checksums import sha256_file
+from trainer.checkpoint.io.checksums import file_digest, recorded, sha256_file
+from trainer.checkpoint.manifest import read_manifests
 from trainer.config import ModelConfig, TrainConfig, from_dict
 from trainer.errors import UserError
 from trainer.runs.layout import DEFAULT_BASE, RunLayout, kind_root
@@ -43,10 +44,11 @@ def resolve_base_checkpoint(given: str | None, checkpoint_root: Path) -> tuple[P
     )
 
 
-def load_base_checkpoint(path: Path) -> dict[str, Any]:
-    """A base model ``.ckpt`` of this trainer (its weights, EMA and config), weights-only."""
+def load_base_checkpoint(path: Path, *, verified: bool = False) -> dict[str, Any]:
+    """A base model ``.ckpt`` of this trainer (its weights, EMA and config), weights-only; checked against its
+    manifest when it is a file of a run (``load_checkpoint_file``), unless the caller ``verified`` it."""
     try:
-        ckpt = load_checkpoint_file(path)
+        ckpt = load_checkpoint_file(path, verified=verified)
     except UserError as e:
         raise UserError(f"{e}; --base-checkpoint takes a base model .ckpt or a base run folder") from None
     if (
@@ -59,20 +61,41 @@ def load_base_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_stored_base(layout: RunLayout) -> dict[str, Any]:
-    """The base a LoRA run was started from, checked against the sha256 its metadata recorded."""
+    """The base a LoRA run was started from, checked against the checksum its newest checkpoint's manifest
+    recorded (``Manifest.references``), or where it has none yet (or was written before), the sha256 in its
+    metadata."""
     stored = layout.stored_base
-    record = read_metadata(layout.path).get("base_checkpoint") or {}
     if not stored.is_file():
         raise UserError(
             f"the stored base model of {layout.path.name} is gone ({stored}); this run cannot be resumed"
         )
-    if record.get("sha256") != sha256_file(stored):
+    key = stored.relative_to(layout.path).as_posix()
+    entries = [m.references[key] for m in read_manifests(layout.checkpoints) if key in m.references]
+    if entries:
+        reason = _mismatch(stored, entries[-1])
+        where = "its checkpoints' manifests"
+    else:
+        record = read_metadata(layout.path).get("base_checkpoint") or {}
+        reason = None if record.get("sha256") == sha256_file(stored) else "its sha256 differs"
+        where = "metadata.json's base_checkpoint"
+    if reason is not None:
         raise UserError(
-            f"the stored base model of {layout.path.name} ({stored}) changed since the run started (its sha256 "
-            "differs from metadata.json's base_checkpoint): the adapters would apply to another model than the "
-            "one they were trained on. Restore the original file, or start a new run"
+            f"the stored base model of {layout.path.name} ({stored}) changed since the run started ({reason} from "
+            f"{where}): the adapters would apply to another model than the one they were trained on. Restore the "
+            "original file, or start a new run"
         )
-    return load_base_checkpoint(stored)
+    return load_base_checkpoint(stored, verified=True)
+
+
+def _mismatch(path: Path, entry: dict[str, Any]) -> str | None:
+    """Why ``path`` does not match its manifest ``entry``, or None."""
+    try:
+        algorithm, digest = recorded(entry)
+    except KeyError:
+        return "its record has no checksum"
+    if path.stat().st_size != entry.get("bytes"):
+        return f"it has {path.stat().st_size} bytes, {entry.get('bytes')} were recorded"
+    return None if file_digest(path, algorithm) == digest else f"its {algorithm} differs"
 
 
 def init_checkpoint(given: str) -> Path:

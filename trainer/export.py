@@ -10,7 +10,6 @@ fills a model built from the config beside it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,12 @@ import torch
 from trainer.api import checkpoint_path, merge_lora
 from trainer.checkpoint.formats import CKPT_FORMAT, load_checkpoint_file
 from trainer.checkpoint.io.atomic import atomic_write, atomic_write_json
+from trainer.checkpoint.io.json_files import as_int, read_json_file
 from trainer.checkpoint.io.serialization import write_safetensors
+from trainer.checkpoint.manifest import read_manifests, verify
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
+from trainer.runs.store import read_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,14 +52,22 @@ def _base(layout: RunLayout, which: str) -> dict[str, Any]:
     if file.is_file():
         return load_checkpoint_file(file)
     folder = layout.state_root / spec
-    if not (folder / "trainer_state.json").is_file():
+    manifest = next((m for m in read_manifests(layout.checkpoints) if m.tag == spec), None)
+    if manifest is None or not (folder / "trainer_state.json").is_file():
         raise UserError(f"run {layout.path.name} has no checkpoint {which!r} (no {file.name}, no {folder})")
+    reason = verify(layout.checkpoints, manifest)
+    if reason is not None:
+        raise UserError(f"checkpoint {spec} of run {layout.path.name} is damaged: {reason}")
     from trainer.checkpoint.formats.legacy import read_full_ema, read_model_state
 
-    saved = json.loads((folder / "trainer_state.json").read_text())
-    config = json.loads(layout.config.read_text())
+    try:
+        saved = read_json_file(folder / "trainer_state.json")
+        epoch, step = as_int(saved["epoch"], "epoch"), as_int(saved["global_step"], "global_step")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read {folder / 'trainer_state.json'}: {e}") from None
+    config = read_config(layout.config)
     return {"format": CKPT_FORMAT, "kind": "base", "state_dict": read_model_state(folder),
-            "ema_state_dict": read_full_ema(folder), "epoch": saved["epoch"], "global_step": saved["global_step"],
+            "ema_state_dict": read_full_ema(folder), "epoch": epoch, "global_step": step,
             "metrics": {}, "config": config}  # fmt: skip
 
 

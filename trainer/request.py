@@ -31,6 +31,9 @@ class RunRequest:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunRequest:
         _refuse_contradictions(args)
+        for flag, value in (("--run-number", args.run_number), ("--fork", args.fork)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} takes a run number (1 or more), got {value}")
         extra = {"from_tag": args.from_tag, "init_from": getattr(args, "init_from", None)}
         if args.auto_resume:
             return cls("auto", args.run_number, job_key(args.run_key), **extra)
@@ -44,6 +47,8 @@ class RunRequest:
             number = int(args.resume)
         except ValueError:
             raise UserError(f"--resume takes a run number, got {args.resume!r}") from None
+        if number < 1:
+            raise UserError(f"--resume takes a run number (1 or more), got {number}")
         if args.run_number is not None and args.run_number != number:
             raise UserError(f"--resume {number} and --run-number {args.run_number} name different runs")
         return cls("resume", number, **extra)

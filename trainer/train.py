@@ -9,7 +9,6 @@ every process learns the decision. However training ends, the run's status says 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,7 +24,7 @@ from trainer.request import RunRequest, attempt_record, cli_overrides
 from trainer.runs.layout import RunLayout, kind_root
 from trainer.runs.lock import RunLock
 from trainer.runs.metadata import RunHandle, new_metadata
-from trainer.runs.store import RunError, create_run, run_numbers
+from trainer.runs.store import RunError, create_run, read_config, run_numbers, write_config
 
 
 @dataclass
@@ -113,7 +112,7 @@ def _configure(args: argparse.Namespace, kind: RunKind, claim: Any, flags_config
     if source is None:
         assert flags_config is not None
         return Plan(flags_config, store=kind.prepare(flags_config, args, None), claim=claim)
-    stored = read_config(source)
+    stored = read_config(source.config)
     config = build_config(stored, overrides, TrainConfig)
     store = kind.prepare(config, args, source)
     return Plan(
@@ -198,9 +197,7 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
         if plan.continues:
             trainer.resume(plan.changes, forked=plan.claim.fork is not None)
             if topo.is_main:  # only now: a refused resume leaves the run exactly as it was
-                from trainer.checkpoint.io.atomic import atomic_write_json
-
-                atomic_write_json(run.layout.config, config.to_dict())
+                write_config(run.layout.config, config.to_dict())
         else:
             run.print(f"{kind.headline} - run {number:03d} ({run.path})")
         trainer.fit()
@@ -232,16 +229,6 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
     return 0
 
 
-def read_config(layout: RunLayout) -> dict[str, Any]:
-    try:
-        data = json.loads(layout.config.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"cannot read {layout.config}: {e}") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{layout.config} does not hold an object")
-    return data
-
-
 def _timeout_minutes(config: TrainConfig | None, args: argparse.Namespace, kind: RunKind, request: RunRequest,
                      overrides: list[tuple[str, Any]]) -> float:  # fmt: skip
     """``distributed.timeout_minutes`` before any process group exists: a new run's config, or (best effort,
@@ -255,7 +242,7 @@ def _timeout_minutes(config: TrainConfig | None, args: argparse.Namespace, kind:
     try:
         if number is None:
             raise RunError("no run")
-        return build_config(read_config(RunLayout.of(args.checkpoint_root, kind.name, number)), overrides,
+        return build_config(read_config(RunLayout.of(args.checkpoint_root, kind.name, number).config), overrides,
                             TrainConfig).distributed.timeout_minutes  # fmt: skip
     except UserError:
         return TrainConfig().distributed.timeout_minutes

@@ -203,7 +203,8 @@ class Committer:
                                            lambda path: self.faults.point("write", tag=tag, step=step))  # fmt: skip
                 self.faults.point("save.manifest", tag=tag, step=step)
                 manifest = Manifest(tag, progress["epoch"], progress["step_in_epoch"], step, self.topo.world_size,
-                                    self.topo.distributed, best=progress["best"])  # fmt: skip
+                                    self.topo.distributed, best=progress["best"],
+                                    references=self.format.references())  # fmt: skip
                 self.protocol.commit(manifest, known)
             except OSError as e:
                 error = describe(e)

@@ -31,7 +31,7 @@ from functools import partial
 from typing import Any, Literal
 
 from launch import Topology, decide_on_rank0
-from trainer.checkpoint.formats import CheckpointFormat
+from trainer.checkpoint.formats import CheckpointDamaged, CheckpointFormat
 from trainer.checkpoint.io.staging import HostStaging
 from trainer.checkpoint.job import Committer, SaveJob, nbytes
 from trainer.checkpoint.manifest import Manifest, verification_shares, verify
@@ -90,8 +90,11 @@ class CheckpointManager:
             self.topo.comm, self.topo.is_main, self._find_resume_point, errors=(UserError,),
             what="choosing the checkpoint to resume from",
         )  # fmt: skip
+        prepared: Any = None
         while point.manifest is not None:  # the newest complete one: every rank hashes its share of it
             reason = self._verify_together(point.manifest)
+            if reason is None:  # verified: every rank reads and checks what it will load, then they agree
+                prepared, reason = self._prepare_together(point.manifest)
             if reason is None:
                 break
             point = decide_on_rank0(
@@ -116,7 +119,7 @@ class CheckpointManager:
             )
             run.record_event("restart_from_scratch", damaged=[d["tag"] for d in point.damaged])
         else:
-            self.states.progress.load_state_dict(self.format.load(manifest.tag, self.states))
+            self.states.progress.load_state_dict(self.format.load(prepared, self.states))
             run.print(
                 f"Resuming run {run.number:03d} from {manifest.describe()} "
                 f"(checkpoint {manifest.tag}, verified against its manifest)"
@@ -145,6 +148,17 @@ class CheckpointManager:
         reason = verify(self.layout.checkpoints, manifest, share)
         reasons = topo.comm.all_gather(reason, what=f"verifying checkpoint {manifest.tag}")
         return next((r for r in reasons if r is not None), None)
+
+    def _prepare_together(self, manifest: Manifest) -> tuple[Any, str | None]:
+        """Every rank: the format's ``prepare`` of ``manifest``'s checkpoint, and the first rank's reason it
+        is damaged (``CheckpointDamaged``: a file that matches its manifest but cannot be read), or None."""
+        prepared, reason = None, None
+        try:
+            prepared = self.format.prepare(manifest, self.states)
+        except CheckpointDamaged as e:
+            reason = str(e)
+        reasons = self.topo.comm.all_gather(reason, what=f"reading checkpoint {manifest.tag}")
+        return prepared, next((r for r in reasons if r is not None), None)
 
     def _report_world_size_change(self, manifest: Manifest) -> None:
         topo = self.topo

@@ -14,7 +14,6 @@ processes: the parts it wrote), so that its load finds those bytes in the page c
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -25,7 +24,11 @@ from typing import Any
 
 from trainer.checkpoint.io.atomic import atomic_write_json
 from trainer.checkpoint.io.checksums import ALGORITHM, file_digest, hash_ranges, recorded
+from trainer.checkpoint.io.json_files import as_int, read_json_file
+from trainer.checkpoint.io.paths import OutsideFolder, relative_inside, within
+from trainer.errors import UserError
 from trainer.runs.layout import MANIFESTS as MANIFEST_DIR
+from trainer.runs.layout import is_tag
 
 FORMAT = "diffit-trainer/manifest-v1"
 
@@ -45,6 +48,9 @@ class Manifest:
     best: dict[str, Any] | None = None
     """The best epoch when the checkpoint was taken (``TrainState.best``), so that a listing knows it even
     when the process died before writing metadata.json."""
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Files outside the checkpoint folder it depends on, by path relative to the run folder, with their
+    entries (a LoRA run's stored base: the adapters apply to that file only)."""
 
     @property
     def is_epoch(self) -> bool:
@@ -66,6 +72,7 @@ class Manifest:
             "distributed": self.distributed,
             "files": self.files,
             **({"best": self.best} if self.best is not None else {}),
+            **({"references": self.references} if self.references else {}),
         }
 
 
@@ -118,37 +125,90 @@ def unreadable_manifests(folder: Path) -> list[Path]:
 
 
 def _parse(path: Path) -> Manifest | None:
+    """The manifest in ``path``, or None when it is unreadable or names anything it may not: a tag outside the
+    tag grammar or other than its file's name, a file outside its checkpoint's own paths (``_entries``)."""
     try:
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT or data.get("tag") != path.stem:
+        data = read_json_file(path)
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("tag") != path.stem:
             return None
+        tag = data["tag"]
+        if not is_tag(tag):
+            return None
+        best = data.get("best")
         return Manifest(
-            tag=data["tag"],
-            epoch=int(data["epoch"]),
-            step_in_epoch=int(data["step_in_epoch"]),
-            global_step=int(data["global_step"]),
-            world_size=int(data["world_size"]),
+            tag=tag,
+            epoch=as_int(data["epoch"], "epoch"),
+            step_in_epoch=as_int(data["step_in_epoch"], "step_in_epoch"),
+            global_step=as_int(data["global_step"], "global_step"),
+            world_size=as_int(data["world_size"], "world_size"),
             distributed=str(data["distributed"]),
-            files=dict(data["files"]),
-            best=data.get("best"),
+            files=_entries(tag, data["files"]),
+            best=best if isinstance(best, dict) else None,
+            references=_references(data.get("references", {})),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
+def _entries(tag: str, files: Any) -> dict[str, Entry]:
+    """A manifest's ``files``, each checked: a path inside the checkpoint folder that carries the tag (``<tag>.ckpt``
+    or anything under a ``<tag>/`` folder: a checkpoint's own files only), a whole number of bytes."""
+    if not isinstance(files, dict):
+        raise TypeError("files is not an object")
+    for relative, entry in files.items():
+        parts = relative_inside(relative).split("/")
+        if tag not in parts[:-1] and parts != [f"{tag}{Path(relative).suffix}"]:
+            raise ValueError(f"{relative} is not a file of {tag}")
+        if not isinstance(entry, dict) or as_int(entry.get("bytes"), "bytes") < 0:
+            raise ValueError(f"the entry of {relative} is malformed")
+    return dict(files)
+
+
+def _references(references: Any) -> dict[str, Entry]:
+    if not isinstance(references, dict):
+        raise TypeError("references is not an object")
+    for relative, entry in references.items():
+        relative_inside(relative)
+        if not isinstance(entry, dict) or as_int(entry.get("bytes"), "bytes") < 0:
+            raise ValueError(f"the reference to {relative} is malformed")
+    return dict(references)
+
+
+def listing(path: Path) -> tuple[Path, Manifest, str] | None:
+    """(its folder, the committed manifest that lists it, its key there) of a file a committed manifest of its
+    own folder lists (by itself, or as the file it is a hard link to: ``best.ckpt``); None for a loose file."""
+    folder = path.parent
+    if not (folder / MANIFEST_DIR).is_dir():
+        return None
+    for manifest in reversed(read_manifests(folder)):
+        for relative in manifest.files:
+            try:
+                if os.path.samefile(folder / relative, path):
+                    return folder, manifest, relative
+            except OSError:
+                continue
+    return None
+
+
 def committed_file(path: Path) -> bool:
     """Whether ``path`` is (a hard link to) a file that a committed manifest of its folder lists: a checkpoint
     file the trainer wrote and never rewrites, safe to hard-link to."""
-    folder = path.parent
-    for manifest in read_manifests(folder):
-        for relative in manifest.files:
-            candidate = folder / relative
-            try:
-                if os.path.samefile(candidate, path):
-                    return True
-            except OSError:
-                continue
-    return False
+    return listing(path) is not None
+
+
+def verify_file(path: Path) -> bool:
+    """Check a checkpoint file on its own against the committed manifest that lists it: True when it matches,
+    False for a loose file (no manifest lists it); ``UserError`` saying why it does not match."""
+    found = listing(path)
+    if found is None:
+        return False
+    folder, manifest, relative = found
+    reason = verify(folder, Manifest(**{**manifest.__dict__, "files": {relative: manifest.files[relative]}}))
+    if reason is not None:
+        raise UserError(
+            f"{path} is checkpoint {manifest.tag} of {folder.parent.name}, which is damaged: {reason}"
+        )
+    return True
 
 
 def verify(folder: Path, manifest: Manifest, hashed: Sequence[Item] | None = None) -> str | None:
@@ -160,7 +220,10 @@ def verify(folder: Path, manifest: Manifest, hashed: Sequence[Item] | None = Non
     if not manifest.files:
         return "its manifest lists no files"
     for relative, expected in manifest.files.items():
-        path = folder / relative
+        try:
+            path = within(folder, relative)
+        except OutsideFolder as e:
+            return f"{relative} is not a file of the checkpoint's own ({e})"
         if not path.is_file():
             return f"{relative} is missing"
         size = path.stat().st_size

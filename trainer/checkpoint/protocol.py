@@ -30,6 +30,7 @@ from trainer.checkpoint.io.atomic import (
     make_read_only,
     remove_tmp_leftovers,
 )
+from trainer.checkpoint.io.paths import real_folder, within
 from trainer.checkpoint.manifest import (
     Entry,
     Manifest,
@@ -100,10 +101,18 @@ class CommitProtocol:
 
     # -- start of a launch: leftovers of a crash ------------------------------------------------------
 
+    def check_folders(self) -> None:
+        """The folders the tool writes, moves files into and deletes from are real folders of the run: a
+        symbolic link among them is refused (``OutsideFolder``) before anything is touched."""
+        for folder in (self.folder, *(root for root, _ in self.roots), *self.leftover_folders,
+                       self.folder / MANIFESTS, self.layout.damaged, self.layout.superseded):  # fmt: skip
+            within(self.layout.path, folder.relative_to(self.layout.path).as_posix())
+
     def clean_start(self, adopt: Callable[[str], Manifest | None]) -> list[str]:
         """Remove what a crashed writer left (never a committed checkpoint); returns what was removed, for
         the log. A run written before manifests existed has its epoch checkpoints committed as they are
         (``adopt``: the format's manifest of a tag, or None)."""
+        self.check_folders()
         if not (self.folder / MANIFESTS).is_dir():
             for tag in sorted(self._tags_on_disk()):
                 manifest = adopt(tag)
@@ -275,25 +284,30 @@ class CommitProtocol:
 
     def link_into(self, manifest: Manifest, other: RunLayout) -> None:
         """Make ``manifest``'s checkpoint one of ``other``'s (a new run forked from it): its files hard-linked
-        (committed files are read-only, never rewritten), its manifest last."""
-        target = other.checkpoints
+        (committed files are read-only, never rewritten), its manifest last. Every path stays inside both
+        checkpoint folders and passes through no link (``within``; the manifest's own entries were checked
+        when it was read)."""
+        target = real_folder(other.checkpoints, other.path)
         for relative in manifest.files:
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(self.folder / relative, destination)
-        (target / MANIFESTS).mkdir(exist_ok=True)
+            destination = within(target, relative)
+            real_folder(destination.parent, other.path)
+            link_or_copy(within(self.folder, relative), destination)
+        real_folder(target / MANIFESTS, other.path)
         link_or_copy(manifest_path(self.folder, manifest.tag), manifest_path(target, manifest.tag))
 
     def _move_aside(self, tag: str, paths: list[Path], where: Path | None = None) -> str:
-        """Move a checkpoint's files into ``damaged/<tag>[-N]/`` (or ``where``) for inspection."""
-        base = (where or self.layout.damaged) / tag
+        """Move a checkpoint's files into ``damaged/<tag>[-N]/`` (or ``where``) for inspection; the folder
+        it goes to is a real folder of the run (``real_folder``), named for a tag of the tag grammar only."""
+        name = tag if is_tag(tag) else "unreadable-manifest"
+        aside = real_folder(where or self.layout.damaged, self.layout.path)
+        base = aside / name
         target, n = base, 1
-        while target.exists():
+        while target.exists() or target.is_symlink():
             n += 1
-            target = base.with_name(f"{tag}-{n}")
-        target.mkdir(parents=True)
+            target = base.with_name(f"{name}-{n}")
+        target.mkdir()
         for path in paths:
-            if path.exists() or path.is_symlink():
+            if path.exists() or path.is_symlink():  # a link is moved itself, never what it points to
                 os.replace(path, target / path.relative_to(self.folder).as_posix().replace("/", "__"))
         fsync_dir(target)
         fsync_dir(self.folder)

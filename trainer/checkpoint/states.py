@@ -70,6 +70,30 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return copy.deepcopy({key: getattr(self, key) for key in self.KEYS})
 
+    @classmethod
+    def check(cls, state: Any) -> None:
+        """``state``, read from a checkpoint (data from someone else), holds what ``load_state_dict`` takes:
+        ``ValueError`` saying what does not."""
+        if not isinstance(state, dict):
+            raise ValueError("the trainer's state is not an object")
+        for key in ("epoch", "global_step", "step_in_epoch"):
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} is {value!r}, not a count")
+        if not _is_number(state.get("epoch_loss_sum", 0.0)):
+            raise ValueError("epoch_loss_sum is not a number")
+        history = state.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ValueError("history is not a list of epochs")
+        best = state.get("best")
+        if best is not None and not (
+            isinstance(best, dict)
+            and _is_number(best.get("value"))
+            and isinstance(best.get("epoch"), int)
+            and best.get("mode", "min") in ("min", "max")
+        ):
+            raise ValueError("best is not an epoch's record")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = copy.deepcopy(state.get("history") or [])
@@ -104,6 +128,10 @@ class TrainState:
         for entry in self.history:
             if entry.get("epoch") == epoch:
                 entry["checkpoint"] = file
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class RNGState:

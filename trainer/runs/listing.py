@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint.io.json_files import as_int
 from trainer.checkpoint.manifest import read_manifests
 from trainer.runs.layout import RunLayout, kind_of, run_dir
 from trainer.runs.lock import is_live
-from trainer.runs.metadata import read_metadata
+from trainer.runs.metadata import MalformedMetadata, read_metadata
 from trainer.runs.store import RunError, run_numbers
 
 
@@ -54,7 +55,9 @@ def summarize(root: Path, number: int) -> RunSummary:
         meta = read_metadata(path)
         committed = read_manifests(layout.checkpoints)
         newest = committed[-1] if committed else None
-        behind = newest is not None and newest.global_step > int(meta.get("global_step") or 0)
+        behind = newest is not None and newest.global_step > as_int(
+            meta.get("global_step") or 0, "global_step"
+        )
         best = (newest.best if behind and newest is not None else None) or meta.get("best") or {}
         epochs = newest.epoch if behind and newest is not None else _int_or_none(meta.get("epochs_completed"))
         status = str(meta.get("status", "unknown"))
@@ -65,24 +68,28 @@ def summarize(root: Path, number: int) -> RunSummary:
         return RunSummary(
             number=number,
             path=str(path),
-            kind=meta.get("kind"),
-            experiment=meta.get("experiment"),
-            dataset=f"{dataset.get('name')} ({dataset.get('num_classes')})" if dataset else None,
+            kind=_text(meta.get("kind")),
+            experiment=_text(meta.get("experiment")),
+            dataset=f"{_text(dataset.get('name'))} ({_int_or_none(dataset.get('num_classes'))})"
+            if dataset
+            else None,
             epochs_completed=epochs,
             epochs_total=_int_or_none(meta.get("epochs_total")),
             checkpoints=sum(m.is_epoch for m in committed),
-            best_epoch=best.get("epoch"),
-            best_metric=best.get("metric"),
-            best_value=None if best.get("value") is None else float(best["value"]),
-            status=status,
-            learning_rate=config.get("learning_rate"),
+            best_epoch=_int_or_none(best.get("epoch")),
+            best_metric=_text(best.get("metric")),
+            best_value=None if best.get("value") is None else _number(best["value"]),
+            status=_text(status) or "unknown",
+            learning_rate=None if config.get("learning_rate") is None else _number(config["learning_rate"]),
             best_mode="max" if best.get("mode") == "max" else "min",
             origin=origin(meta),
         )
     except FileNotFoundError:
         status = "broken: no metadata.json"
-    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        status = f"broken: unreadable metadata.json ({type(e).__name__})"
+    except MalformedMetadata as e:
+        status = f"broken: malformed metadata.json ({e})"
+    except (OSError, ValueError) as e:  # unreadable: not a plain file, too large or too deep, not JSON
+        status = f"broken: unreadable metadata.json ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
     except (AttributeError, TypeError, KeyError) as e:  # valid JSON of the wrong shape
         status = f"broken: malformed metadata.json ({type(e).__name__})"
     return RunSummary(number, str(path), None, None, None, None, None, None, None, None, None, status)
@@ -92,12 +99,25 @@ def origin(meta: dict[str, Any]) -> str | None:
     """``RUN@TAG`` of the checkpoint a run was forked from (or took its initial weights from)."""
     record = meta.get("forked_from") or meta.get("init_from") or {}
     if record.get("run") is None:
-        return Path(record["source"]).name if record.get("source") else None
-    return f"{int(record['run']):03d}@{record.get('tag')}"
+        return Path(str(record["source"])).name if record.get("source") else None
+    return f"{as_int(record['run'], 'run'):03d}@{_text(record.get('tag'))}"
 
 
 def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
+    return None if value is None else as_int(value, "a count")
+
+
+def _text(value: Any) -> str | None:
+    """A text field of metadata: a string or absent; anything else is malformed (``TypeError``)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{type(value).__name__} where a text belongs")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{type(value).__name__} where a number belongs")
+    return float(value)
 
 
 def list_runs(root: Path) -> list[RunSummary]:
@@ -229,7 +249,11 @@ def monitored_series(run: Path) -> tuple[str, list[int], list[float]]:
     metric = (meta.get("best") or {}).get("metric")
     if metric is None:
         metric = "val_loss" if any("val_loss" in h for h in history) else "train_loss"
-    points = [(int(h["epoch"]), float(h[metric])) for h in history if h.get(metric) is not None]
+    points = [
+        (h["epoch"], float(h[metric]))
+        for h in history
+        if type(h.get("epoch")) is int and type(h.get(metric)) in (int, float)  # not bool: hand-edited files
+    ]
     return str(metric), [e for e, _ in points], [v for _, v in points]
 
 

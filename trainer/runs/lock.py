@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from trainer.checkpoint.io.atomic import NO_FOLLOW, create_new
+from trainer.checkpoint.io.json_files import as_int, read_json_file
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
 
@@ -57,6 +59,8 @@ def _process_start(pid: int) -> str | None:
 
 
 def _alive(holder: Holder) -> bool:
+    if holder.pid <= 0:  # an unreadable or malformed lock
+        return False
     if holder.host != socket.gethostname():
         return time.time() - holder.heartbeat < STALE_AFTER_SECONDS
     try:
@@ -66,18 +70,42 @@ def _alive(holder: Holder) -> bool:
     except PermissionError:  # another user's process: alive
         pass
     start = _process_start(holder.pid)
-    return start is None or holder.process_start is None or start == holder.process_start
+    same = start is None or holder.process_start is None or start == holder.process_start
+    return same and _python(holder.pid)
+
+
+def _python(pid: int) -> bool:
+    """Whether ``pid`` runs a Python interpreter, as every launch of the trainer does (a lock naming any other
+    live process, pid 1 say, was not written by one); True where the command line cannot be read."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except OSError:
+        return True
+    return not argv0 or os.path.basename(argv0).startswith(b"python")
+
+
+MALFORMED = Holder("?", -1, None, "?", 0.0)
+"""The holder of a lock that cannot be read or whose fields are not what the trainer writes: a dead one's."""
 
 
 def read_holder(path: Path) -> Holder | None:
-    """The lock's holder, or None when there is no lock (an unreadable lock counts as a dead one's)."""
+    """The lock's holder, or None when there is no lock (an unreadable or malformed lock counts as a dead
+    one's, ``MALFORMED``)."""
     try:
-        data = json.loads(path.read_text())
-        return Holder(**{k: data[k] for k in Holder.__dataclass_fields__})
+        data = read_json_file(path, max_bytes=64 << 10)
+        if not isinstance(data, dict):
+            return MALFORMED
+        host, started, start = data.get("host"), data.get("started_at"), data.get("process_start")
+        heartbeat = data.get("heartbeat")
+        if not (isinstance(host, str) and isinstance(started, str) and isinstance(start, str | None)):
+            return MALFORMED
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, int | float) or heartbeat != heartbeat:
+            return MALFORMED
+        return Holder(host, as_int(data.get("pid"), "pid"), start, started, float(heartbeat))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return Holder("?", -1, None, "?", 0.0)
+    except (OSError, ValueError):
+        return MALFORMED
 
 
 def is_live(layout: RunLayout) -> bool:
@@ -105,7 +133,7 @@ class RunLock:
             holder = read_holder(self.path)
             if holder is None:
                 continue
-            if _alive(holder):
+            if holder is not MALFORMED and _alive(holder):
                 raise RunLocked(
                     f"run {self.layout.path.name} is being trained by another launch ({holder.describe()}); "
                     f"this launch would {what}. Wait for it to end, or stop it (its run saves and is marked "
@@ -116,6 +144,8 @@ class RunLock:
                 os.rename(self.path, aside)
                 aside.unlink()
                 if self._create():
+                    if holder is MALFORMED:
+                        return f"took over the lock of run {self.layout.path.name}: it was unreadable or malformed"
                     return (
                         f"took over the lock of run {self.layout.path.name} from a launch that is gone "
                         f"({holder.describe()})"
@@ -124,7 +154,7 @@ class RunLock:
 
     def _create(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
@@ -141,7 +171,8 @@ class RunLock:
             self.me.heartbeat = time.time()
             tmp = self.path.with_name(f".tmp-{self.path.name}.{os.getpid()}")
             with contextlib.suppress(OSError):  # a lost write costs a beat, not the run
-                tmp.write_text(json.dumps(asdict(self.me)))
+                with create_new(tmp) as f:  # never through a link planted at the name
+                    f.write(json.dumps(asdict(self.me)).encode())
                 os.replace(tmp, self.path)
 
     def release(self) -> None:

@@ -13,7 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.atomic import atomic_write_json
+from trainer.checkpoint.io.atomic import append_to, atomic_write_json
+from trainer.checkpoint.io.json_files import read_json_file
+from trainer.checkpoint.io.paths import real_folder
 from trainer.runs.layout import RunLayout
 
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -55,11 +57,42 @@ def new_metadata(
     }
 
 
+class MalformedMetadata(ValueError):
+    """A ``metadata.json`` that is JSON, but not of the shape the trainer writes."""
+
+
+_TEXT = ("kind", "experiment", "status", "created_at", "updated_at", "distributed", "run_key")
+_COUNTS = ("run_number", "world_size", "epochs_completed", "global_step", "epochs_total")
+_RECORDS = ("dataset", "best", "forked_from", "init_from", "base_checkpoint", "config_summary", "trackers")
+_LISTS = ("checkpoints", "history", "resumes", "events", "attempts")
+_FIELDS: dict[str, type] = {
+    **dict.fromkeys(_TEXT, str),
+    **dict.fromkeys(_COUNTS, int),
+    **dict.fromkeys(_RECORDS, dict),
+    **dict.fromkeys(_LISTS, list),
+}
+"""The type of every field the tool reads (or null); list fields hold objects (``checkpoints``: numbers)."""
+
+
 def read_metadata(run: Path) -> dict[str, Any]:
-    with open(run / "metadata.json") as f:
-        data = json.load(f)
+    """A run's ``metadata.json``, read as data from someone else (``read_json_file``) and checked against the
+    shape the trainer writes (``_FIELDS``); ``FileNotFoundError``, or ``ValueError`` saying what is wrong
+    (``MalformedMetadata`` for JSON of another shape)."""
+    data = read_json_file(run / "metadata.json")
     if not isinstance(data, dict):
-        raise ValueError("metadata.json does not hold an object")
+        raise MalformedMetadata("it does not hold an object")
+    for key, kind in _FIELDS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise MalformedMetadata(f"{key} is a {type(value).__name__}, not a {kind.__name__}")
+        if isinstance(value, int) and value < 0:
+            raise MalformedMetadata(f"{key} is negative")
+        if isinstance(value, list):
+            item = int if key == "checkpoints" else dict
+            if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                raise MalformedMetadata(f"{key} holds something other than {item.__name__}s")
     return data
 
 
@@ -115,8 +148,8 @@ class RunHandle:
         if not self.is_main:
             return
         try:
-            self.layout.logs.mkdir(exist_ok=True)
-            with open(self.layout.events, "a") as f:
+            real_folder(self.layout.logs, self.layout.path)
+            with append_to(self.layout.events) as f:
                 f.write(json.dumps({"at": now(), "event": "save", **record}) + "\n")
         except OSError as e:
             self.warn(f"could not append to {self.layout.events}: {e.strerror or e}")

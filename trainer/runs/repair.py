@@ -9,22 +9,21 @@ checkpoint's manifest and trainer state. The resume then rewrites history, best 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.atomic import atomic_write_json
 from trainer.checkpoint.io.checksums import sha256_file
+from trainer.checkpoint.io.paths import real_folder
 from trainer.checkpoint.manifest import Manifest, read_manifests, verify
 from trainer.runs.layout import RunLayout
-from trainer.runs.metadata import new_metadata, now, read_metadata, write_metadata
-from trainer.runs.store import RunError
+from trainer.runs.metadata import MalformedMetadata, new_metadata, now, read_metadata, write_metadata
+from trainer.runs.store import ConfigMismatch, RunError, read_config, write_config
 
 
 def repair_run(layout: RunLayout) -> list[str]:
     """Rebuild what is damaged of ``metadata.json`` and ``config.json``; returns one warning per repair."""
-    config_damage = _damage(layout.config, _read_config)
+    config_damage = _damage(layout.config, read_config)
     meta_damage = _damage(layout.metadata, lambda path: read_metadata(path.parent))
     if config_damage is None and meta_damage is None:
         return []
@@ -40,7 +39,7 @@ def repair_run(layout: RunLayout) -> list[str]:
     config, source = found
     warnings, events = [], []
     for path, damage, rebuild in (
-        (layout.config, config_damage, lambda: atomic_write_json(layout.config, config)),
+        (layout.config, config_damage, lambda: write_config(layout.config, config)),
         (layout.metadata, meta_damage, lambda: write_metadata(layout.path, _metadata(layout, config))),
     ):
         if damage is None:
@@ -61,16 +60,13 @@ def _damage(path: Path, read: Any) -> str | None:
         return "missing"
     try:
         read(path)
-    except (OSError, ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError
-        return f"unreadable ({type(e).__name__})"
+    except ConfigMismatch:
+        return "edited or damaged (it does not match the checksum it holds)"
+    except MalformedMetadata as e:
+        return f"malformed ({e})"
+    except (OSError, ValueError, RunError) as e:
+        return f"unreadable ({e})"
     return None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or "model" not in data:
-        raise ValueError("not a config")
-    return data
 
 
 def _newest_config(layout: RunLayout) -> tuple[dict[str, Any], str] | None:
@@ -124,13 +120,14 @@ def _metadata(layout: RunLayout, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _move_aside(layout: RunLayout, path: Path) -> str:
-    """Move a damaged file into ``damaged/`` (``NAME``, ``NAME-2``, ...); returns where, relative to the run."""
+    """Move a damaged file into ``damaged/`` (``NAME``, ``NAME-2``, ...), a real folder of the run; returns
+    where, relative to the run."""
     if not path.exists():
         return "(missing)"
-    layout.damaged.mkdir(exist_ok=True)
-    target, n = layout.damaged / path.name, 1
-    while target.exists():
+    damaged = real_folder(layout.damaged, layout.path)
+    target, n = damaged / path.name, 1
+    while target.exists() or target.is_symlink():
         n += 1
-        target = layout.damaged / f"{path.name}-{n}"
+        target = damaged / f"{path.name}-{n}"
     os.replace(path, target)
     return str(target.relative_to(layout.path))

@@ -15,9 +15,9 @@ from trainer.config import CheckpointConfig, from_dict
 from trainer.config_files import diff_keys
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout, kind_root, run_dir
-from trainer.runs.listing import origin
+from trainer.runs.listing import summarize
 from trainer.runs.metadata import read_metadata
-from trainer.runs.store import RunError, resolve_run
+from trainer.runs.store import RunError, read_config, resolve_run
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "lr", "seconds", "checkpoint"]
 _ABSENT = "(absent)"
@@ -27,18 +27,6 @@ def find_run(checkpoint_root: Path, kind: str, number: int) -> Path:
     """The folder of run ``number``; a missing run is a ``RunError`` naming the runs that exist."""
     root = kind_root(checkpoint_root, kind)
     return run_dir(root, resolve_run(root, number))
-
-
-def read_config(run: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        raise RunError(f"{run} has no config.json") from None
-    except (OSError, ValueError) as e:
-        raise RunError(f"cannot read {run / 'config.json'}: {e}") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{run / 'config.json'} does not hold an object")
-    return data
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -115,15 +103,17 @@ def checkpoint_files(run: Path) -> list[tuple[str, int, str]]:
 def kept_because(layout: RunLayout) -> dict[str, list[str]]:
     """Why retention keeps each committed checkpoint of the run (its rules, as the run is configured)."""
     try:
-        policy = from_dict(CheckpointConfig, read_config(layout.path).get("checkpoint") or {}, "checkpoint.")
+        policy = from_dict(
+            CheckpointConfig, read_config(layout.config).get("checkpoint") or {}, "checkpoint."
+        )
         meta = read_metadata(layout.path)
-    except (UserError, OSError, ValueError):
+        best = meta.get("best") or {}
+        scores = Scores.from_history(meta.get("history") or [], best)
+        return plan_retention(
+            read_manifests(layout.checkpoints), policy.retention(), best.get("epoch"), scores
+        ).keep
+    except (UserError, OSError, ValueError, TypeError, AttributeError, KeyError):  # hand-edited or damaged
         return {}
-    best = meta.get("best") or {}
-    scores = Scores.from_history(meta.get("history") or [], best)
-    return plan_retention(
-        read_manifests(layout.checkpoints), policy.retention(), best.get("epoch"), scores
-    ).keep
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -134,33 +124,30 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def format_show(run: Path) -> str:
-    """Everything ``runs.py show`` prints about one run."""
-    config = read_config(run)
-    try:
-        meta = read_metadata(run)
-    except (OSError, ValueError) as e:
-        meta = {"status": f"broken: unreadable metadata.json ({type(e).__name__})"}
-    dataset = meta.get("dataset") or {}
-    best = meta.get("best") or {}
+    """Everything ``runs.py show`` prints about one run. Its header comes from ``--list-runs``'s summary (the
+    same checks of every field); a file that cannot be read is said so in its own section."""
+    summary = summarize(run.parent, int(run.name.removeprefix("run_")))
     lines = [
         f"Run {run.name.removeprefix('run_')} ({run})",
-        f"  kind: {meta.get('kind', '-')}   experiment: {meta.get('experiment', '-')}   "
-        f"status: {meta.get('status', '-')}",
-        f"  dataset: {dataset.get('name', '-')} ({dataset.get('num_classes', '?')} classes)   epochs: "
-        f"{meta.get('epochs_completed', '-')}/{meta.get('epochs_total') or '?'}",
+        f"  kind: {summary.kind or '-'}   experiment: {summary.experiment or '-'}   status: {summary.status}",
+        f"  dataset: {summary.dataset or '-'}   epochs: {_cell(summary.epochs_completed)}/"
+        f"{summary.epochs_total or '?'}",
     ]
-    if meta.get("forked_from") or meta.get("init_from"):
-        how = "forked from" if meta.get("forked_from") else "weights from"
-        lines.append(f"  {how}: run {origin(meta)}")
-    if best:
-        lines.append(
-            f"  best: {best.get('metric')} = {_cell(best.get('value'))} at epoch {best.get('epoch')} "
-            f"(mode {best.get('mode', 'min')})"
-        )
+    if summary.origin:
+        lines.append(f"  started from: run {summary.origin}")
+    if summary.best_epoch is not None:
+        lines.append(f"  best: {summary.best_metric} = {_cell(summary.best_value)} at epoch {summary.best_epoch} "
+                     f"(mode {summary.best_mode})")  # fmt: skip
     lines += ["", "Config (config.json):"]
-    lines += [f"  {key} = {show_value(value)}" for key, value in flatten(config).items()]
-    history = [h for h in meta.get("history") or [] if isinstance(h, dict)]
+    try:
+        lines += [
+            f"  {key} = {show_value(value)}"
+            for key, value in flatten(read_config(run / "config.json")).items()
+        ]
+    except RunError as e:
+        lines.append(f"  (cannot be shown: {e})")
     lines += ["", "History:"]
+    history = _history(run) if not summary.status.startswith("broken") else []
     if history:
         columns = [c for c in HISTORY_COLUMNS if any(c in h for h in history)]
         lines += table(columns, [[_cell(h.get(c)) for c in columns] for h in history])
@@ -176,9 +163,17 @@ def format_show(run: Path) -> str:
     return "\n".join(lines)
 
 
+def _history(run: Path) -> list[dict[str, Any]]:
+    try:
+        history = read_metadata(run).get("history")
+    except (OSError, ValueError):
+        return []
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+
+
 def format_diff(run_a: Path, run_b: Path) -> str:
     """The config keys that differ between two runs, with both values."""
-    a, b = read_config(run_a), read_config(run_b)
+    a, b = read_config(run_a / "config.json"), read_config(run_b / "config.json")
     keys = diff_keys(a, b)
     name_a, name_b = f"run {run_a.name.removeprefix('run_')}", f"run {run_b.name.removeprefix('run_')}"
     if not keys:

@@ -6,6 +6,7 @@ command line broadcasts what rank 0 decided to the other ranks.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,13 @@ from trainer.checkpoint.io.atomic import (
     atomic_write,
     atomic_write_json,
     copy_file,
+    create_new,
     link_or_copy,
     make_read_only,
     remove_tmp_leftovers,
 )
-from trainer.checkpoint.io.checksums import sha256_file
+from trainer.checkpoint.io.checksums import ALGORITHM, ALGORITHMS, sha256_file
+from trainer.checkpoint.io.json_files import read_json_file
 from trainer.checkpoint.manifest import committed_file
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout, run_dir, run_number
@@ -28,6 +31,49 @@ from trainer.runs.metadata import write_metadata
 
 class RunError(UserError):
     """A run that cannot be created, found or resumed as asked."""
+
+
+CONFIG_CHECKSUM = "checksum"
+"""The key of ``config.json`` that holds the checksum of the rest of it: a config edited by hand or damaged
+is told from the one the trainer wrote (a resume rebuilds it from its checkpoint, ``repair.py``)."""
+
+
+class ConfigMismatch(RunError):
+    """A ``config.json`` whose content does not match the checksum it holds."""
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """``config.json``: ``config`` and, last, its checksum."""
+    atomic_write_json(path, {**config, CONFIG_CHECKSUM: {ALGORITHM: _config_digest(config, ALGORITHM)}})
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The config in ``config.json``, its checksum checked and left out; ``RunError`` saying why it cannot be
+    used. A file written before configs held a checksum is taken as it is."""
+    try:
+        data = read_json_file(path)
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise RunError(f"{path} does not hold a training config")
+    checksum = data.pop(CONFIG_CHECKSUM, None)
+    if checksum is None:
+        return data
+    known = [a for a in ALGORITHMS if isinstance(checksum, dict) and a in checksum]
+    if not known or checksum[known[0]] != _config_digest(data, known[0]):
+        raise ConfigMismatch(
+            f"{path} does not match the checksum it holds (edited by hand or damaged); settings change "
+            "through flags on --resume or --fork, which record them"
+        )
+    return data
+
+
+def _config_digest(config: dict[str, Any], algorithm: str) -> str:
+    digest = ALGORITHMS[algorithm]()
+    digest.update(json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=True).encode())
+    return str(digest.hexdigest())
 
 
 def run_numbers(root: Path) -> list[int]:
@@ -51,7 +97,7 @@ def allocate_run(root: Path, number: int | None = None) -> int:
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".tmp-write-probe.{os.getpid()}"
-        probe.touch()
+        create_new(probe).close()
         probe.unlink()
     except OSError as e:
         raise RunError(
@@ -135,6 +181,6 @@ def create_run(
     if key is not None:
         record["run_key"] = key
         atomic_write(layout.run_key, lambda f: f.write(f"{key}\n".encode()))
-    atomic_write_json(layout.config, config)
+    write_config(layout.config, config)
     write_metadata(layout.path, record)
     return layout, lock

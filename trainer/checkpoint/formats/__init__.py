@@ -18,6 +18,7 @@ and the commit protocol makes them count. A save goes through a format in two pa
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from trainer.checkpoint.io.tensor_files import FileLayout
-from trainer.checkpoint.manifest import Entry, Manifest
+from trainer.checkpoint.manifest import Entry, Manifest, verify_file
 from trainer.checkpoint.sharding.owned import Piece
 from trainer.checkpoint.states import TrainingStates
 from trainer.errors import UserError
@@ -106,8 +107,21 @@ class CheckpointFormat(Protocol):
         whose hashes are already known; may raise OSError (nothing of the tag counts until committed)."""
         ...
 
-    def load(self, tag: str, states: TrainingStates) -> dict[str, Any]:
-        """Every rank: restore ``tag`` into ``states``; returns the saved ``TrainState`` dict."""
+    def prepare(self, manifest: Manifest, states: TrainingStates) -> Any:
+        """Every rank, before any state changes (no collective): read and check whatever of the verified
+        checkpoint can still be found wrong (its small files, the records of where its tensors lie), only
+        files its manifest lists. Raises ``CheckpointDamaged`` saying why (the ranks then fall back to an
+        older checkpoint together), or ``UserError`` when it cannot fit this launch."""
+        ...
+
+    def load(self, prepared: Any, states: TrainingStates) -> dict[str, Any]:
+        """Every rank: restore a checkpoint ``prepare`` accepted into ``states``; returns the saved
+        ``TrainState`` dict."""
+        ...
+
+    def references(self) -> dict[str, Entry]:
+        """Rank 0: files outside the checkpoint folder every checkpoint depends on, by path relative to the
+        run folder, with their entries (``Manifest.references``)."""
         ...
 
     def adopt(self, tag: str) -> Manifest | None:
@@ -116,12 +130,24 @@ class CheckpointFormat(Protocol):
         ...
 
 
-def load_checkpoint_file(path: Path, key: str | tuple[str, ...] = "state_dict") -> dict[str, Any]:
+class CheckpointDamaged(Exception):
+    """A checkpoint whose files match their manifest but cannot be read as what they should be (a pickle that
+    needs code, a truncated or malformed file written so, a file its manifest does not list)."""
+
+
+def load_checkpoint_file(
+    path: Path, key: str | tuple[str, ...] = "state_dict", *, verified: bool = False
+) -> dict[str, Any]:
     """A ``.ckpt`` of this trainer, weights-only: a file that needs pickled code is refused.
 
     ``key`` is the entry it must hold (or one of them): ``state_dict`` for base checkpoints,
-    ``lora_state_dict`` for LoRA ones.
+    ``lora_state_dict`` for LoRA ones. Unless the caller has ``verified`` it, a file of a run is first checked
+    against the manifest that lists it (``verify_file``: a damaged one is refused); a loose file (no manifest
+    lists it: a copy, a download) is loaded weights-only, and a line says it was not checked.
     """
+    if not verified and path.is_file() and not verify_file(path):
+        print(f"note: {path} is not a committed checkpoint of a run: loaded weights-only, not checked against "
+              "a manifest", file=sys.stderr)  # fmt: skip
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,26 @@ import torch
 
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
-from trainer.checkpoint.formats import CKPT_FORMAT, PendingFile, PendingPart, Snapshot, Written, legacy
-from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename
+from trainer.checkpoint.formats import (
+    CKPT_FORMAT,
+    CheckpointDamaged,
+    PendingFile,
+    PendingPart,
+    Snapshot,
+    Written,
+    legacy,
+)
+from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, delete_inside
+from trainer.checkpoint.io.json_files import as_int, read_json_file
+from trainer.checkpoint.io.paths import real_folder
 from trainer.checkpoint.io.tensor_files import (
+    FileLayout,
     torch_file_layout,
 )
 from trainer.checkpoint.io.tensor_reader import TensorFileReader, layout_record, recorded_layout
 from trainer.checkpoint.manifest import Entry, Manifest
 from trainer.checkpoint.sharding.owned import EMA, WEIGHTS, OwnedState, Piece
-from trainer.checkpoint.states import TrainingStates
+from trainer.checkpoint.states import TrainingStates, TrainState
 from trainer.errors import UserError
 from trainer.faults import NO_FAULTS, Faults
 from trainer.runs.layout import RunLayout
@@ -77,9 +89,11 @@ class BaseFormat:
         keep: Callable[[Any], Any],
     ) -> Snapshot:  # fmt: skip
         tmp, topo = self._tmp(tag), self.topo
-        if topo.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        if topo.is_main:  # in a real folder of the run: a linked state/ would take the deletion elsewhere
+            real_folder(self.state_root, self.layout.path)
+            if tmp.exists() or tmp.is_symlink():  # a crash's leftover (a link: removed itself)
+                delete_inside(tmp, self.layout.path)
+            tmp.mkdir()
         topo.comm.barrier(what=f"the snapshot of {tag}")
         owned = self._owned(states)
         model, optimizer = owned.pieces()
@@ -143,44 +157,84 @@ class BaseFormat:
 
     # -- loading --------------------------------------------------------------------------------------
 
-    def load(self, tag: str, states: TrainingStates) -> dict[str, Any]:
-        """Restore ``tag`` on every rank, on this launch's number of processes and ZeRO stage."""
-        folder, topo = self.state_root / tag, self.topo
-        self._owned_state = None  # a load may give the optimizer new state tensors: pieces are made anew
-        saved = json.loads((folder / "trainer_state.json").read_text())
+    def prepare(self, manifest: Manifest, states: TrainingStates) -> Prepared:
+        """Every rank: ``trainer_state.json``, this rank's RNG state and where each tensor lies, read and
+        checked before anything is loaded; each file only when the manifest lists it."""
+        tag, topo = manifest.tag, self.topo
+        folder = self.state_root / tag
+        listed = _Listed(manifest, self.layout.checkpoints)
+        try:
+            saved = read_json_file(listed.path(folder / "trainer_state.json"))
+            if not isinstance(saved, dict) or not isinstance(saved.get("param_shapes"), dict):
+                raise ValueError("trainer_state.json holds no parameter shapes")
+        except (OSError, ValueError) as e:
+            raise CheckpointDamaged(str(e)) from None
+        try:
+            ranks = as_int(saved.get("world_size"), "world_size")
+            _check_saved(saved)
+        except ValueError as e:
+            raise CheckpointDamaged(f"trainer_state.json: {e}") from None
         _refuse_other_shapes(tag, saved["param_shapes"], states.ema.shapes())
+        rng = None
+        if topo.rank < ranks:  # else a rank the checkpoint did not have: seeded afresh
+            path = listed.path(folder / f"rng_rank{topo.rank}.pt")
+            rng = _read_pickle(path, lambda p: torch.load(p, weights_only=True))
+            if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+                raise CheckpointDamaged(f"{path.name} holds no RNG state")
         if saved.get("state_version", 1) < STATE_VERSION:
-            legacy.load(folder, saved, states, topo)
+            legacy.check(folder, listed.files(folder))
+            return Prepared(tag, folder, saved, rng, None)
+        files = {
+            listed.path(self.layout.ckpt(tag)): MODEL_FILE,
+            listed.path(folder / OPTIMIZER_FILE): OPTIMIZER_FILE,
+        }
+        try:
+            layouts = {path: recorded_layout(saved["tensor_files"][name]) for path, name in files.items()}
+            for path, layout in layouts.items():
+                listed.check_size(path, layout.size)
+            self._owned(states).check(layouts.values())
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointDamaged(
+                f"its record of where the tensors lie does not fit its files ({e})"
+            ) from None
+        return Prepared(tag, folder, saved, rng, layouts)
+
+    def load(self, prepared: Prepared, states: TrainingStates) -> dict[str, Any]:
+        """Restore a prepared checkpoint on every rank, on this launch's number of processes and ZeRO stage."""
+        saved, topo = prepared.saved, self.topo
+        self._owned_state = None  # a load may give the optimizer new state tensors: pieces are made anew
+        if prepared.layouts is None:
+            legacy.load(prepared.folder, saved, states, topo)
         else:
-            try:
-                recorded = saved["tensor_files"]
-                files = {
-                    self.layout.ckpt(tag): recorded[MODEL_FILE],
-                    folder / OPTIMIZER_FILE: recorded[OPTIMIZER_FILE],
-                }
-                with TensorFileReader(
-                    {path: recorded_layout(record) for path, record in files.items()}
-                ) as read:
-                    self._owned(states).restore(read, saved["adam_steps"], saved.get("engine") or {})
-            except (
-                KeyError,
-                ValueError,
-                EOFError,
-            ) as e:  # verified, so not damaged: written for another model
-                raise UserError(
-                    f"the checkpoint {tag} does not fit this launch: {type(e).__name__}: {e}"
-                ) from None
-        rng = folder / f"rng_rank{topo.rank}.pt"
-        if rng.is_file():
-            states.rng.load_state_dict(torch.load(rng, weights_only=True))
+            with TensorFileReader(dict(prepared.layouts)) as read:
+                self._owned(states).restore(read, saved["adam_steps"], saved.get("engine") or {})
+        if prepared.rng is not None:
+            states.rng.load_state_dict(prepared.rng)
         else:
             states.rng.reseed(topo.rank, saved["global_step"])
         states.load_extra(saved.get("extra") or {})
-        topo.comm.barrier(what=f"the resume from {tag}")
+        topo.comm.barrier(what=f"the resume from {prepared.tag}")
         return saved
+
+    def references(self) -> dict[str, Entry]:
+        return {}  # a base checkpoint is whole in its folder
 
     def adopt(self, tag: str) -> Manifest | None:
         return legacy.adopt(self.state_root, tag, self.topo)
+
+
+def _check_saved(saved: dict[str, Any]) -> None:
+    """``trainer_state.json``'s fields, read as data: the counters (``TrainState.check``), then the optimizer's
+    steps and the engine's counters, numbers by name; ``ValueError`` saying what is wrong."""
+    TrainState.check(saved)
+    for key in ("adam_steps", "engine", "extra"):
+        value = saved.get(key) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} is not an object")
+        if key != "extra" and not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise ValueError(f"{key} holds something other than numbers")
 
 
 def _write_trainer_state(snapshot: Snapshot, trainer_state: dict[str, Any], f: Any) -> None:
@@ -189,6 +243,59 @@ def _write_trainer_state(snapshot: Snapshot, trainer_state: dict[str, Any], f: A
     placed = {part.path.name: part.layout for part in snapshot.parts if not isinstance(part.layout, str)}
     layouts = {name: layout_record(layout) for name, layout in {**placed, **snapshot.drawn}.items()}
     f.write((json.dumps({**trainer_state, "tensor_files": layouts}, indent=1) + "\n").encode())
+
+
+@dataclass
+class Prepared:
+    """A checkpoint ``BaseFormat.prepare`` read and checked: what its load needs."""
+
+    tag: str
+    folder: Path
+    saved: dict[str, Any]
+    """``trainer_state.json``."""
+    rng: dict[str, Any] | None
+    """This rank's RNG state, None where the checkpoint has none for it."""
+    layouts: dict[Path, FileLayout] | None
+    """Where the tensors lie in each tensor file; None for a checkpoint of an earlier version."""
+
+
+class _Listed:
+    """The files a manifest lists, by their path: only those are read (``CheckpointDamaged`` for any other)."""
+
+    def __init__(self, manifest: Manifest, checkpoints: Path) -> None:
+        self.manifest, self.checkpoints = manifest, checkpoints
+
+    def key(self, path: Path) -> str:
+        return path.relative_to(self.checkpoints).as_posix()
+
+    def has(self, path: Path) -> bool:
+        return self.key(path) in self.manifest.files
+
+    def path(self, path: Path) -> Path:
+        if not self.has(path):
+            raise CheckpointDamaged(f"{self.key(path)} is not listed in its manifest")
+        return path
+
+    def files(self, folder: Path) -> list[Path]:
+        prefix = self.key(folder) + "/"
+        return [
+            self.checkpoints / relative for relative in self.manifest.files if relative.startswith(prefix)
+        ]
+
+    def check_size(self, path: Path, size: int) -> None:
+        listed = self.manifest.files[self.key(path)]["bytes"]
+        if listed != size:
+            raise ValueError(f"{path.name} has {listed} bytes, its record says {size}")
+
+
+def _read_pickle(path: Path, load: Callable[[Path], Any]) -> Any:
+    """A pickle-format file of a verified checkpoint, weights-only: ``CheckpointDamaged`` where it cannot be
+    read so (it was written damaged, or needs code)."""
+    try:
+        return load(path)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise CheckpointDamaged(f"{path.name} cannot be read weights-only ({reason[:200]})") from None
 
 
 def _refuse_other_shapes(tag: str, saved: dict[str, list[int]], now: dict[str, torch.Size]) -> None:

@@ -14,7 +14,6 @@ On the processes and ZeRO stage that wrote it, such a checkpoint loads through D
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,9 @@ from safetensors.torch import load_file
 
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
+from trainer.checkpoint.formats import CheckpointDamaged
+from trainer.checkpoint.io.json_files import read_json_file
+from trainer.checkpoint.io.tensor_files import read_layout
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.sharding.full_state import FullState, full_from_slices, scatter_full_state
 from trainer.checkpoint.sharding.zero_merge import merge_zero_optimizer_state, merge_zero_shards
@@ -54,6 +56,21 @@ def load(folder: Path, saved: dict[str, Any], states: TrainingStates, topo: Topo
         states.ema.load_state_dict(load_file(str(folder / f"ema_rank{own}.safetensors")))
 
 
+def check(folder: Path, files: list[Path]) -> None:
+    """That every listed file of a checkpoint of an earlier version reads back weights-only (its pickles
+    memory-mapped, so only their structure is read; safetensors by their header), before ``load`` changes
+    any state: ``CheckpointDamaged`` naming the first that does not."""
+    for path in files:
+        try:
+            if path.suffix == ".pt":
+                compat.load_shard(path)
+            elif path.suffix == ".safetensors":
+                read_layout(path)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+            raise CheckpointDamaged(f"{path.name} cannot be read weights-only ({reason[:200]})") from None
+
+
 def adopt(state_root: Path, tag: str, topo: Topology) -> Manifest | None:
     """The manifest (without files) of an epoch checkpoint written before manifests existed, or None if it
     is not resumable."""
@@ -62,7 +79,7 @@ def adopt(state_root: Path, tag: str, topo: Topology) -> Manifest | None:
     epoch = int(tag.removeprefix("epoch_"))
     manifest = Manifest(tag, epoch, 0, epoch, topo.world_size, topo.distributed)
     try:
-        saved = json.loads((state_root / tag / "trainer_state.json").read_text())
+        saved = read_json_file(state_root / tag / "trainer_state.json")
         manifest.global_step = int(saved["global_step"])
         manifest.world_size, manifest.distributed = int(saved["world_size"]), str(saved["distributed"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -72,7 +89,7 @@ def adopt(state_root: Path, tag: str, topo: Topology) -> Manifest | None:
 
 def read_full_state(folder: Path) -> FullState:
     """The trained parameters, Adam moments and step of one checkpoint, by name, whatever wrote it."""
-    saved = json.loads((folder / "trainer_state.json").read_text())
+    saved = read_json_file(folder / "trainer_state.json")
     names = list(saved["param_shapes"])
     if (folder / "model.safetensors").is_file():
         weights = load_file(str(folder / "model.safetensors"))
@@ -100,7 +117,7 @@ def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def read_full_ema(folder: Path) -> dict[str, torch.Tensor]:
     """Full EMA tensors from one checkpoint's resumable state (reassembling ZeRO-3 slices if needed)."""
-    saved = json.loads((folder / "trainer_state.json").read_text())
+    saved = read_json_file(folder / "trainer_state.json")
     if not saved["ema_partitioned"]:
         return load_file(str(folder / "ema_rank0.safetensors"))
     slices = [load_file(str(folder / f"ema_rank{r}.safetensors")) for r in range(saved["world_size"])]

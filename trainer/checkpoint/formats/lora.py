@@ -23,11 +23,12 @@ import torch
 
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
-from trainer.checkpoint.formats import CKPT_FORMAT, Snapshot, Written, load_checkpoint_file
+from trainer.checkpoint.formats import CKPT_FORMAT, CheckpointDamaged, Snapshot, Written, load_checkpoint_file
 from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, atomic_write, umask
+from trainer.checkpoint.io.checksums import file_digest
 from trainer.checkpoint.manifest import Entry, Manifest, whole
 from trainer.checkpoint.sharding.full_state import FullState, gather_full_state, scatter_full_state
-from trainer.checkpoint.states import TrainingStates, unwrap_model
+from trainer.checkpoint.states import TrainingStates, TrainState, unwrap_model
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
 
@@ -37,8 +38,20 @@ class LoraFormat:
 
     def __init__(self, layout: RunLayout, topo: Topology, config: dict[str, Any]) -> None:
         self.layout, self.topo, self.config = layout, topo, config
+        self._base: dict[str, Entry] | None = None
         if topo.deepspeed_stage is not None:
             compat.verify_touches()
+
+    def references(self) -> dict[str, Entry]:
+        """The stored base the adapters apply to, hashed once per launch (it never changes in a run)."""
+        if self._base is None:
+            stored = self.layout.stored_base
+            self._base = {
+                stored.relative_to(self.layout.path).as_posix(): whole(
+                    stored.stat().st_size, file_digest(stored)
+                )
+            }
+        return self._base
 
     def snapshot(
         self, tag: str, states: TrainingStates, progress: dict[str, Any], metrics: dict[str, float],
@@ -80,29 +93,44 @@ class LoraFormat:
             )
         }
 
-    def load(self, tag: str, states: TrainingStates) -> dict[str, Any]:
-        """Every rank reads the file (only rank 0 ever writes it). It holds full tensors by name, so any
-        number of processes and any ZeRO stage can load it."""
-        ckpt = load_checkpoint_file(self.layout.ckpt(tag), key=self.payload_key)
-        module = unwrap_model(states.model)
-        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        if set(ckpt["lora_state_dict"]) != trainable:
+    def prepare(self, manifest: Manifest, states: TrainingStates) -> dict[str, Any]:
+        """Every rank reads the file (only rank 0 ever writes it), weights-only, and checks its structure
+        before anything is loaded. It holds full tensors by name, so any number of processes and any ZeRO
+        stage can load it."""
+        tag, ckpt_path = manifest.tag, self.layout.ckpt(manifest.tag)
+        if ckpt_path.name not in manifest.files:
+            raise CheckpointDamaged(f"{ckpt_path.name} is not listed in its manifest")
+        try:
+            ckpt = load_checkpoint_file(ckpt_path, key=self.payload_key, verified=True)
+            optim, rngs = ckpt["optimizer"], ckpt["rng"]
+            full = FullState(dict(ckpt["lora_state_dict"]), dict(optim["moments"]), dict(optim["steps"]))
+            if not isinstance(rngs, list) or not isinstance(ckpt["ema_state_dict"], dict):
+                raise TypeError("its RNG states or EMA are malformed")
+            if not all(isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) for r in rngs):
+                raise TypeError("its RNG states are malformed")
+            TrainState.check(ckpt)
+        except (UserError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointDamaged(str(e)) from None
+        trainable = {n for n, p in unwrap_model(states.model).named_parameters() if p.requires_grad}
+        if set(full.params) != trainable:
             raise UserError(
                 f"the LoRA checkpoint {tag} does not fit the adapters configured now "
-                f"({len(set(ckpt['lora_state_dict']) ^ trainable)} tensors differ); resume with the run's own "
-                "LoRA config"
+                f"({len(set(full.params) ^ trainable)} tensors differ); resume with the run's own LoRA config"
             )
-        optim = ckpt["optimizer"]
-        full = FullState(ckpt["lora_state_dict"], optim["moments"], optim["steps"])
-        scatter_full_state(states.model, states.optimizer, module, full, self.topo)
-        states.ema.from_full(ckpt["ema_state_dict"])
-        rank, saved_rngs = self.topo.rank, ckpt["rng"]
+        return {**ckpt, "full_state": full}
+
+    def load(self, prepared: dict[str, Any], states: TrainingStates) -> dict[str, Any]:
+        scatter_full_state(
+            states.model, states.optimizer, unwrap_model(states.model), prepared["full_state"], self.topo
+        )
+        states.ema.from_full(prepared["ema_state_dict"])
+        rank, saved_rngs = self.topo.rank, prepared["rng"]
         if rank < len(saved_rngs):
             states.rng.load_state_dict(saved_rngs[rank])
         else:
-            states.rng.reseed(rank, ckpt["global_step"])
-        states.load_extra(ckpt.get("extra") or {})
-        return ckpt
+            states.rng.reseed(rank, prepared["global_step"])
+        states.load_extra(prepared.get("extra") or {})
+        return prepared
 
     def adopt(self, tag: str) -> Manifest | None:
         if not tag.startswith("epoch_") or not self.layout.ckpt(tag).is_file():

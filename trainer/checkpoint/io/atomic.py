@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -164,7 +166,7 @@ def write_file(
     """Write ``path`` through ``write(file)``, hashed as it goes (see ``HashingWriter``), and hand it to
     ``flusher`` to be made durable (the disk starts on it while it is being written). Returns its
     (bytes, checksum)."""
-    f = open(path, "wb")  # noqa: SIM115 (closed by the flusher once it is on disk)
+    f = create_new(path)  # closed by the flusher once it is on disk
     try:
         hashed = HashingWriter(f, flusher, hash_on_thread=hash_on_thread)
         write(hashed)
@@ -173,6 +175,32 @@ def write_file(
         raise
     flusher.close(f)
     return hashed.entry()
+
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def create_new(path: Path) -> IO[bytes]:
+    """A new file at ``path``, for writing: whatever was there (a leftover, or a link planted at a name the
+    tool uses) is removed first, never followed, and the file is created exclusively, so no write ever goes
+    through a symbolic link."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a folder is in the way", str(path))
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | NO_FOLLOW, 0o666)
+    return open(fd, "wb", buffering=0)
+
+
+def append_to(path: Path) -> IO[str]:
+    """``path`` opened to append text, refusing (``OSError``) a symbolic link or anything but a regular file."""
+    fd = os.open(
+        path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | NO_FOLLOW | os.O_NONBLOCK, 0o666
+    )
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return open(fd, "a")
 
 
 @contextlib.contextmanager
@@ -243,7 +271,7 @@ FICLONE = 0x40049409
 def copy_file(src: Path, dst: Path) -> None:
     """Make ``dst`` a copy of ``src`` that later changes to ``src`` never reach (a reflink where the file
     system has them, else a byte copy), replaced atomically and durably."""
-    with replacing(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+    with replacing(dst) as tmp, open(src, "rb") as fin, create_new(tmp) as fout:
         try:
             import fcntl
 
@@ -271,7 +299,9 @@ def make_read_only(paths: list[Path]) -> None:
     linked elsewhere (``best.ckpt``, a LoRA run's stored base) then cannot be changed under it by mistake."""
     for path in paths:
         with contextlib.suppress(OSError):
-            os.chmod(path, os.stat(path).st_mode & ~0o222)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode):  # a link's target is not the tool's to change
+                os.chmod(path, mode & ~0o222)
 
 
 def remove_tmp_leftovers(folder: Path, names: tuple[str, ...] | None = None) -> list[Path]:

@@ -25,7 +25,7 @@ rank (one process, DDP, ZeRO-1/2), the whole weights, cast to the module's dtype
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -128,6 +128,20 @@ class OwnedState:
             for state in ADAM_STATES
             for name, p in self.trained.items()
         }
+
+    def check(self, layouts: Iterable[FileLayout]) -> None:
+        """That the files of ``layouts`` hold every tensor ``restore`` reads, at its shape (``ValueError``)."""
+        stored = {key: spec for layout in layouts for key, spec in layout.specs.items()}
+        wanted = {**{key(WEIGHTS, n): s for n, s in self.weight_specs.items()},
+                  **{key(EMA, n): s for n, s in self.ema_specs.items()}, **self.moment_specs}  # fmt: skip
+        for name, spec in wanted.items():
+            if name not in stored:
+                raise ValueError(f"no tensor {name}")
+            if (
+                stored[name].shape != spec.shape
+                or stored[name].dtype.is_floating_point != spec.dtype.is_floating_point
+            ):
+                raise ValueError(f"{name} is {stored[name]}, not {spec}")
 
     def _module_state(self) -> dict[str, torch.Tensor]:
         """The module's state dict, with ZeRO-3's [0]-shaped placeholders (``full_shape`` has their shape)."""
