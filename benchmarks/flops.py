@@ -11,9 +11,9 @@ def training_flops_per_image(batch: int = 2) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from model import edm_loss
-    from trainer.config import CONFIG_DIR, TrainConfig
-    from trainer.config_files import build_config
-    from trainer.factory import build_model
+    from trainer.config.files import build_config
+    from trainer.config.schema import CONFIG_DIR, TrainConfig
+    from trainer.training.factory import build_model
 
     config: TrainConfig = build_config(CONFIG_DIR / "training" / "base_training.yaml", [("model", MODEL)])
     config.model.in_channels, config.model.num_classes = 3, 10

@@ -42,9 +42,9 @@ def prepare(
     import torch
 
     from launch import build_accelerator, configure_deepspeed
-    from trainer.config import CONFIG_DIR, TrainConfig
-    from trainer.config_files import build_config
-    from trainer.factory import build_model, load_data, resolve_model_against_data
+    from trainer.config.files import build_config
+    from trainer.config.schema import CONFIG_DIR, TrainConfig
+    from trainer.training.factory import build_model, load_data, resolve_model_against_data
 
     config: TrainConfig = build_config(
         CONFIG_DIR / "training" / "base_training.yaml",

@@ -19,7 +19,7 @@ checkpoint (conversion, then load) and DCP's (it reshards as it reads). Rank 0 w
 WORK/<phase>.json (WORK/<phase>_<sides>.json with ``--sides``), the first repetition being a warm-up.
 
 The trainer's side is the trainer's own ``CheckpointManager``, ``BaseFormat`` and states, built as
-``trainer/loop.py`` builds them, on the model and optimizer Accelerate and DeepSpeed prepared; DCP saves an
+``trainer/training/loop.py`` builds them, on the model and optimizer Accelerate and DeepSpeed prepared; DCP saves an
 FSDP2 twin of the same model (``peers.fsdp2``), trained the same step. Every timed operation starts and
 ends with every process at a barrier; rank 0's clock counts. Before each load the weights are shifted, and
 after it they must equal the saved ones exactly: a path that stops working fails the launch, it cannot
@@ -88,7 +88,7 @@ class Sides(TrainerSide):
         """The FSDP2 twin of the model (the same initial weights), its AdamW and its EMA."""
         import torch
 
-        from trainer.factory import build_model
+        from trainer.training.factory import build_model
 
         config = self.config
         torch.manual_seed(config.seed)

@@ -37,7 +37,7 @@ import torch
 
 def durable(folder: Path) -> None:
     """fsync every file and folder under ``folder`` (one process does it for all: one page cache)."""
-    from trainer.checkpoint.io.atomic import fsync_dir
+    from trainer.storage.atomic import fsync_dir
 
     for dirpath, _, files in os.walk(folder):
         for name in files:

@@ -34,11 +34,11 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from model import EDMSchedule, edm_sample  # noqa: E402
 from trainer.checkpoint.formats import load_checkpoint_file  # noqa: E402
-from trainer.config import TrainConfig, from_dict  # noqa: E402
-from trainer.factory import build_model, load_data, load_weights  # noqa: E402
+from trainer.config.schema import TrainConfig, from_dict  # noqa: E402
 from trainer.runs.layout import kind_root  # noqa: E402
 from trainer.runs.metadata import read_metadata  # noqa: E402
 from trainer.runs.store import run_numbers  # noqa: E402
+from trainer.training.factory import build_model, load_data, load_weights  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "sample_quality.md"
 TABLE_HEADER = (

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=MODEL, help=f"the model to widen (default {MODEL})")
     parser.add_argument("--write-only", action="store_true", help="only synchronous saves and plain files")
     args = parser.parse_args(argv)
-    from trainer.checkpoint.io.staging import retain_freed_heap
+    from trainer.storage.staging import retain_freed_heap
 
     retain_freed_heap()  # as the trainer does, before training's allocations
     batch = int(os.environ.get("WORLD_SIZE", "1"))  # one image per process

@@ -1,6 +1,6 @@
 """The trainer's checkpointing inside a benchmark's own launched script: the model and optimizer prepared by
 Accelerate and DeepSpeed as the trainer prepares them, the trainer's EMA, counters and RNG registered in
-its ``TrainingStates``, and its ``CheckpointManager`` and ``BaseFormat``, built as ``trainer/loop.py``
+its ``TrainingStates``, and its ``CheckpointManager`` and ``BaseFormat``, built as ``trainer/training/loop.py``
 builds them (``TrainerSide``). Used by ``peer_timings.py`` and ``scale_timings.py``.
 """
 
@@ -30,7 +30,7 @@ class TrainerSide:
     ) -> None:  # fmt: skip
         from launch import topology
         from trainer.checkpoint.states import RNGState, TrainingStates, TrainState, unwrap_model
-        from trainer.ema import EMA
+        from trainer.training.ema import EMA
 
         self.config, self.splits, self.accelerator, self.engine, optimizer = prepare(
             data_root, batch=batch, steps=1, epochs=1, model_name=model, model_overrides=overrides,
@@ -81,10 +81,10 @@ class TrainerSide:
         """The trainer's checkpoint manager of a run of its own (``WORK/<name>/base_training/run_001``)."""
         from trainer.checkpoint.formats.base import BaseFormat
         from trainer.checkpoint.manager import CheckpointManager
-        from trainer.config import CheckpointConfig
+        from trainer.config.schema import CheckpointConfig
         from trainer.runs.layout import RunLayout
         from trainer.runs.metadata import RunHandle, new_metadata, write_metadata
-        from trainer.trackers import Trackers
+        from trainer.training.trackers import Trackers
 
         layout = RunLayout.of(self.work / name, "base", 1)
         if self.is_main and not layout.metadata.is_file():

@@ -42,8 +42,8 @@ def class_names(config: dict[str, Any], num_classes: int) -> list[str]:
     saying why (the data absent offline, a file refused, an older config)."""
     fallback = [f"class {i}" for i in range(num_classes)]
     try:
-        from trainer.config import TrainConfig, from_dict
-        from trainer.factory import load_data
+        from trainer.config.schema import TrainConfig, from_dict
+        from trainer.training.factory import load_data
 
         names = load_data(from_dict(TrainConfig, config)).class_names
     except (UserError, OSError, ValueError, KeyError, TypeError) as e:
@@ -79,7 +79,7 @@ def sample(args: argparse.Namespace) -> Path:
     from model import EDMSchedule
     from model.lora import base_diffit
     from trainer.api import checkpoint_path, load_model
-    from trainer.samples import sample_grid, save_grid
+    from trainer.training.samples import sample_grid, save_grid
 
     if args.n < 1 or args.steps < 2:
         raise UserError("--n must be at least 1 and --steps at least 2")

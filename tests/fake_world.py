@@ -20,12 +20,12 @@ from trainer.checkpoint.formats import CheckpointFormat
 from trainer.checkpoint.formats.base import BaseFormat
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
-from trainer.config import CheckpointConfig
-from trainer.ema import EMA
+from trainer.config.schema import CheckpointConfig
 from trainer.faults import NO_FAULTS, Faults
 from trainer.runs.layout import RunLayout
 from trainer.runs.metadata import RunHandle, new_metadata, write_metadata
-from trainer.trackers import Trackers
+from trainer.training.ema import EMA
+from trainer.training.trackers import Trackers
 
 TIMEOUT = 20.0
 

@@ -234,7 +234,7 @@ def test_a_resumed_epoch_counts_only_the_images_it_trained(tmp_path: Path) -> No
 
 def test_the_adapter_export_follows_the_umask_like_every_other_file(tiny_runs: Path) -> None:
     adapter = RunLayout(tiny_runs / "lora_finetuning" / "run_001", "lora").adapter
-    from trainer.checkpoint.io.atomic import umask
+    from trainer.storage.atomic import umask
 
     for path in adapter.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask(), path
@@ -242,8 +242,8 @@ def test_the_adapter_export_follows_the_umask_like_every_other_file(tiny_runs: P
 
 def test_a_sample_grid_of_many_classes_draws_a_bounded_number_of_rows(monkeypatch: pytest.MonkeyPatch,
                                                                       tmp_path: Path) -> None:  # fmt: skip
-    from trainer import samples
-    from trainer.config import TrainConfig
+    from trainer.config.schema import TrainConfig
+    from trainer.training import samples
 
     drawn: dict[str, Any] = {}
 

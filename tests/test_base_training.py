@@ -20,8 +20,8 @@ from PIL import Image
 
 from tests.helpers import OLD_RUNS, assert_same_tensors, load_ckpt, metadata, run_cli, train_base
 from trainer.checkpoint.manifest import read_manifests
-from trainer.config import TrainConfig, from_dict
-from trainer.factory import build_model
+from trainer.config.schema import TrainConfig, from_dict
+from trainer.training.factory import build_model
 
 pytestmark = pytest.mark.distributed
 

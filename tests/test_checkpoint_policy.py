@@ -17,7 +17,6 @@ import torch
 from launch import Topology
 from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.checkpoint.formats.base import BaseFormat
-from trainer.checkpoint.io.atomic import atomic_write, delete_inside, link_or_copy
 from trainer.checkpoint.manifest import Manifest, read_manifests, verification_shares, verify, write_manifest
 from trainer.checkpoint.protocol import CommitProtocol
 from trainer.checkpoint.retention import RetentionPolicy, Scores, plan_retention
@@ -25,6 +24,7 @@ from trainer.errors import UserError
 from trainer.faults import Faults
 from trainer.runs.layout import RunLayout
 from trainer.runs.layout import epoch_tag as epoch_name
+from trainer.storage.atomic import atomic_write, delete_inside, link_or_copy
 
 TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
 

@@ -21,9 +21,9 @@ from safetensors.torch import save as safetensors_bytes
 from launch import Topology
 from tests.fake_world import end_epoch, new_run, tiny_manager, tiny_states
 from trainer.checkpoint.formats import load_checkpoint_file
-from trainer.checkpoint.io.atomic import HASH_ON_THREAD_BYTES, Flusher, HashingWriter, write_file
-from trainer.checkpoint.io.serialization import write_safetensors
 from trainer.checkpoint.manifest import read_manifests, verify
+from trainer.storage.atomic import HASH_ON_THREAD_BYTES, Flusher, HashingWriter, write_file
+from trainer.storage.serialization import write_safetensors
 
 TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
 

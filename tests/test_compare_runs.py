@@ -17,14 +17,14 @@ import pytest
 
 from tests.helpers import REPO, child_env
 from tests.test_runs import make_run_with_metadata
-from trainer.checkpoint.io.atomic import atomic_write_json
 from trainer.cli import build_parser, main
-from trainer.kinds import run_kind
 from trainer.runs.layout import RunLayout, kind_root, run_dir
 from trainer.runs.listing import SORT_KEYS, filter_keys, filter_runs, list_runs, sort_runs
 from trainer.runs.lock import RunLock
 from trainer.runs.plots import metric_figure
 from trainer.runs.store import RunError
+from trainer.storage.atomic import atomic_write_json
+from trainer.training.kinds import run_kind
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

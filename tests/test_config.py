@@ -12,8 +12,16 @@ from typing import Any
 import pytest
 import yaml
 
-import trainer.config as config_module
-from trainer.config import (
+import trainer.config.schema as config_module
+from trainer.config.files import (
+    build_config,
+    diff_keys,
+    load_yaml,
+    parse_override,
+    preset_names,
+    resolve_preset,
+)
+from trainer.config.schema import (
     CONFIG_DIR,
     CheckpointConfig,
     ConfigError,
@@ -21,14 +29,6 @@ from trainer.config import (
     ModelConfig,
     TrainConfig,
     from_dict,
-)
-from trainer.config_files import (
-    build_config,
-    diff_keys,
-    load_yaml,
-    parse_override,
-    preset_names,
-    resolve_preset,
 )
 
 BASE_YAML = CONFIG_DIR / "training" / "base_training.yaml"
@@ -76,7 +76,9 @@ def test_every_preset_yaml_validates_against_the_config_dataclasses(path: Path) 
     else:
         lora_cls = getattr(config_module, "LoraConfig", None)
         if lora_cls is None:
-            pytest.skip("trainer.config has no LoraConfig yet, so configs/lora presets cannot be validated")
+            pytest.skip(
+                "trainer.config.schema has no LoraConfig yet, so configs/lora presets cannot be validated"
+            )
         assert isinstance(from_dict(lora_cls, load_yaml(path), "lora."), lora_cls)
 
 

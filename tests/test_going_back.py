@@ -31,8 +31,8 @@ from tests.helpers import (
 from tests.helpers import (
     metadata as meta,
 )
-from trainer.config import TrainConfig, from_dict
-from trainer.factory import build_model
+from trainer.config.schema import TrainConfig, from_dict
+from trainer.training.factory import build_model
 
 pytestmark = pytest.mark.distributed
 RUN = Path("base_training") / "run_001"

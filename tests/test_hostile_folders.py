@@ -99,7 +99,7 @@ def outside(tmp_path: Path) -> Outside:
 def restamp(run: Path, tag: str, relative: str) -> None:
     """Record ``relative`` as it is now in ``tag``'s manifest, as someone who knows the format would: the
     checksums then pass, and whatever else is wrong with the file has to be found by loading it."""
-    from trainer.checkpoint.io.checksums import file_digest
+    from trainer.storage.checksums import file_digest
 
     path = run / "checkpoints" / "manifests" / f"{tag}.json"
     manifest = json.loads(path.read_text())
@@ -280,7 +280,7 @@ def test_a_fork_never_writes_outside_the_checkpoint_root(
 
 
 def _digest(path: Path) -> str:
-    from trainer.checkpoint.io.checksums import file_digest
+    from trainer.storage.checksums import file_digest
 
     return file_digest(path)
 
@@ -288,7 +288,7 @@ def _digest(path: Path) -> str:
 def test_writes_never_follow_a_link_planted_at_a_temporary_name(outside: Outside, tmp_path: Path) -> None:
     """The temporary names are predictable (``.tmp-NAME.PID``): a link planted there is replaced, not written
     through; a log that is a link is not appended to."""
-    from trainer.checkpoint.io.atomic import append_to, atomic_write_json, copy_file
+    from trainer.storage.atomic import append_to, atomic_write_json, copy_file
 
     victim = outside.path / "home" / ".bashrc"
     folder = tmp_path / "run"
@@ -494,7 +494,7 @@ def test_a_lora_runs_stored_base_is_checked_against_its_own_manifests(
 ) -> None:
     """Swapping a LoRA run's stored base for other weights, with ``metadata.json``'s sha256 updated to match,
     is refused on resume: the base's checksum is also in every manifest of the LoRA run."""
-    from trainer.checkpoint.io.checksums import sha256_file
+    from trainer.storage.checksums import sha256_file
 
     root = copy_runs(tiny_runs, tmp_path / "checkpoints")
     lora = root / "lora_finetuning" / "run_001"

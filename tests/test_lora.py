@@ -36,11 +36,11 @@ from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.checkpoint.formats.base import BaseFormat
 from trainer.checkpoint.formats.lora import LoraFormat
 from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
-from trainer.config import TrainConfig, from_dict
-from trainer.config_files import build_config
-from trainer.ema import EMA
-from trainer.factory import base_weights, build_lora_model, build_model, load_weights
+from trainer.config.files import build_config
+from trainer.config.schema import TrainConfig, from_dict
 from trainer.runs.layout import RunLayout
+from trainer.training.ema import EMA
+from trainer.training.factory import base_weights, build_lora_model, build_model, load_weights
 
 pytestmark = pytest.mark.distributed
 

@@ -60,7 +60,7 @@ def _lora(names: dict[str, Any]) -> None:
 
 def _lora_by_hand(names: dict[str, Any]) -> None:
     _lora(names)  # the same model as load_model's, which holds the run's best EMA adapters
-    from trainer.factory import load_trainable
+    from trainer.training.factory import load_trainable
 
     broken = {**names["lora_ckpt"]["ema_state_dict"], "not.a.parameter": torch.zeros(1)}
     with pytest.raises(Exception, match="no parameter"):

@@ -14,7 +14,7 @@ from tests.helpers import run_in_process, run_script
 
 pytestmark = pytest.mark.distributed
 
-SCALE, PAD = 2, 2  # trainer.samples.save_grid: cells are image·scale + pad, plus one pad at the edge
+SCALE, PAD = 2, 2  # trainer.training.samples.save_grid: cells are image·scale + pad, plus one pad at the edge
 IMAGE_SIZE = 16  # diffit_tiny on digits
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from trainer.checkpoint.io.staging import HostStaging
+from trainer.storage.staging import HostStaging
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,7 +95,7 @@ def test_two_places_of_one_snapshot_never_share_a_buffer() -> None:
 FAULTS = textwrap.dedent(
     """
     import ctypes, resource, sys
-    from trainer.checkpoint.io.staging import retain_freed_heap
+    from trainer.storage.staging import retain_freed_heap
     applied = retain_freed_heap() if sys.argv[1] == "retain" else None
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]

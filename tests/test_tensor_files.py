@@ -16,19 +16,19 @@ import torch
 import xxhash
 from safetensors.torch import load_file
 
-from trainer.checkpoint.io.atomic import Flusher
-from trainer.checkpoint.io.checksums import hash_ranges
-from trainer.checkpoint.io.parts import Part, merge_ranges, write_part
-from trainer.checkpoint.io.tensor_files import (
+from trainer.checkpoint.job import entries_of
+from trainer.checkpoint.manifest import Manifest, verification_shares, verify
+from trainer.checkpoint.sharding.owned import shares
+from trainer.storage.atomic import Flusher
+from trainer.storage.checksums import hash_ranges
+from trainer.storage.parts import Part, merge_ranges, write_part
+from trainer.storage.tensor_files import (
     TensorSpec,
     read_layout,
     safetensors_layout,
     torch_file_layout,
 )
-from trainer.checkpoint.io.tensor_reader import TensorFileReader, layout_record, recorded_layout
-from trainer.checkpoint.job import entries_of
-from trainer.checkpoint.manifest import Manifest, verification_shares, verify
-from trainer.checkpoint.sharding.owned import shares
+from trainer.storage.tensor_reader import TensorFileReader, layout_record, recorded_layout
 
 
 def full_tensors() -> dict[str, torch.Tensor]:
@@ -226,7 +226,7 @@ def test_on_the_same_processes_each_rank_verifies_the_part_it_wrote(tmp_path: Pa
 def test_sync_file_range_starts_writeback_without_waiting(tmp_path: Path) -> None:
     """Blocks past the writeback threshold start the disk on the file; the file is fsynced once, closed by
     the flusher, and its bytes are all there."""
-    from trainer.checkpoint.io.atomic import WRITEBACK_BYTES
+    from trainer.storage.atomic import WRITEBACK_BYTES
 
     block = os.urandom(WRITEBACK_BYTES // 2 + 1)
     path = tmp_path / "big.bin"
@@ -239,7 +239,7 @@ def test_sync_file_range_starts_writeback_without_waiting(tmp_path: Path) -> Non
 def test_the_layout_reads_torch_s_own_offsets_back_when_its_record_order_is_not_the_usual(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from trainer.checkpoint.io import tensor_files
+    from trainer.storage import tensor_files
 
     obj = {"state_dict": {k: TensorSpec.of(v) for k, v in full_tensors().items()}, "epoch": 1}
     usual = torch_file_layout(obj)

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from tests.helpers import REPO, child_env, train_base
-from trainer.config import CONFIG_DIR, ConfigError, TrainConfig
-from trainer.config_files import build_config
+from trainer.config.files import build_config
+from trainer.config.schema import CONFIG_DIR, ConfigError, TrainConfig
 from trainer.runs.layout import RunLayout
 from trainer.runs.metadata import RunHandle
-from trainer.trackers import Trackers, open_trackers, wandb_mode
+from trainer.training.trackers import Trackers, open_trackers, wandb_mode
 
 BASE_YAML = CONFIG_DIR / "training" / "base_training.yaml"
 BOTH = ["--set", "logging.trackers=[wandb,tensorboard]", "--set", "logging.log_every_n_steps=1"]
@@ -114,7 +114,7 @@ def test_missing_values_are_left_out_and_every_tracker_is_closed_once() -> None:
 
 
 def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer import loop
+    from trainer.training import loop
 
     fake = FakeTracker()
     monkeypatch.setattr(loop, "open_trackers", lambda *args, **kwargs: Trackers([fake]))
@@ -142,11 +142,11 @@ def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.M
 def test_without_trackers_neither_library_is_imported(tmp_path: Path) -> None:
     code = (
         "import sys, json; from pathlib import Path\n"
-        "from trainer.config import CONFIG_DIR\n"
-        "from trainer.config_files import build_config\n"
+        "from trainer.config.schema import CONFIG_DIR\n"
+        "from trainer.config.files import build_config\n"
         "from trainer.runs.layout import RunLayout\n"
         "from trainer.runs.metadata import RunHandle\n"
-        "from trainer.trackers import open_trackers\n"
+        "from trainer.training.trackers import open_trackers\n"
         f"run = Path({str(tmp_path)!r}) / 'run_001'; run.mkdir(); (run / 'metadata.json').write_text('{{}}')\n"
         "config = build_config(CONFIG_DIR / 'training' / 'base_training.yaml')\n"
         "open_trackers(config, RunHandle(RunLayout(run, 'base'), is_main=True), resume_step=0).close()\n"

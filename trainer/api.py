@@ -13,14 +13,14 @@ from typing import Any
 import torch
 
 from model.lora import base_diffit
-from trainer.base_model import load_stored_base
 from trainer.checkpoint.formats import load_checkpoint_file
-from trainer.config import TrainConfig, from_dict
+from trainer.config.schema import TrainConfig, from_dict
 from trainer.errors import UserError
-from trainer.factory import base_weights, build_lora_model, build_model, load_trainable, load_weights
 from trainer.runs.layout import RunLayout, epoch_tag, is_tag, kind_root
 from trainer.runs.listing import RunSummary
 from trainer.runs.listing import list_runs as _list_runs
+from trainer.training.base_model import load_stored_base
+from trainer.training.factory import base_weights, build_lora_model, build_model, load_trainable, load_weights
 
 
 def checkpoint_path(path: str | Path, which: str | int = "best") -> Path:

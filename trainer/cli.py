@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError, exit_code
-from trainer.kinds import RunKind, run_kind
 from trainer.runs.layout import kind_root
 from trainer.runs.listing import (
     SORT_KEYS,
@@ -24,6 +23,7 @@ from trainer.runs.listing import (
     mark_best,
     sort_runs,
 )
+from trainer.training.kinds import RunKind, run_kind
 
 
 def build_parser(kind: RunKind) -> argparse.ArgumentParser:
@@ -91,7 +91,7 @@ def _dispatch(args: argparse.Namespace, kind: RunKind) -> int:
                           plot=args.plot)  # fmt: skip
     if args.sort or args.filters or args.plot:
         raise UserError("--sort, --filter and --plot only apply to --list-runs")
-    from trainer.train import train
+    from trainer.training.train import train
 
     return train(args, kind)
 

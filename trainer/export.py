@@ -17,13 +17,13 @@ import torch
 
 from trainer.api import checkpoint_path, merge_lora
 from trainer.checkpoint.formats import CKPT_FORMAT, load_checkpoint_file
-from trainer.checkpoint.io.atomic import atomic_write, atomic_write_json
-from trainer.checkpoint.io.json_files import as_int, read_json_file
-from trainer.checkpoint.io.serialization import write_safetensors
 from trainer.checkpoint.manifest import read_manifests, verify
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
 from trainer.runs.store import read_config
+from trainer.storage.atomic import atomic_write, atomic_write_json
+from trainer.storage.json_files import as_int, read_json_file
+from trainer.storage.serialization import write_safetensors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

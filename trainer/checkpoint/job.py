@@ -24,15 +24,15 @@ import torch
 
 from launch import PeerLost, Topology
 from trainer.checkpoint.formats import CheckpointFormat, PendingFile, PendingPart, Snapshot, Written
-from trainer.checkpoint.io.atomic import Flusher, fsync_dir, write_file
-from trainer.checkpoint.io.parts import Part, write_part
-from trainer.checkpoint.io.tensor_files import FileLayout
 from trainer.checkpoint.manifest import Entry, Manifest, whole
 from trainer.checkpoint.protocol import CommitProtocol
 from trainer.checkpoint.retention import Scores
 from trainer.checkpoint.sharding.owned import Piece
 from trainer.faults import Faults
 from trainer.runs.layout import RunLayout
+from trainer.storage.atomic import Flusher, fsync_dir, write_file
+from trainer.storage.parts import Part, write_part
+from trainer.storage.tensor_files import FileLayout
 
 BACKGROUND_NICENESS = 10
 

@@ -32,17 +32,17 @@ from typing import Any, Literal
 
 from launch import Topology, decide_on_rank0
 from trainer.checkpoint.formats import CheckpointDamaged, CheckpointFormat
-from trainer.checkpoint.io.staging import HostStaging
 from trainer.checkpoint.job import Committer, SaveJob, nbytes
 from trainer.checkpoint.manifest import Manifest, verification_shares, verify
 from trainer.checkpoint.protocol import CommitProtocol, ResumePoint
 from trainer.checkpoint.states import TrainingStates
-from trainer.config import CheckpointConfig
+from trainer.config.schema import CheckpointConfig
 from trainer.errors import SaveFailed, UserError
 from trainer.faults import NO_FAULTS, Faults
 from trainer.runs.layout import RunLayout
 from trainer.runs.metadata import RunHandle
-from trainer.trackers import Trackers
+from trainer.storage.staging import HostStaging
+from trainer.training.trackers import Trackers
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.atomic import atomic_write_json
-from trainer.checkpoint.io.checksums import ALGORITHM, file_digest, hash_ranges, recorded
-from trainer.checkpoint.io.json_files import as_int, read_json_file
-from trainer.checkpoint.io.paths import OutsideFolder, relative_inside, within
 from trainer.errors import UserError
 from trainer.runs.layout import MANIFESTS as MANIFEST_DIR
 from trainer.runs.layout import is_tag
+from trainer.storage.atomic import atomic_write_json
+from trainer.storage.checksums import ALGORITHM, file_digest, hash_ranges, recorded
+from trainer.storage.json_files import as_int, read_json_file
+from trainer.storage.paths import OutsideFolder, relative_inside, within
 
 FORMAT = "diffit-trainer/manifest-v1"
 

@@ -23,14 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.checkpoint.io.atomic import (
-    delete_inside,
-    fsync_dir,
-    link_or_copy,
-    make_read_only,
-    remove_tmp_leftovers,
-)
-from trainer.checkpoint.io.paths import real_folder, within
 from trainer.checkpoint.manifest import (
     Entry,
     Manifest,
@@ -43,6 +35,14 @@ from trainer.checkpoint.manifest import (
 from trainer.checkpoint.retention import RetentionPolicy, Scores, plan_retention
 from trainer.errors import UserError
 from trainer.runs.layout import MANIFESTS, RunLayout, epoch_tag, is_tag
+from trainer.storage.atomic import (
+    delete_inside,
+    fsync_dir,
+    link_or_copy,
+    make_read_only,
+    remove_tmp_leftovers,
+)
+from trainer.storage.paths import real_folder, within
 
 
 @dataclass

@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.checksums import sha256_file
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.protocol import CommitProtocol
-from trainer.request import RunRequest
+from trainer.config.request import RunRequest
 from trainer.runs.layout import KIND_FOLDERS, MANIFESTS, RunLayout, kind_root, run_dir
 from trainer.runs.lock import RunLock
 from trainer.runs.metadata import now, read_metadata, write_metadata
 from trainer.runs.repair import repair_run
 from trainer.runs.store import RunError, clear_leftovers, resolve_run, run_numbers
-from trainer.trackers import new_branch
+from trainer.storage.checksums import sha256_file
+from trainer.training.trackers import new_branch
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def start_fork(fork: ForkSource, changes: list[Any]) -> dict[str, Any]:
 
 def start_from_weights(given: Path) -> dict[str, Any]:
     """The metadata record of a run started from another checkpoint's weights (``--init-from``)."""
-    from trainer.base_model import init_checkpoint
+    from trainer.training.base_model import init_checkpoint
 
     path = init_checkpoint(str(given)).resolve()
     record: dict[str, Any] = {"source": str(path), "sha256": sha256_file(path)}

@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.json_files import as_int
 from trainer.checkpoint.manifest import read_manifests
 from trainer.runs.layout import RunLayout, kind_of, run_dir
 from trainer.runs.lock import is_live
 from trainer.runs.metadata import MalformedMetadata, read_metadata
 from trainer.runs.store import RunError, run_numbers
+from trainer.storage.json_files import as_int
 
 
 @dataclass

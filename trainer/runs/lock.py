@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from trainer.checkpoint.io.atomic import NO_FOLLOW, create_new
-from trainer.checkpoint.io.json_files import as_int, read_json_file
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
+from trainer.storage.atomic import NO_FOLLOW, create_new
+from trainer.storage.json_files import as_int, read_json_file
 
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 120.0

@@ -13,10 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.atomic import append_to, atomic_write_json
-from trainer.checkpoint.io.json_files import read_json_file
-from trainer.checkpoint.io.paths import real_folder
 from trainer.runs.layout import RunLayout
+from trainer.storage.atomic import append_to, atomic_write_json
+from trainer.storage.json_files import read_json_file
+from trainer.storage.paths import real_folder
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 

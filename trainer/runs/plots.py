@@ -12,9 +12,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from trainer.checkpoint.io.atomic import atomic_write
 from trainer.errors import UserError
 from trainer.runs.listing import RunSummary, monitored_series
+from trainer.storage.atomic import atomic_write
 
 
 def run_label(row: RunSummary) -> str:

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.checksums import sha256_file
-from trainer.checkpoint.io.paths import real_folder
 from trainer.checkpoint.manifest import Manifest, read_manifests, verify
 from trainer.runs.layout import RunLayout
 from trainer.runs.metadata import MalformedMetadata, new_metadata, now, read_metadata, write_metadata
 from trainer.runs.store import ConfigMismatch, RunError, read_config, write_config
+from trainer.storage.checksums import sha256_file
+from trainer.storage.paths import real_folder
 
 
 def repair_run(layout: RunLayout) -> list[str]:

@@ -11,8 +11,8 @@ from typing import Any
 
 from trainer.checkpoint.manifest import read_manifests
 from trainer.checkpoint.retention import Scores, plan_retention
-from trainer.config import CheckpointConfig, from_dict
-from trainer.config_files import diff_keys
+from trainer.config.files import diff_keys
+from trainer.config.schema import CheckpointConfig, from_dict
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout, kind_root, run_dir
 from trainer.runs.listing import summarize

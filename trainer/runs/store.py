@@ -11,7 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.io.atomic import (
+from trainer.checkpoint.manifest import committed_file
+from trainer.errors import UserError
+from trainer.runs.layout import RunLayout, run_dir, run_number
+from trainer.runs.lock import RunLock
+from trainer.runs.metadata import write_metadata
+from trainer.storage.atomic import (
     atomic_write,
     atomic_write_json,
     copy_file,
@@ -20,13 +25,8 @@ from trainer.checkpoint.io.atomic import (
     make_read_only,
     remove_tmp_leftovers,
 )
-from trainer.checkpoint.io.checksums import ALGORITHM, ALGORITHMS, sha256_file
-from trainer.checkpoint.io.json_files import read_json_file
-from trainer.checkpoint.manifest import committed_file
-from trainer.errors import UserError
-from trainer.runs.layout import RunLayout, run_dir, run_number
-from trainer.runs.lock import RunLock
-from trainer.runs.metadata import write_metadata
+from trainer.storage.checksums import ALGORITHM, ALGORITHMS, sha256_file
+from trainer.storage.json_files import read_json_file
 
 
 class RunError(UserError):

@@ -26,11 +26,11 @@ from typing import Any, Protocol
 
 import torch
 
-from trainer.checkpoint.io.tensor_files import FileLayout
 from trainer.checkpoint.manifest import Entry, Manifest, verify_file
 from trainer.checkpoint.sharding.owned import Piece
 from trainer.checkpoint.states import TrainingStates
 from trainer.errors import UserError
+from trainer.storage.tensor_files import FileLayout
 
 CKPT_FORMAT = "diffit-trainer/checkpoint-v1"
 """``format`` of every ``.ckpt`` file this trainer writes."""

@@ -42,20 +42,20 @@ from trainer.checkpoint.formats import (
     Written,
     legacy,
 )
-from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, delete_inside
-from trainer.checkpoint.io.json_files import as_int, read_json_file
-from trainer.checkpoint.io.paths import real_folder
-from trainer.checkpoint.io.tensor_files import (
-    FileLayout,
-    torch_file_layout,
-)
-from trainer.checkpoint.io.tensor_reader import TensorFileReader, layout_record, recorded_layout
 from trainer.checkpoint.manifest import Entry, Manifest
 from trainer.checkpoint.sharding.owned import EMA, WEIGHTS, OwnedState, Piece
 from trainer.checkpoint.states import TrainingStates, TrainState
 from trainer.errors import UserError
 from trainer.faults import NO_FAULTS, Faults
 from trainer.runs.layout import RunLayout
+from trainer.storage.atomic import TMP_PREFIX, atomic_rename, delete_inside
+from trainer.storage.json_files import as_int, read_json_file
+from trainer.storage.paths import real_folder
+from trainer.storage.tensor_files import (
+    FileLayout,
+    torch_file_layout,
+)
+from trainer.storage.tensor_reader import TensorFileReader, layout_record, recorded_layout
 
 STATE_VERSION = 2
 """``trainer_state.json``'s ``state_version``: the layout above (absent: ``legacy.py``'s)."""

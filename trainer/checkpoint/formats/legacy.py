@@ -23,13 +23,13 @@ from safetensors.torch import load_file
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
 from trainer.checkpoint.formats import CheckpointDamaged
-from trainer.checkpoint.io.json_files import read_json_file
-from trainer.checkpoint.io.tensor_files import read_layout
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.sharding.full_state import FullState, full_from_slices, scatter_full_state
 from trainer.checkpoint.sharding.zero_merge import merge_zero_optimizer_state, merge_zero_shards
 from trainer.checkpoint.states import TrainingStates, unwrap_model
 from trainer.errors import UserError
+from trainer.storage.json_files import read_json_file
+from trainer.storage.tensor_files import read_layout
 
 
 def load(folder: Path, saved: dict[str, Any], states: TrainingStates, topo: Topology) -> None:

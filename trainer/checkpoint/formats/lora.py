@@ -24,13 +24,13 @@ import torch
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
 from trainer.checkpoint.formats import CKPT_FORMAT, CheckpointDamaged, Snapshot, Written, load_checkpoint_file
-from trainer.checkpoint.io.atomic import TMP_PREFIX, atomic_rename, atomic_write, umask
-from trainer.checkpoint.io.checksums import file_digest
 from trainer.checkpoint.manifest import Entry, Manifest, whole
 from trainer.checkpoint.sharding.full_state import FullState, gather_full_state, scatter_full_state
 from trainer.checkpoint.states import TrainingStates, TrainState, unwrap_model
 from trainer.errors import UserError
 from trainer.runs.layout import RunLayout
+from trainer.storage.atomic import TMP_PREFIX, atomic_rename, atomic_write, umask
+from trainer.storage.checksums import file_digest
 
 
 class LoraFormat:

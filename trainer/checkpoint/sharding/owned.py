@@ -35,8 +35,8 @@ from torch import nn
 
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
-from trainer.checkpoint.io.tensor_files import FileLayout, TensorSpec, safetensors_layout
 from trainer.checkpoint.states import TrainingStates, unwrap_model
+from trainer.storage.tensor_files import FileLayout, TensorSpec, safetensors_layout
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 WEIGHTS, EMA = "state_dict", "ema_state_dict"

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from trainer.config import CONFIG_DIR, ConfigError, TrainConfig, from_dict
+from trainer.config.schema import CONFIG_DIR, ConfigError, TrainConfig, from_dict
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from trainer.checkpoint.io.checksums import new_digest
+from trainer.storage.checksums import new_digest
 
 TMP_PREFIX = ".tmp-"
 

@@ -10,9 +10,9 @@ from PIL import Image, ImageDraw
 
 from model import EDMSchedule, edm_sample
 from model.lora import base_diffit
-from trainer.checkpoint.io.atomic import atomic_write
-from trainer.config import TrainConfig
-from trainer.factory import load_trainable
+from trainer.config.schema import TrainConfig
+from trainer.storage.atomic import atomic_write
+from trainer.training.factory import load_trainable
 
 
 @torch.no_grad()

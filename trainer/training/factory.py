@@ -10,7 +10,7 @@ import torch
 from data import DatasetError, DatasetSplits, load_dataset
 from model import DiffiT
 from model.lora import apply_lora, resize_label_embedding, resolve_targets
-from trainer.config import ConfigError, ModelConfig, TrainConfig
+from trainer.config.schema import ConfigError, ModelConfig, TrainConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel

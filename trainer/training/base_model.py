@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint.formats import load_checkpoint_file
-from trainer.checkpoint.io.checksums import file_digest, recorded, sha256_file
 from trainer.checkpoint.manifest import read_manifests
-from trainer.config import ModelConfig, TrainConfig, from_dict
+from trainer.config.schema import ModelConfig, TrainConfig, from_dict
 from trainer.errors import UserError
 from trainer.runs.layout import DEFAULT_BASE, RunLayout, kind_root
 from trainer.runs.listing import list_runs
 from trainer.runs.metadata import read_metadata
+from trainer.storage.checksums import file_digest, recorded, sha256_file
 
 
 def resolve_base_checkpoint(given: str | None, checkpoint_root: Path) -> tuple[Path, str]:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+    from trainer.config.schema import TrainConfig
     from trainer.runs.metadata import RunHandle
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig
-from trainer.config_files import diff_keys
+from trainer.config.files import diff_keys
+from trainer.config.schema import ConfigError, TrainConfig
 from trainer.runs.metadata import RunHandle
 
 FREE = ("epochs", "learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "experiment",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.config_files import parse_override
+from trainer.config.files import parse_override
 from trainer.errors import UserError
 
 

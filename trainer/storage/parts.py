@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint.io.atomic import HASH_ON_THREAD_BYTES, Flusher
-from trainer.checkpoint.io.checksums import ALGORITHM, new_digest
+from trainer.storage.atomic import HASH_ON_THREAD_BYTES, Flusher
+from trainer.storage.checksums import ALGORITHM, new_digest
 
 Block = tuple[int, Any]
 """(byte offset, bytes-like or CPU tensor) of something to write."""

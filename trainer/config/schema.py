@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, Union
 from trainer.checkpoint.retention import RetentionPolicy
 from trainer.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
@@ -163,7 +163,7 @@ class LoggingConfig:
     over them, so that a grid costs a bounded share of training whatever the class count."""
     guidance: float = 2.0
     trackers: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
-    """Experiment trackers fed by global rank 0 (``trainer/trackers.py``); files go under the run's ``logs/``."""
+    """Experiment trackers fed by global rank 0 (``trainer/training/trackers.py``); files go under the run's ``logs/``."""
     wandb_mode: Literal["offline", "online"] = "offline"
     """offline keeps wandb's files local (upload later with ``wandb sync``); online uploads as it trains.
     A WANDB_MODE environment variable, when set, wins."""

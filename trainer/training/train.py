@@ -15,16 +15,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from trainer.changes import Change, config_changes, resume_changes
-from trainer.config import ConfigError, TrainConfig
-from trainer.config_files import build_config, diff_keys
+from trainer.config.changes import Change, config_changes, resume_changes
+from trainer.config.files import build_config, diff_keys
+from trainer.config.request import RunRequest, attempt_record, cli_overrides
+from trainer.config.schema import ConfigError, TrainConfig
 from trainer.errors import Interrupted, SaveFailed, UserError
-from trainer.kinds import RunKind
-from trainer.request import RunRequest, attempt_record, cli_overrides
 from trainer.runs.layout import RunLayout, kind_root
 from trainer.runs.lock import RunLock
 from trainer.runs.metadata import RunHandle, new_metadata
 from trainer.runs.store import RunError, create_run, read_config, run_numbers, write_config
+from trainer.training.kinds import RunKind
 
 
 @dataclass
@@ -55,7 +55,7 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
         flags_config = build_config(args.config or kind.default_config, overrides, TrainConfig)
 
     from launch import PeerLost, build_accelerator, decide_on_rank0, topology
-    from trainer.checkpoint.io.staging import retain_freed_heap
+    from trainer.storage.staging import retain_freed_heap
 
     retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
     timeout = timedelta(minutes=_timeout_minutes(flags_config, args, kind, request, overrides))
@@ -74,7 +74,7 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
         splits = _validate(plan.config, kind, topo)
         _check_changes(plan, set_keys)
         if request.init_from is not None:  # another architecture is refused before a run is created
-            from trainer.base_model import init_checkpoint, load_init_weights
+            from trainer.training.base_model import init_checkpoint, load_init_weights
 
             load_init_weights(init_checkpoint(request.init_from), plan.config)
         if kind.note:
@@ -122,8 +122,8 @@ def _configure(args: argparse.Namespace, kind: RunKind, claim: Any, flags_config
 
 def _validate(config: TrainConfig, kind: RunKind, topo: Any) -> Any:
     """Load the data and build the model once, so that any error surfaces before a run is created."""
-    from trainer.factory import load_data, resolve_model_against_data
-    from trainer.plan import plan_steps
+    from trainer.config.plan import plan_steps
+    from trainer.training.factory import load_data, resolve_model_against_data
 
     splits = load_data(config)
     resolve_model_against_data(config, splits)
@@ -183,13 +183,13 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
     how it ended."""
     from launch import PeerLost, release_shm_segment
     from trainer.faults import Faults
-    from trainer.loop import Trainer
+    from trainer.training.loop import Trainer
 
     number, config = run.number, plan.config
     try:
         start = None
         if init_from is not None:
-            from trainer.base_model import init_checkpoint
+            from trainer.training.base_model import init_checkpoint
 
             start = init_checkpoint(init_from)
         trainer = Trainer(config, accelerator, topo, run, splits, kind, Faults.from_environment(topo.rank),

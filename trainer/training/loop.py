@@ -20,23 +20,23 @@ from data.order import EpochOrder, epoch_order
 from launch import PeerLost, Topology, configure_deepspeed, peer_failure
 from model import edm_loss
 from model.lora import base_diffit
-from trainer.base_model import load_init_weights
-from trainer.changes import Change, record_changes, refuse_inexact
 from trainer.checkpoint.manager import Boundary, CheckpointManager
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
-from trainer.config import TrainConfig
-from trainer.ema import EMA
+from trainer.config.changes import Change, record_changes, refuse_inexact
+from trainer.config.plan import lr_at, plan_steps
+from trainer.config.schema import TrainConfig
 from trainer.errors import Interrupted
-from trainer.factory import load_weights
 from trainer.faults import NO_FAULTS, Faults
-from trainer.kinds import RunKind
-from trainer.plan import lr_at, plan_steps
 from trainer.runs.metadata import RunHandle
-from trainer.samples import InferenceCopy, draw_grid
-from trainer.stop import StopSignals
-from trainer.trackers import Trackers, epoch_metrics, open_trackers
-from trainer.validate import validation_loss
+from trainer.training.base_model import load_init_weights
+from trainer.training.ema import EMA
+from trainer.training.factory import load_weights
+from trainer.training.kinds import RunKind
+from trainer.training.samples import InferenceCopy, draw_grid
+from trainer.training.stop import StopSignals
+from trainer.training.trackers import Trackers, epoch_metrics, open_trackers
+from trainer.training.validate import validation_loss
 
 
 class Trainer:

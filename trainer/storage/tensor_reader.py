@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint.io.parts import read_into
-from trainer.checkpoint.io.tensor_files import SAFETENSORS_DTYPES, FileLayout, TensorSpec, read_layout
+from trainer.storage.parts import read_into
+from trainer.storage.tensor_files import SAFETENSORS_DTYPES, FileLayout, TensorSpec, read_layout
 
 
 def layout_record(layout: FileLayout) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from trainer.config import TrainConfig
+from trainer.config.schema import TrainConfig
 from trainer.errors import UserError
 
 

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.config import CONFIG_DIR, ConfigError, ModelConfig, TrainConfig, from_dict
+from trainer.config.schema import CONFIG_DIR, ConfigError, ModelConfig, TrainConfig, from_dict
 from trainer.faults import Faults
 from trainer.runs.layout import DEFAULT_BASE, RunLayout
 
@@ -71,7 +71,7 @@ class BaseKind(RunKind):
                             "a .ckpt, with a fresh optimizer, counters and schedule")  # fmt: skip
 
     def build_module(self, config: TrainConfig) -> torch.nn.Module:
-        from trainer.factory import build_model
+        from trainer.training.factory import build_model
 
         return build_model(config)
 
@@ -101,7 +101,11 @@ class LoraKind(RunKind):
         parser.add_argument("--lora-config", help="LoRA preset name (configs/lora/) or YAML path")
 
     def prepare(self, config: TrainConfig, args: argparse.Namespace, layout: RunLayout | None) -> Path | None:
-        from trainer.base_model import load_base_checkpoint, load_stored_base, resolve_base_checkpoint
+        from trainer.training.base_model import (
+            load_base_checkpoint,
+            load_stored_base,
+            resolve_base_checkpoint,
+        )
 
         if layout is not None:  # a resume, or a fork of this run: the base it stores
             self._base = load_stored_base(layout)
@@ -127,7 +131,7 @@ class LoraKind(RunKind):
         self.build_module(config)
 
     def build_module(self, config: TrainConfig) -> torch.nn.Module:
-        from trainer.factory import base_weights, build_lora_model
+        from trainer.training.factory import base_weights, build_lora_model
 
         assert self._base is not None, "prepare() finds the base first"
         return build_lora_model(config, base_weights(self._base))
