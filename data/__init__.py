@@ -4,6 +4,7 @@ Sources: "digits" (scikit-learn's bundled digits, offline) and "cifar10" / "cifa
 python pickle folders, optionally filtered to classes or CIFAR-100 superclasses).
 """
 
-from data.datasets import SOURCES, DatasetError, DatasetSplits, ImageDataset, load_dataset
+from data.datasets import SOURCES, load_dataset
+from data.images import DatasetError, DatasetSplits, ImageDataset
 
 __all__ = ["SOURCES", "DatasetError", "DatasetSplits", "ImageDataset", "load_dataset"]

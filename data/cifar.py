@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.datasets import (
+from data.images import (
     DatasetError,
     DatasetSplits,
     ImageDataset,

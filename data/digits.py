@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from data.datasets import (
+from data.images import (
     DatasetError,
     DatasetSplits,
     ImageDataset,

@@ -174,8 +174,7 @@ def base_run(root: Path) -> Path:
 def test_a_cifar_file_that_would_run_code_is_refused_naming_the_file(
     outside: Outside, tmp_path: Path
 ) -> None:
-    from data import load_dataset
-    from data.datasets import DatasetError
+    from data import DatasetError, load_dataset
 
     folder = write_cifar10(tmp_path / "data", bytes_keys=True)
     (folder / "data_batch_3").write_bytes(outside.payload())
