@@ -79,18 +79,16 @@ def synchronous_saves(side: TrainerSide, reps: int) -> None:
     from benchmarks.measurements import plain_write_seconds
     from benchmarks.runs import read_saves
 
-    manager = side.manager("sync", async_save=False)
+    manager, layout = side.manager("sync", async_save=False), side.layout("sync")
     for _ in range(reps):
         side.next_epoch()
         manager.maybe_save("epoch", **EPOCH_END)
         manager.protocol.join()  # retention's deletion of the save before runs in the background: not beside
         if side.is_main:
-            save = read_saves(manager.layout)[-1]
+            save = read_saves(layout)[-1]
             side.times["write"]["seconds"].append(save.write_seconds)
             side.times["write"]["bytes"].append(save.nbytes)
-            side.times["plain"]["seconds"].append(
-                plain_write_seconds(manager.layout.checkpoints, save.nbytes)
-            )
+            side.times["plain"]["seconds"].append(plain_write_seconds(layout.checkpoints, save.nbytes))
         side.accelerator.wait_for_everyone()
 
 

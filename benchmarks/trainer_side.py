@@ -77,26 +77,32 @@ class TrainerSide:
         progress.global_step += 1
         progress.end_epoch({"epoch": progress.epoch + 1, "train_loss": 1.0, "checkpoint": None})
 
+    def layout(self, name: str) -> Any:
+        """The run the trainer's checkpoint manager of ``name`` saves (``WORK/<name>/base_training/run_001``)."""
+        from trainer.runs.layout import RunLayout
+
+        return RunLayout.of(self.work / name, "base", 1)
+
     def manager(self, name: str, *, async_save: bool) -> Any:
         """The trainer's checkpoint manager of a run of its own (``WORK/<name>/base_training/run_001``)."""
         from trainer.checkpoint.formats.base import BaseFormat
         from trainer.checkpoint.manager import CheckpointManager
         from trainer.config.schema import CheckpointConfig
-        from trainer.runs.layout import RunLayout
         from trainer.runs.metadata import RunHandle, new_metadata, write_metadata
         from trainer.training.trackers import Trackers
 
-        layout = RunLayout.of(self.work / name, "base", 1)
+        layout = self.layout(name)
         if self.is_main and not layout.metadata.is_file():
             for folder in layout.new_folders():
                 folder.mkdir(parents=True, exist_ok=True)
             write_metadata(layout.path, new_metadata(number=1, kind="base", experiment=name, dataset="cifar10",
                            num_classes=10, world_size=self.world, distributed=self.topo.distributed))  # fmt: skip
         self.accelerator.wait_for_everyone()
-        fmt = BaseFormat(layout, self.topo, self.config.to_dict())
-        policy = CheckpointConfig(async_save=async_save, keep_last_n=1)
+        fmt = BaseFormat(layout.checkpoint_folder, self.topo, self.config.to_dict())
+        policy = CheckpointConfig(async_save=async_save, keep_last_n=1).policy()
         run = RunHandle(layout, is_main=self.is_main)
-        return CheckpointManager(layout, fmt, self.topo, self.states, policy, run=run, trackers=Trackers())
+        return CheckpointManager(layout.checkpoint_folder, fmt, self.topo, self.states, policy, journal=run,
+                                 metrics=Trackers())  # fmt: skip
 
     def timed(self, kind: str, name: str, action: Callable[[], Any]) -> Any:
         """``action()`` between two barriers of every process; this process's seconds are recorded."""

@@ -139,10 +139,9 @@ def tiny_manager(
 ) -> CheckpointManager:
     """A manager of the run at ``layout`` (``policy``: ``CheckpointConfig`` fields), by default of a base run."""
     run = RunHandle(layout, is_main=topo.is_main)
-    fmt = fmt or BaseFormat(layout, topo, config={"lr": 0.1})
-    return CheckpointManager(
-        layout, fmt, topo, states, CheckpointConfig(**policy), run=run, trackers=Trackers(), faults=faults
-    )
+    fmt = fmt or BaseFormat(layout.checkpoint_folder, topo, config={"lr": 0.1})
+    return CheckpointManager(layout.checkpoint_folder, fmt, topo, states, CheckpointConfig(**policy).policy(),
+                             journal=run, metrics=Trackers(), faults=faults)  # fmt: skip
 
 
 def end_epoch(states: TrainingStates, epoch: int, steps_per_epoch: int = 2, loss: float = 0.5) -> None:

@@ -161,7 +161,7 @@ def test_damage_only_rank_1_hashes_is_a_fallback_on_every_rank(tmp_path: Path) -
     """The ranks share the hashing of a checkpoint (rank 1 hashes its own files): what rank 1 finds damaged
     is rank 0's fallback all the same, and the ranks then agree on the next checkpoint."""
     layout = committed(tmp_path, range(1, 4), world_size=2)
-    rng = layout.state_root / "epoch_003" / "rng_rank1.pt"
+    rng = layout.checkpoint_folder.state_root / "epoch_003" / "rng_rank1.pt"
     rng.chmod(0o644)
     with open(rng, "r+b") as f:  # same size, one byte changed
         f.seek(rng.stat().st_size // 2)
@@ -232,7 +232,9 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path)
         "checkpoint epoch_002 could not be written (rank 1: No space left on device" in m for m in messages
     )
     assert [m.tag for m in read_manifests(layout.checkpoints)] == ["epoch_001"]
-    assert not (layout.state_root / "epoch_002").exists() and not list(layout.path.rglob(".tmp-*"))
+    assert not (layout.checkpoint_folder.state_root / "epoch_002").exists() and not list(
+        layout.path.rglob(".tmp-*")
+    )
 
 
 class LosesItsPeerIn(SingleProcess):
@@ -267,7 +269,9 @@ def test_a_rank_lost_in_a_save_is_reported_as_a_lost_rank_and_the_save_discarded
             raise
     assert "warning: rank 0: checkpoint epoch_002 was not saved" in capsys.readouterr().err
     assert [m.tag for m in read_manifests(layout.checkpoints)] == ["epoch_001"]
-    assert not (layout.state_root / "epoch_002").exists() and not list(layout.path.rglob(".tmp-*"))
+    assert not (layout.checkpoint_folder.state_root / "epoch_002").exists() and not list(
+        layout.path.rglob(".tmp-*")
+    )
     events = json.loads(layout.metadata.read_text())["events"]
     assert [e["tag"] for e in events if e["kind"] == "save_failed"] == ["epoch_002"]
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from launch import Topology
+from trainer.checkpoint.folder import epoch_tag as epoch_name
 from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.checkpoint.formats.base import BaseFormat
 from trainer.checkpoint.manifest import Manifest, read_manifests, verification_shares, verify, write_manifest
@@ -23,7 +24,6 @@ from trainer.checkpoint.retention import RetentionPolicy, Scores, plan_retention
 from trainer.errors import UserError
 from trainer.faults import Faults
 from trainer.runs.layout import RunLayout
-from trainer.runs.layout import epoch_tag as epoch_name
 from trainer.storage.atomic import atomic_write, delete_inside, link_or_copy
 
 TOPO = Topology(rank=0, world_size=1, local_rank=0, deepspeed_stage=None, device=torch.device("cpu"))
@@ -53,8 +53,8 @@ def manager(run: Path, keep_last_n: int) -> CommitProtocol:
     """The commit protocol of a base run, after the clean start every resume begins with (which commits the
     checkpoints of a run written before manifests existed, as these fake runs are)."""
     layout = RunLayout(run, "base")
-    fmt = BaseFormat(layout, TOPO, config={})
-    protocol = CommitProtocol(layout, RetentionPolicy(keep_last_n=keep_last_n))
+    fmt = BaseFormat(layout.checkpoint_folder, TOPO, config={})
+    protocol = CommitProtocol(layout.checkpoint_folder, RetentionPolicy(keep_last_n=keep_last_n))
     for note in protocol.clean_start(fmt.adopt):
         print(note)
     return protocol
@@ -596,5 +596,5 @@ def test_a_tag_that_does_not_exist_or_is_damaged_is_refused_listing_the_tags(tmp
             checkpoints.resolve(spec)
         assert "epoch_001, epoch_002" in str(info.value)
     (run / "checkpoints" / "epoch_001.ckpt").write_bytes(b"changed")
-    with pytest.raises(UserError, match="epoch_001 of run run_001 is damaged"):
+    with pytest.raises(UserError, match="epoch_001 of run 001 is damaged"):
         checkpoints.resolve("1")

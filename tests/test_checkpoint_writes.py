@@ -154,7 +154,7 @@ def save(checkpoints, states, epoch: int) -> dict:  # type: ignore[no-untyped-de
     boundary = checkpoints.maybe_save("epoch", metrics={"train_loss": 0.5}, is_best=epoch == 1)
     assert boundary.saved == f"epoch_{epoch:03d}"
     checkpoints.close()
-    events = (checkpoints.layout.events).read_text().splitlines()
+    events = checkpoints.journal.layout.events.read_text().splitlines()
     return json.loads(events[-1])
 
 

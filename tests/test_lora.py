@@ -218,10 +218,14 @@ def test_the_trainers_adapter_file_is_under_five_percent_of_its_diffit_cifar_che
 
     base = build_model(config)
     base_layout = new_run(tmp_path / "base_training" / "run_001")
-    base_file = saved(base, base_layout, BaseFormat(base_layout, topo, config.to_dict()))
+    base_file = saved(base, base_layout, BaseFormat(base_layout.checkpoint_folder, topo, config.to_dict()))
     lora_layout = new_run(tmp_path / "lora_finetuning" / "run_001", "lora")
     model = build_lora_model(config, base.state_dict())
-    adapter_file = saved(model, lora_layout, LoraFormat(lora_layout, topo, config.to_dict()))
+    adapter_file = saved(
+        model,
+        lora_layout,
+        LoraFormat(lora_layout.checkpoint_folder, topo, config.to_dict(), lora_layout.stored_base),
+    )
 
     ratio = adapter_file.stat().st_size / base_file.stat().st_size
     assert ratio <= 0.05, f"adapter is {ratio:.1%} of the base checkpoint"

@@ -1,4 +1,7 @@
-"""DiffiT trainer: config, runs, checkpoints and the training loop.
+"""DiffiT trainer. The faces (``cli``, ``api``, ``export``) over the rooms, each importing only those below it:
+``training`` (the launch and the loop), ``runs`` (run folders), ``config`` (typed configuration),
+``checkpoint`` (the engine: a folder, a policy, states), ``storage`` (atomic files, checksums); the leaves
+``errors`` and ``faults``.
 
 ``load_model`` and ``list_runs`` are imported lazily so that light commands (``--list-runs``, ``--help``)
 don't pay for importing torch.

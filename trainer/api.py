@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from model.lora import base_diffit
+from trainer.checkpoint.folder import epoch_tag, is_tag
 from trainer.checkpoint.formats import load_checkpoint_file
 from trainer.config.schema import TrainConfig, from_dict
 from trainer.errors import UserError
-from trainer.runs.layout import RunLayout, epoch_tag, is_tag, kind_root
+from trainer.runs.layout import RunLayout, kind_root
 from trainer.runs.listing import RunSummary
 from trainer.runs.listing import list_runs as _list_runs
 from trainer.training.base_model import load_stored_base

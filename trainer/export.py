@@ -51,7 +51,7 @@ def _base(layout: RunLayout, which: str) -> dict[str, Any]:
     file = layout.ckpt(spec)
     if file.is_file():
         return load_checkpoint_file(file)
-    folder = layout.state_root / spec
+    folder = layout.checkpoint_folder.state_root / spec
     manifest = next((m for m in read_manifests(layout.checkpoints) if m.tag == spec), None)
     if manifest is None or not (folder / "trainer_state.json").is_file():
         raise UserError(f"run {layout.path.name} has no checkpoint {which!r} (no {file.name}, no {folder})")

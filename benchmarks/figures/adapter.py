@@ -17,7 +17,7 @@ TARGET_ANALYTIC = ("<=", 1.1)
 def measure(m: Measurements) -> list[Figure]:
     import torch
 
-    from trainer.runs.layout import MANIFESTS
+    from trainer.checkpoint.folder import MANIFESTS
 
     run = m.lora_run
     manifests = sorted((run.checkpoints / MANIFESTS).glob("epoch_*.json"))

@@ -20,7 +20,7 @@ BASE_TARGET = 1.2
 
 
 def measure(m: Measurements) -> list[Figure]:
-    from trainer.runs.layout import MANIFESTS
+    from trainer.checkpoint.folder import MANIFESTS
 
     run = m.sync_run
     manifests = sorted((run.layout.checkpoints / MANIFESTS).glob("*.json"))

@@ -96,7 +96,7 @@ def main() -> int:
         ckpt = torch.load(layout.ckpt("epoch_001"), weights_only=True)
         reference = get_fp32_state_dict_from_zero_checkpoint(str(work / "deepspeed"), tag="same")
         ds_moments, ds_step = merge_zero_optimizer_state(work / "deepspeed" / "same")
-        moments = load_file(str(layout.state_root / "epoch_001" / "optimizer.safetensors"))
+        moments = load_file(str(layout.checkpoint_folder.state_root / "epoch_001" / "optimizer.safetensors"))
         result = {
             "distributed": side.topo.distributed,
             "dtypes": sorted({str(p.dtype) for p in module.parameters()}),

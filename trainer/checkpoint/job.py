@@ -5,7 +5,7 @@ the outcome.
 raises: every failure, a dead peer included, becomes the job's ``outcome["error"]``, the same on every rank.
 The ranks meet through the collectives' background group, whose bounded timeout turns a rank that died
 during the save into a failed save instead of a hang. The files themselves come from the format's
-snapshot; ``io/`` writes them, rank 0 finishes them (the format) and commits them (``protocol.py``).
+snapshot; ``storage/`` writes them, rank 0 finishes them (the format) and commits them (``protocol.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from trainer.checkpoint.protocol import CommitProtocol
 from trainer.checkpoint.retention import Scores
 from trainer.checkpoint.sharding.owned import Piece
 from trainer.faults import Faults
-from trainer.runs.layout import RunLayout
 from trainer.storage.atomic import Flusher, fsync_dir, write_file
 from trainer.storage.parts import Part, write_part
 from trainer.storage.tensor_files import FileLayout
@@ -75,13 +74,12 @@ class Committer:
         topo: Topology,
         fmt: CheckpointFormat,
         protocol: CommitProtocol,
-        layout: RunLayout,
         faults: Faults,
         *,
         background: bool,
         warn: Callable[[str], None],
     ) -> None:
-        self.topo, self.format, self.protocol, self.layout, self.faults = topo, fmt, protocol, layout, faults
+        self.topo, self.format, self.protocol, self.faults = topo, fmt, protocol, faults
         self.background, self.warn = background, warn
 
     def start(self, job: SaveJob) -> None:
@@ -221,7 +219,7 @@ class Committer:
             )  # fmt: skip
         except OSError as e:
             self.warn(f"{tag} is saved, but relinking last/best or retention failed: {describe(e)}")
-        ckpt, files = self.layout.ckpt(tag), self.protocol.tag_files(tag)
+        ckpt, files = self.protocol.where.ckpt(tag), self.protocol.tag_files(tag)
         return {
             "file": str(ckpt if ckpt.is_file() else self.protocol.tag_paths(tag)[-1]),
             "bytes": sum(f.stat().st_size for f in files),

@@ -3,7 +3,7 @@
 The trainer registers its states once (``TrainingStates``); the manager decides when to save, saves, waits
 for the previous save, times it, keeps the rank rule, reports and records events:
 
-    manager = CheckpointManager(layout, fmt, topo, states, config.checkpoint, run=run, trackers=trackers)
+    manager = CheckpointManager(folder, fmt, topo, states, policy, journal=run, metrics=trackers)
     manager.load()                                           # resume: newest intact checkpoint, fallback
     manager.maybe_save("step", loss=loss, stop_signal=sig)   # every step end: one collective
     manager.maybe_save("epoch", metrics=m, is_best=b, last=final)
@@ -15,7 +15,7 @@ on its clock, and whether the background save in flight has finished. Every rank
 decisions.
 
 A save, one way down: ``_save`` takes the snapshot (``formats/``, collective; training waits only for
-this), then the job, in a background thread or inline, writes this rank's files (``io/``), meets the other
+this), then the job, in a background thread or inline, writes this rank's files (``storage/``), meets the other
 ranks (a collective on a group of its own, with a bounded timeout: a dead rank fails the save instead of
 hanging it), and on rank 0 finishes the format's files and commits (``protocol.py``); rank 0 then tells
 every rank the outcome. One save is in flight at a time: the next one, or ``close``, waits for it.
@@ -28,21 +28,43 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from launch import Topology, decide_on_rank0
+from trainer.checkpoint.folder import CheckpointFolder
 from trainer.checkpoint.formats import CheckpointDamaged, CheckpointFormat
 from trainer.checkpoint.job import Committer, SaveJob, nbytes
 from trainer.checkpoint.manifest import Manifest, verification_shares, verify
+from trainer.checkpoint.policy import CheckpointPolicy
 from trainer.checkpoint.protocol import CommitProtocol, ResumePoint
 from trainer.checkpoint.states import TrainingStates
-from trainer.config.schema import CheckpointConfig
 from trainer.errors import SaveFailed, UserError
 from trainer.faults import NO_FAULTS, Faults
-from trainer.runs.layout import RunLayout
-from trainer.runs.metadata import RunHandle
 from trainer.storage.staging import HostStaging
-from trainer.training.trackers import Trackers
+
+
+class Journal(Protocol):
+    """Where the manager says what happened (a run's ``RunHandle``): lines for the user and the record of
+    events, saves and resumes. Every rank calls it; only global rank 0's writes."""
+
+    def print(self, message: str) -> None: ...
+
+    def warn(self, message: str) -> None: ...
+
+    def record_event(self, kind: str, **fields: Any) -> None: ...
+
+    def record_save(self, record: dict[str, Any]) -> None: ...
+
+    def record_resume(self, *, checkpoint: str | None, progress: dict[str, Any], world_size: int,
+                      distributed: str) -> None: ...  # fmt: skip
+
+    def record_checkpoints(self, epochs: list[int]) -> None: ...
+
+
+class MetricsLog(Protocol):
+    """Where save timings go as metrics (the run's trackers)."""
+
+    def log(self, metrics: dict[str, float | None], step: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -59,23 +81,23 @@ class Boundary:
 class CheckpointManager:
     def __init__(
         self,
-        layout: RunLayout,
+        where: CheckpointFolder,
         fmt: CheckpointFormat,
         topo: Topology,
         states: TrainingStates,
-        policy: CheckpointConfig,
+        policy: CheckpointPolicy,
         *,
-        run: RunHandle,
-        trackers: Trackers,
+        journal: Journal,
+        metrics: MetricsLog,
         faults: Faults = NO_FAULTS,
     ) -> None:
-        self.layout, self.format, self.topo, self.states, self.policy = layout, fmt, topo, states, policy
-        self.run, self.trackers, self.faults = run, trackers, faults
-        self.protocol = CommitProtocol(layout, policy.retention())
+        self.where, self.format, self.topo, self.states, self.policy = where, fmt, topo, states, policy
+        self.journal, self.metrics, self.faults = journal, metrics, faults
+        self.protocol = CommitProtocol(where, policy.retention)
         self._staging = HostStaging()
-        """A background save's snapshot buffers, reused by the next save (``io/staging.py``)."""
-        self._committer = Committer(topo, fmt, self.protocol, layout, faults, background=policy.async_save,
-                                    warn=run.warn)  # fmt: skip
+        """A background save's snapshot buffers, reused by the next save (``storage/staging.py``)."""
+        self._committer = Committer(topo, fmt, self.protocol, faults, background=policy.async_save,
+                                    warn=journal.warn)  # fmt: skip
         self._job: SaveJob | None = None
         self._last_save = time.monotonic()
 
@@ -103,31 +125,31 @@ class CheckpointManager:
             )  # fmt: skip
         if accept is not None and point.manifest is not None:
             accept(point.manifest)
-        run = self.run
+        journal, name = self.journal, self.where.name
         for bad in point.damaged:
-            run.warn(
-                f"checkpoint {bad['tag']} of run {run.number:03d} is damaged: {bad['reason']}. Its files were "
-                f"moved to {run.path / bad['moved_to']}; falling back to an older checkpoint"
+            journal.warn(
+                f"checkpoint {bad['tag']} of {name} is damaged: {bad['reason']}. Its files were "
+                f"moved to {self.where.owner / bad['moved_to']}; falling back to an older checkpoint"
             )
-            run.record_event("fallback", **bad)
+            journal.record_event("fallback", **bad)
         manifest = point.manifest
         if manifest is None:
-            run.warn(
-                f"run {run.number:03d} has no intact checkpoint to resume from: TRAINING STARTS OVER FROM "
+            journal.warn(
+                f"{name} has no intact checkpoint to resume from: TRAINING STARTS OVER FROM "
                 "SCRATCH in the same run folder"
                 + (" (the damaged files are kept under damaged/)" if point.damaged else "")
             )
-            run.record_event("restart_from_scratch", damaged=[d["tag"] for d in point.damaged])
+            journal.record_event("restart_from_scratch", damaged=[d["tag"] for d in point.damaged])
         else:
             self.states.progress.load_state_dict(self.format.load(prepared, self.states))
-            run.print(
-                f"Resuming run {run.number:03d} from {manifest.describe()} "
+            journal.print(
+                f"Resuming {name} from {manifest.describe()} "
                 f"(checkpoint {manifest.tag}, verified against its manifest)"
             )
             self._report_world_size_change(manifest)
         if self.topo.is_main:
             self.protocol.repair_links((self.states.progress.best or {}).get("epoch"))
-        run.record_resume(
+        journal.record_resume(
             checkpoint=manifest.tag if manifest else None, progress=self.states.progress.state_dict(),
             world_size=self.topo.world_size, distributed=self.topo.distributed,
         )  # fmt: skip
@@ -137,7 +159,7 @@ class CheckpointManager:
         """Rank 0: clear what a crash left, then find the newest checkpoint with every file in place (the
         ranks then hash them together)."""
         for note in self.protocol.clean_start(self.format.adopt):
-            self.run.print(note)
+            self.journal.print(note)
         return self.protocol.find_resume_point(hash_files=False)
 
     def _verify_together(self, manifest: Manifest) -> str | None:
@@ -145,7 +167,7 @@ class CheckpointManager:
         rank's reason the checkpoint is damaged, or None when every file matches."""
         topo = self.topo
         share = verification_shares(manifest, topo.world_size)[topo.rank]
-        reason = verify(self.layout.checkpoints, manifest, share)
+        reason = verify(self.where.path, manifest, share)
         reasons = topo.comm.all_gather(reason, what=f"verifying checkpoint {manifest.tag}")
         return next((r for r in reasons if r is not None), None)
 
@@ -164,11 +186,11 @@ class CheckpointManager:
         topo = self.topo
         if (manifest.world_size, manifest.distributed) == (topo.world_size, topo.distributed):
             return
-        self.run.print(
+        self.journal.print(
             f"The checkpoint was saved by {manifest.world_size} process(es) ({manifest.distributed}); "
             f"continuing on {topo.world_size} ({topo.distributed}) with its full optimizer state"
         )
-        self.run.record_event(
+        self.journal.record_event(
             "world_size_change", tag=manifest.tag, from_world_size=manifest.world_size,
             from_distributed=manifest.distributed, to_world_size=topo.world_size,
             to_distributed=topo.distributed,
@@ -257,7 +279,7 @@ class CheckpointManager:
         job.outcome["blocked_seconds"] = blocked
         if progress.step_in_epoch == 0 and progress.history:
             progress.history[-1]["save_blocked_seconds"] = round(blocked, 4)
-        self.trackers.log(
+        self.metrics.log(
             {
                 "checkpoint/blocked_seconds": blocked,
                 "checkpoint/snapshot_mb": job.outcome["snapshot_bytes"] / 1e6,
@@ -282,10 +304,10 @@ class CheckpointManager:
         self._report(job)  # the files of checkpoints retention dropped may still be being deleted
 
     def _report(self, job: SaveJob) -> None:
-        outcome, run = job.outcome, self.run
+        outcome, journal = job.outcome, self.journal
         if "error" in outcome:
             if not outcome.get("committed"):
-                run.record_event("save_failed", tag=job.tag, error=outcome["error"])
+                journal.record_event("save_failed", tag=job.tag, error=outcome["error"])
             if job.is_epoch and not outcome.get("committed"):
                 self.states.progress.set_checkpoint(job.progress["epoch"], None)
             if outcome.get("peer_lost"):  # reported as any lost process is, wherever it is noticed
@@ -300,9 +322,9 @@ class CheckpointManager:
             if self.policy.on_save_error == "fail":
                 raise SaveFailed(
                     f"{message}. The run stops (checkpoint.on_save_error: {self.policy.on_save_error}): free "
-                    f"space or fix the folder, then continue with --resume {run.number}"
+                    "space or fix the folder"
                 )
-            run.warn(message + "; training continues and the next save tries again")
+            journal.warn(message + "; training continues and the next save tries again")
             return
         if not self.topo.is_main:
             return
@@ -312,15 +334,15 @@ class CheckpointManager:
             if self.policy.async_save
             else "while training waited"
         )
-        run.print(
+        journal.print(
             f"Saved {outcome['file']} ({outcome['bytes'] / 1e6:.1f} MB in {outcome['seconds']:.2f} s {how})"
         )
-        self.trackers.log(  # at the step the checkpoint was taken
+        self.metrics.log(  # at the step the checkpoint was taken
             {"checkpoint/seconds": outcome["seconds"], "checkpoint/size_mb": outcome["bytes"] / 1e6},
             step=job.step,
         )
-        run.update(checkpoints=self.protocol.epochs_on_disk())
-        run.record_save(
+        journal.record_checkpoints(self.protocol.epochs_on_disk())
+        journal.record_save(
             {
                 "tag": job.tag, "global_step": job.step, "bytes": outcome["bytes"],
                 "blocked_seconds": round(outcome["blocked_seconds"], 4),

@@ -2,8 +2,8 @@
 
 A checkpoint (``epoch_003`` or, inside an epoch, ``step_0000042``) is *committed* when its manifest exists:
 ``<checkpoint folder>/manifests/<tag>.json`` lists every file of the checkpoint with its size and checksum
-(``io/checksums.py``: XXH3-128; sha256 in manifests of earlier versions), plus the counters it was taken at.
-A file that several processes wrote side by side (``io/parts.py``) has one checksum per process's part
+(``storage/checksums.py``: XXH3-128; sha256 in manifests of earlier versions), plus the counters it was taken at.
+A file that several processes wrote side by side (``storage/parts.py``) has one checksum per process's part
 instead: ``{"bytes": N, "parts": [{"rank": r, "ranges": [[offset, length], ...], "xxh3_128": ...}, ...]}``,
 the parts' ranges tiling the file. Anything without a manifest is an unfinished write; readers ignore it and
 the next start of the run removes it. Before a resume loads a checkpoint, ``verify`` re-reads every listed
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint.folder import MANIFESTS as MANIFEST_DIR
+from trainer.checkpoint.folder import is_tag
 from trainer.errors import UserError
-from trainer.runs.layout import MANIFESTS as MANIFEST_DIR
-from trainer.runs.layout import is_tag
 from trainer.storage.atomic import atomic_write_json
 from trainer.storage.checksums import ALGORITHM, file_digest, hash_ranges, recorded
 from trainer.storage.json_files import as_int, read_json_file

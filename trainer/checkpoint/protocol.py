@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.checkpoint.folder import CheckpointFolder, epoch_tag, is_tag
 from trainer.checkpoint.manifest import (
     Entry,
     Manifest,
@@ -34,7 +35,6 @@ from trainer.checkpoint.manifest import (
 )
 from trainer.checkpoint.retention import RetentionPolicy, Scores, plan_retention
 from trainer.errors import UserError
-from trainer.runs.layout import MANIFESTS, RunLayout, epoch_tag, is_tag
 from trainer.storage.atomic import (
     delete_inside,
     fsync_dir,
@@ -55,11 +55,11 @@ class ResumePoint:
 
 
 class CommitProtocol:
-    """The checkpoints of one run on disk (where a tag's files live: ``RunLayout.tag_roots``)."""
+    """The checkpoints of one folder on disk (where a tag's files live: ``CheckpointFolder.tag_roots``)."""
 
-    def __init__(self, layout: RunLayout, retention: RetentionPolicy | None = None) -> None:
-        self.layout, self.folder = layout, layout.checkpoints
-        self.roots, self.leftover_folders = layout.tag_roots, layout.leftover_folders
+    def __init__(self, where: CheckpointFolder, retention: RetentionPolicy | None = None) -> None:
+        self.where, self.folder = where, where.path
+        self.roots, self.leftover_folders = where.tag_roots, where.leftover_folders
         self.retention = retention or RetentionPolicy()
         self._purge: threading.Thread | None = None
         """Deleting the files of checkpoints retention dropped (``retire``)."""
@@ -102,18 +102,19 @@ class CommitProtocol:
     # -- start of a launch: leftovers of a crash ------------------------------------------------------
 
     def check_folders(self) -> None:
-        """The folders the tool writes, moves files into and deletes from are real folders of the run: a
+        """The folders the tool writes, moves files into and deletes from are real folders of the owner: a
         symbolic link among them is refused (``OutsideFolder``) before anything is touched."""
+        where = self.where
         for folder in (self.folder, *(root for root, _ in self.roots), *self.leftover_folders,
-                       self.folder / MANIFESTS, self.layout.damaged, self.layout.superseded):  # fmt: skip
-            within(self.layout.path, folder.relative_to(self.layout.path).as_posix())
+                       where.manifests, where.damaged, where.superseded):  # fmt: skip
+            within(where.owner, folder.relative_to(where.owner).as_posix())
 
     def clean_start(self, adopt: Callable[[str], Manifest | None]) -> list[str]:
         """Remove what a crashed writer left (never a committed checkpoint); returns what was removed, for
         the log. A run written before manifests existed has its epoch checkpoints committed as they are
         (``adopt``: the format's manifest of a tag, or None)."""
         self.check_folders()
-        if not (self.folder / MANIFESTS).is_dir():
+        if not self.where.manifests.is_dir():
             for tag in sorted(self._tags_on_disk()):
                 manifest = adopt(tag)
                 if manifest is not None:
@@ -125,7 +126,7 @@ class CommitProtocol:
         committed = {m.tag for m in self.committed()} | {p.stem for p in unreadable_manifests(self.folder)}
         for tag in sorted(self._tags_on_disk() - committed):
             for path in self.existing_paths(tag):
-                delete_inside(path, self.layout.path)
+                delete_inside(path, self.where.owner)
                 notes.append(
                     f"Removed an uncommitted checkpoint (no manifest; its save was interrupted): {path}"
                 )
@@ -144,9 +145,9 @@ class CommitProtocol:
                 before_retention: Callable[[], None]) -> None:  # fmt: skip
         """After the commit: relink ``last``/``best`` to an epoch checkpoint, then apply retention."""
         if is_epoch:
-            link_or_copy(self.layout.ckpt(tag), self.layout.ckpt("last"))
+            link_or_copy(self.where.ckpt(tag), self.where.ckpt("last"))
             if is_best:
-                link_or_copy(self.layout.ckpt(tag), self.layout.ckpt("best"))
+                link_or_copy(self.where.ckpt(tag), self.where.ckpt("best"))
         before_retention()
         self.retire(best_epoch, scores, background=True)
 
@@ -155,7 +156,7 @@ class CommitProtocol:
         if manifest_path(self.folder, tag).exists():
             return  # committed after all; never delete a committed checkpoint
         for path in self.existing_paths(tag):
-            delete_inside(path, self.layout.path)
+            delete_inside(path, self.where.owner)
         for folder in self.leftover_folders:
             remove_tmp_leftovers(folder)
 
@@ -187,7 +188,7 @@ class CommitProtocol:
     def _delete(self, paths: list[Path], report: bool = True) -> None:
         try:
             for path in paths:
-                delete_inside(path, self.layout.path)
+                delete_inside(path, self.where.owner)
         except (OSError, RuntimeError) as e:
             if not report:
                 raise
@@ -247,26 +248,22 @@ class CommitProtocol:
         if spec == "newest":  # the newest intact one (nothing is moved aside: the run may not be ours)
             intact = [m for m in reversed(committed) if verify(self.folder, m) is None]
             if not intact:
-                raise UserError(
-                    f"run {self.layout.path.name} has no intact checkpoint to start from ({listed})"
-                )
+                raise UserError(f"{self.where.name} has no intact checkpoint to start from ({listed})")
             return intact[0]
         if spec in ("best", "last"):
-            link = self.layout.ckpt(spec)
-            found = [m for m in committed if m.is_epoch and _same(link, self.layout.ckpt(m.tag))]
+            link = self.where.ckpt(spec)
+            found = [m for m in committed if m.is_epoch and _same(link, self.where.ckpt(m.tag))]
         else:
             tag = epoch_tag(int(spec)) if spec.isdigit() else spec
             found = [m for m in committed if m.tag == tag]
             if not found and not is_tag(tag):
                 raise UserError(f"--from takes an epoch number, a tag, best or last, got {spec!r}; checkpoints "
-                                f"of run {self.layout.path.name}: {listed}")  # fmt: skip
+                                f"of {self.where.name}: {listed}")  # fmt: skip
         if not found:
-            raise UserError(
-                f"run {self.layout.path.name} has no checkpoint {spec!r}; its checkpoints: {listed}"
-            )
+            raise UserError(f"{self.where.name} has no checkpoint {spec!r}; its checkpoints: {listed}")
         reason = verify(self.folder, found[0])
         if reason is not None:
-            raise UserError(f"checkpoint {found[0].tag} of run {self.layout.path.name} is damaged ({reason}); "
+            raise UserError(f"checkpoint {found[0].tag} of {self.where.name} is damaged ({reason}); "
                             f"its checkpoints: {listed}")  # fmt: skip
         return found[0]
 
@@ -278,28 +275,28 @@ class CommitProtocol:
             if newer.global_step > manifest.global_step:
                 paths = [manifest_path(self.folder, newer.tag), *self.tag_paths(newer.tag)]
                 moved.append(
-                    {"tag": newer.tag, "moved_to": self._move_aside(newer.tag, paths, self.layout.superseded)}
+                    {"tag": newer.tag, "moved_to": self._move_aside(newer.tag, paths, self.where.superseded)}
                 )
         return moved
 
-    def link_into(self, manifest: Manifest, other: RunLayout) -> None:
+    def link_into(self, manifest: Manifest, other: CheckpointFolder) -> None:
         """Make ``manifest``'s checkpoint one of ``other``'s (a new run forked from it): its files hard-linked
         (committed files are read-only, never rewritten), its manifest last. Every path stays inside both
         checkpoint folders and passes through no link (``within``; the manifest's own entries were checked
         when it was read)."""
-        target = real_folder(other.checkpoints, other.path)
+        target = real_folder(other.path, other.owner)
         for relative in manifest.files:
             destination = within(target, relative)
-            real_folder(destination.parent, other.path)
+            real_folder(destination.parent, other.owner)
             link_or_copy(within(self.folder, relative), destination)
-        real_folder(target / MANIFESTS, other.path)
+        real_folder(other.manifests, other.owner)
         link_or_copy(manifest_path(self.folder, manifest.tag), manifest_path(target, manifest.tag))
 
     def _move_aside(self, tag: str, paths: list[Path], where: Path | None = None) -> str:
         """Move a checkpoint's files into ``damaged/<tag>[-N]/`` (or ``where``) for inspection; the folder
-        it goes to is a real folder of the run (``real_folder``), named for a tag of the tag grammar only."""
+        it goes to is a real folder of the owner (``real_folder``), named for a tag of the tag grammar only."""
         name = tag if is_tag(tag) else "unreadable-manifest"
-        aside = real_folder(where or self.layout.damaged, self.layout.path)
+        aside = real_folder(where or self.where.damaged, self.where.owner)
         base = aside / name
         target, n = base, 1
         while target.exists() or target.is_symlink():
@@ -311,14 +308,14 @@ class CommitProtocol:
                 os.replace(path, target / path.relative_to(self.folder).as_posix().replace("/", "__"))
         fsync_dir(target)
         fsync_dir(self.folder)
-        return str(target.relative_to(self.layout.path))
+        return str(target.relative_to(self.where.owner))
 
     def repair_links(self, best_epoch: int | None) -> None:
         """After a resume: ``last``/``best`` point at intact epoch files (a damaged one was moved)."""
         epochs = self.epochs_on_disk()
         for name, epoch in (("last", epochs[-1] if epochs else None), ("best", best_epoch)):
-            link = self.layout.ckpt(name)
-            target = self.layout.ckpt(epoch_tag(epoch)) if epoch is not None else None
+            link = self.where.ckpt(name)
+            target = self.where.ckpt(epoch_tag(epoch)) if epoch is not None else None
             if target is not None and target.is_file():
                 if not (link.is_file() and os.path.samefile(link, target)):
                     link_or_copy(target, link)

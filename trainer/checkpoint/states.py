@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from trainer.runs.layout import epoch_tag, step_tag
+from trainer.checkpoint.folder import epoch_tag, step_tag
 
 
 class Stateful(Protocol):

@@ -5,7 +5,7 @@ here (more epochs, another learning rate, checkpoint and logging policy); it may
 is (data, seed, noise distribution, model, adapters), which would make its history mean something else.
 The batch size and the steps per epoch cut the data order into steps: they may change only where the
 checkpoint is at an epoch's start, so the data position stays exact. Every accepted change is printed and
-recorded as an event with its old and new value and the step it takes effect at.
+recorded as an event (``RunHandle.record_changes``) with its old and new value and the step it takes effect at.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.config.files import diff_keys
-from trainer.config.schema import ConfigError, TrainConfig
-from trainer.runs.metadata import RunHandle
+from trainer.config.schema import ConfigError
 
 FREE = ("epochs", "learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "experiment",
         "ema_halflife_kimg", "ema_rampup_ratio", "checkpoint.", "logging.", "distributed.")  # fmt: skip
@@ -72,22 +71,6 @@ def refuse_inexact(changes: list[Change], *, step_in_epoch: int, epochs_trained:
                 f"--epochs {c.new} is fewer than the {epochs_trained} epochs this run has already trained; pass "
                 f"--epochs above {epochs_trained} to train on"
             )
-
-
-def record_changes(
-    run: RunHandle, changes: list[Change], config: TrainConfig, *, step: int, how: str
-) -> None:
-    """Announce each accepted change (``how``: "on resume", "in this fork"), record them as one event, and
-    keep the listing's summary true."""
-    if not changes:
-        return
-    for c in changes:
-        run.print(f"Changed {how}: {c.key} {c.old!r} -> {c.new!r} (from step {step})")
-    run.record_event("config_changed", global_step=step,
-                     changes=[{"key": c.key, "old": c.old, "new": c.new} for c in changes])  # fmt: skip
-    summary = {**run.metadata.get("config_summary", {}), "learning_rate": config.learning_rate,
-               "batch_size": config.batch_size, "model": config.model.name, "seed": config.seed}  # fmt: skip
-    run.update(config_summary=summary, experiment=config.experiment)
 
 
 def _present(data: dict[str, Any], dotted: str) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+from trainer.checkpoint.policy import CheckpointPolicy
 from trainer.checkpoint.retention import RetentionPolicy
 from trainer.errors import UserError
 
@@ -132,6 +133,11 @@ class CheckpointConfig:
 
     def retention(self) -> RetentionPolicy:
         return RetentionPolicy(self.keep_last_n, self.keep_best_n, self.keep_every_n_epochs)
+
+    def policy(self) -> CheckpointPolicy:
+        """What the checkpoint engine is given."""
+        return CheckpointPolicy(self.save_every_n_epochs, self.save_every_n_steps, self.save_every_n_minutes,
+                                self.async_save, self.on_save_error, self.retention())  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(self.save_every_n_epochs >= 1, "checkpoint.save_every_n_epochs", "at least 1")

@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint.folder import MANIFESTS
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.protocol import CommitProtocol
 from trainer.config.request import RunRequest
-from trainer.runs.layout import KIND_FOLDERS, MANIFESTS, RunLayout, kind_root, run_dir
+from trainer.errors import UserError
+from trainer.runs.layout import KIND_FOLDERS, RunLayout, kind_root, run_dir
 from trainer.runs.lock import RunLock
-from trainer.runs.metadata import now, read_metadata, write_metadata
+from trainer.runs.metadata import new_branch, now, read_metadata, write_metadata
 from trainer.runs.repair import repair_run
 from trainer.runs.store import RunError, clear_leftovers, resolve_run, run_numbers
 from trainer.storage.checksums import sha256_file
-from trainer.training.trackers import new_branch
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def claim_run(checkpoint_root: Path, kind: str, request: RunRequest) -> tuple[Cl
     if request.mode == "fork":
         assert request.source is not None
         source = RunLayout(run_dir(root, resolve_run(root, request.source)), kind)
-        manifest = CommitProtocol(source).resolve(request.from_tag or "newest")
+        manifest = CommitProtocol(source.checkpoint_folder).resolve(request.from_tag or "newest")
         sha = sha256_file(source.checkpoints / MANIFESTS / f"{manifest.tag}.json")
         return Claim(None, fork=ForkSource(source, manifest, sha)), None
     if request.mode == "resume":
@@ -107,7 +108,7 @@ def claim_run(checkpoint_root: Path, kind: str, request: RunRequest) -> tuple[Cl
 def go_back(layout: RunLayout, spec: str) -> str:
     """Rewind the run to checkpoint ``spec``: newer checkpoints move to ``superseded/``, the trackers start a
     branch of their own, and the run records it; the resume then continues from ``spec``."""
-    protocol = CommitProtocol(layout)
+    protocol = CommitProtocol(layout.checkpoint_folder)
     manifest = protocol.resolve(spec)
     moved = protocol.supersede_after(manifest)
     meta = read_metadata(layout.path)
@@ -116,7 +117,7 @@ def go_back(layout: RunLayout, spec: str) -> str:
     meta["events"] = [*meta.get("events", []), event]
     write_metadata(layout.path, meta)
     return (f"going back to checkpoint {manifest.tag} of run {layout.number:03d}: "
-            f"{len(moved)} newer checkpoint(s) moved to {layout.superseded.name}/")  # fmt: skip
+            f"{len(moved)} newer checkpoint(s) moved to {layout.checkpoint_folder.superseded.name}/")  # fmt: skip
 
 
 def run_with_key(checkpoint_root: Path, kind: str, key: str) -> RunLayout | None:
@@ -158,10 +159,18 @@ def start_fork(fork: ForkSource, changes: list[Any]) -> dict[str, Any]:
     return {"forked_from": record, **({"trackers": {"branched_from": wandb}} if wandb else {})}
 
 
+def init_checkpoint(given: str) -> Path:
+    """``--init-from``: a base ``.ckpt``, or a base run folder (its best checkpoint)."""
+    path = Path(given)
+    if path.is_dir():
+        path = RunLayout(path, "base").ckpt("best")
+    if not path.is_file():
+        raise UserError(f"--init-from: no checkpoint at {path}; give a base run folder or a base .ckpt file")
+    return path
+
+
 def start_from_weights(given: Path) -> dict[str, Any]:
     """The metadata record of a run started from another checkpoint's weights (``--init-from``)."""
-    from trainer.training.base_model import init_checkpoint
-
     path = init_checkpoint(str(given)).resolve()
     record: dict[str, Any] = {"source": str(path), "sha256": sha256_file(path)}
     run = RunLayout.detect(path.parent.parent)

@@ -14,8 +14,8 @@
         run.lock                           held by the launch training the run
         run_key                            the job an --auto-resume run belongs to
 
-Checkpoints are named by tags: ``epoch_NNN`` after an epoch, ``step_NNNNNNN`` inside one. Numbers are
-zero-padded and keep growing (``run_1000``, ``epoch_1000``); they are always compared as integers.
+Run numbers are zero-padded and keep growing (``run_1000``); they are always compared as integers. The
+checkpoint folder's own layout (tags, ``manifests/``, ``state/``) is the engine's: ``checkpoint/folder.py``.
 """
 
 from __future__ import annotations
@@ -24,27 +24,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.checkpoint.folder import CheckpointFolder, epoch_tag
+
 KIND_FOLDERS = {"base": "base_training", "lora": "lora_finetuning"}
 """The folder under the checkpoint root that holds each kind's runs."""
 _CHECKPOINT_FOLDERS = {"base": "checkpoints", "lora": "lora_weights"}
 _RUN_NAME = re.compile(r"^run_(\d{3,})$")
-MANIFESTS = "manifests"
-"""Inside a checkpoint folder: the commit record of each checkpoint (``manifests/<tag>.json``)."""
 DEFAULT_BASE = Path("base") / "base_model_last.ckpt"
 """Under the checkpoint root: the base a LoRA run uses when given none (the seed workflow's hand-off)."""
-
-
-def epoch_tag(epoch: int) -> str:
-    return f"epoch_{epoch:03d}"
-
-
-def step_tag(global_step: int) -> str:
-    return f"step_{global_step:07d}"
-
-
-def is_tag(name: str) -> bool:
-    prefix, _, number = name.partition("_")
-    return prefix in ("epoch", "step") and number.isdigit()
 
 
 def kind_root(checkpoint_root: Path, kind: str) -> Path:
@@ -135,14 +122,16 @@ class RunLayout:
         """The folder of committed checkpoint files, ``best``/``last`` and ``manifests/``."""
         return self.path / _CHECKPOINT_FOLDERS[self.kind]
 
+    @property
+    def checkpoint_folder(self) -> CheckpointFolder:
+        """The run's checkpoints as the checkpoint engine is given them."""
+        name = f"run {self.number:03d}" if run_number(self.path.name) is not None else self.path.name
+        return CheckpointFolder(self.checkpoints, self.path, name, with_state=self.kind == "base",
+                                writes_in_owner=self.kind == "lora")  # fmt: skip
+
     def ckpt(self, name: str) -> Path:
         """A checkpoint file by tag or alias: ``epoch_003``, ``step_0000042``, ``best``, ``last``."""
-        return self.checkpoints / f"{name}.ckpt"
-
-    @property
-    def state_root(self) -> Path:
-        """Base runs: the resumable state of each tag, ``state/<tag>/``."""
-        return self.checkpoints / "state"
+        return self.checkpoint_folder.ckpt(name)
 
     @property
     def stored_base(self) -> Path:
@@ -156,23 +145,7 @@ class RunLayout:
 
     @property
     def damaged(self) -> Path:
-        return self.path / "damaged"
-
-    @property
-    def superseded(self) -> Path:
-        """Checkpoints newer than the one a run was rewound to (``--resume N --from TAG``), kept."""
-        return self.path / "superseded"
-
-    @property
-    def tag_roots(self) -> list[tuple[Path, str]]:
-        """Where a checkpoint's files live, as (folder, suffix): tag ``T`` owns ``folder/T+suffix``."""
-        own = [(self.checkpoints, ".ckpt")]
-        return [*own, (self.state_root, "")] if self.kind == "base" else own
-
-    @property
-    def leftover_folders(self) -> list[Path]:
-        """Where a crashed checkpoint writer may leave ``.tmp-`` files (a LoRA run: a half-written adapter/)."""
-        return [self.checkpoints, self.state_root] if self.kind == "base" else [self.checkpoints, self.path]
+        return self.checkpoint_folder.damaged
 
     def new_folders(self) -> list[Path]:
         """The folders a new run starts with."""

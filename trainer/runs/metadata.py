@@ -11,9 +11,13 @@ import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.runs.layout import RunLayout
+
+if TYPE_CHECKING:
+    from trainer.config.changes import Change
+    from trainer.config.schema import TrainConfig
 from trainer.storage.atomic import append_to, atomic_write_json
 from trainer.storage.json_files import read_json_file
 from trainer.storage.paths import real_folder
@@ -102,6 +106,14 @@ def write_metadata(run: Path, metadata: dict[str, Any]) -> None:
     atomic_write_json(run / "metadata.json", metadata)
 
 
+def new_branch(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The trackers record of a run that went back to an earlier checkpoint (or a fork's first): a new wandb
+    run (its id made on first use) that names the one it branched from, and a TensorBoard folder of its own,
+    so the abandoned branch never mixes into the continued curve."""
+    record = dict(record or {})
+    return {"branch": int(record.get("branch") or 0) + 1, "branched_from": record.get("wandb_id")}
+
+
 class RunHandle:
     """The run being trained: its layout, and its record for every rank (only global rank 0 writes)."""
 
@@ -137,6 +149,10 @@ class RunHandle:
             best=progress["best"],
             checkpoints=kept,
         )
+
+    def record_checkpoints(self, epochs: list[int]) -> None:
+        """The epoch checkpoints on disk, after a save committed (and retention dropped what it drops)."""
+        self.update(checkpoints=epochs)
 
     def record_event(self, kind: str, **fields: Any) -> None:
         """Append to ``events``: fallbacks, restarts, world-size changes, interruptions, failed saves."""
@@ -180,6 +196,19 @@ class RunHandle:
             history=list(progress["history"]),
             best=progress["best"],
         )
+
+    def record_changes(self, changes: list[Change], config: TrainConfig, *, step: int, how: str) -> None:
+        """Announce each accepted change of the config (``how``: "on resume", "in this fork"), record them as
+        one event, and keep the listing's summary true."""
+        if not changes:
+            return
+        for c in changes:
+            self.print(f"Changed {how}: {c.key} {c.old!r} -> {c.new!r} (from step {step})")
+        self.record_event("config_changed", global_step=step,
+                          changes=[{"key": c.key, "old": c.old, "new": c.new} for c in changes])  # fmt: skip
+        summary = {**self.metadata.get("config_summary", {}), "learning_rate": config.learning_rate,
+                   "batch_size": config.batch_size, "model": config.model.name, "seed": config.seed}  # fmt: skip
+        self.update(config_summary=summary, experiment=config.experiment)
 
     def record_attempt(self, key: str, job: dict[str, Any]) -> None:
         """Append to ``attempts`` (``--auto-resume``): this launch of the job, and how the previous one ended."""

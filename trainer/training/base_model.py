@@ -98,16 +98,6 @@ def _mismatch(path: Path, entry: dict[str, Any]) -> str | None:
     return None if file_digest(path, algorithm) == digest else f"its {algorithm} differs"
 
 
-def init_checkpoint(given: str) -> Path:
-    """``--init-from``: a base ``.ckpt``, or a base run folder (its best checkpoint)."""
-    path = Path(given)
-    if path.is_dir():
-        path = RunLayout(path, "base").ckpt("best")
-    if not path.is_file():
-        raise UserError(f"--init-from: no checkpoint at {path}; give a base run folder or a base .ckpt file")
-    return path
-
-
 def load_init_weights(path: Path, config: TrainConfig) -> dict[str, Any]:
     """The base checkpoint a new run starts from, refused when its architecture differs from the run's."""
     ckpt = load_base_checkpoint(path)

@@ -80,7 +80,7 @@ class BaseKind(RunKind):
     ) -> CheckpointFormat:
         from trainer.checkpoint.formats.base import BaseFormat
 
-        return BaseFormat(layout, topo, config.to_dict(), faults)
+        return BaseFormat(layout.checkpoint_folder, topo, config.to_dict(), faults)
 
 
 class LoraKind(RunKind):
@@ -141,12 +141,12 @@ class LoraKind(RunKind):
     ) -> CheckpointFormat:
         from trainer.checkpoint.formats.lora import LoraFormat
 
-        return LoraFormat(layout, topo, config.to_dict())
+        return LoraFormat(layout.checkpoint_folder, topo, config.to_dict(), base=layout.stored_base)
 
     def on_new_best(self, model: torch.nn.Module, layout: RunLayout) -> None:
         from trainer.checkpoint.formats.lora import export_adapter
 
-        export_adapter(model, layout)
+        export_adapter(model, layout.adapter)
 
 
 def run_kind(name: str) -> RunKind:

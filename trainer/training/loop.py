@@ -23,7 +23,7 @@ from model.lora import base_diffit
 from trainer.checkpoint.manager import Boundary, CheckpointManager
 from trainer.checkpoint.manifest import Manifest
 from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
-from trainer.config.changes import Change, record_changes, refuse_inexact
+from trainer.config.changes import Change, refuse_inexact
 from trainer.config.plan import lr_at, plan_steps
 from trainer.config.schema import TrainConfig
 from trainer.errors import Interrupted
@@ -89,8 +89,9 @@ class Trainer:
         self.inference = InferenceCopy(lambda: kind.build_module(config))  # rank 0's, for grids and exports
         states = TrainingStates(self.model, self.optimizer, self.ema, self.state, RNGState(config.seed))
         fmt = kind.checkpoint_format(run.layout, topo, config, faults)
-        self.checkpoints = CheckpointManager(run.layout, fmt, topo, states, config.checkpoint, run=run,
-                                             trackers=self.trackers, faults=faults)  # fmt: skip
+        self.checkpoints = CheckpointManager(run.layout.checkpoint_folder, fmt, topo, states,
+                                             config.checkpoint.policy(), journal=run, metrics=self.trackers,
+                                             faults=faults)  # fmt: skip
 
     def resume(self, changes: list[Change], *, forked: bool = False) -> None:
         """Continue from the newest intact checkpoint (see ``CheckpointManager.load``), with ``changes`` to
@@ -103,7 +104,7 @@ class Trainer:
 
         self.checkpoints.load(accept=accept)
         how = "in this fork" if forked else "on resume"
-        record_changes(self.run, changes, self.config, step=self.state.global_step, how=how)
+        self.run.record_changes(changes, self.config, step=self.state.global_step, how=how)
 
     # -- training ---------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ its curves where the checkpoint left them instead of restarting at 0:
 - TensorBoard writes to ``logs/tensorboard/`` for the run's whole life; a resumed launch adds an event file
   there and sets ``purge_step``, so points a crashed launch wrote after its last checkpoint are dropped. A run
   that went back to an earlier checkpoint (``--resume N --from TAG``) writes to ``logs/tensorboard/branch_K/``
-  and a new wandb run (``new_branch``), so the abandoned branch stays apart.
+  and a new wandb run (``runs.metadata.new_branch``), so the abandoned branch stays apart.
 - wandb keeps one run id per training run, stored in ``metadata.json`` (``trackers.wandb_id``) before the
   first ``wandb.init``; ``--resume`` reopens that id with ``resume="allow"``. Offline (the default) each
   launch adds a folder ``logs/wandb/offline-run-*-<id>/``; ``wandb sync`` uploads them as one run.
@@ -300,14 +300,6 @@ def open_trackers(config: TrainConfig, run: RunHandle, *, resume_step: int) -> T
 
 def _not_installed(name: str) -> UserError:
     return UserError(f"logging.trackers names {name}, which is not installed: pip install {name}, or drop it")
-
-
-def new_branch(record: dict[str, Any] | None) -> dict[str, Any]:
-    """The trackers record of a run that went back to an earlier checkpoint (or a fork's first): a new wandb
-    run (its id made on first use) that names the one it branched from, and a TensorBoard folder of its own,
-    so the abandoned branch never mixes into the continued curve."""
-    record = dict(record or {})
-    return {"branch": int(record.get("branch") or 0) + 1, "branched_from": record.get("wandb_id")}
 
 
 def _lineage(run: RunHandle) -> dict[str, Any]:

@@ -20,10 +20,10 @@ from trainer.config.files import build_config, diff_keys
 from trainer.config.request import RunRequest, attempt_record, cli_overrides
 from trainer.config.schema import ConfigError, TrainConfig
 from trainer.errors import Interrupted, SaveFailed, UserError
-from trainer.runs.layout import RunLayout, kind_root
+from trainer.runs.layout import RunLayout, kind_root, run_dir
 from trainer.runs.lock import RunLock
 from trainer.runs.metadata import RunHandle, new_metadata
-from trainer.runs.store import RunError, create_run, read_config, run_numbers, write_config
+from trainer.runs.store import create_run, read_config, run_numbers, write_config
 from trainer.training.kinds import RunKind
 
 
@@ -47,18 +47,30 @@ class Plan:
         return self.claim.resuming or self.claim.fork is not None
 
 
+@dataclass(frozen=True)
+class Continued:
+    """The config of the run a launch continues, read by every process before any process group exists."""
+
+    path: Path
+    stored: dict[str, Any]
+    config: TrainConfig
+    """``stored`` with this launch's overrides."""
+
+
 def train(args: argparse.Namespace, kind: RunKind) -> int:
     request = RunRequest.from_args(args)
     overrides, set_keys = cli_overrides(args)
+    ahead = _read_ahead(args, kind, request, overrides)
     flags_config = None
-    if request.mode in ("new", "auto"):  # a bad config is refused before torch is even imported
+    if ahead is None and request.mode in ("new", "auto"):  # a bad config is refused before torch is imported
         flags_config = build_config(args.config or kind.default_config, overrides, TrainConfig)
 
     from launch import PeerLost, build_accelerator, decide_on_rank0, topology
     from trainer.storage.staging import retain_freed_heap
 
     retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
-    timeout = timedelta(minutes=_timeout_minutes(flags_config, args, kind, request, overrides))
+    known = flags_config or (ahead.config if ahead is not None else TrainConfig())
+    timeout = timedelta(minutes=known.distributed.timeout_minutes)
     accelerator = build_accelerator(timeout)
     topo = topology(accelerator, timeout)
     locks: list[RunLock] = []  # rank 0's, once it holds the run
@@ -70,11 +82,12 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
         if claim.done:
             _print_main(topo, claim.done)
             return 0
-        plan = _configure(args, kind, claim, flags_config, overrides)
+        plan = _configure(args, kind, claim, flags_config or ahead, overrides)
         splits = _validate(plan.config, kind, topo)
         _check_changes(plan, set_keys)
         if request.init_from is not None:  # another architecture is refused before a run is created
-            from trainer.training.base_model import init_checkpoint, load_init_weights
+            from trainer.runs.claim import init_checkpoint
+            from trainer.training.base_model import load_init_weights
 
             load_init_weights(init_checkpoint(request.init_from), plan.config)
         if kind.note:
@@ -104,16 +117,48 @@ def _claim(args: argparse.Namespace, kind: RunKind, request: RunRequest, locks: 
     return claim
 
 
-def _configure(args: argparse.Namespace, kind: RunKind, claim: Any, flags_config: TrainConfig | None,
+def _read_ahead(args: argparse.Namespace, kind: RunKind, request: RunRequest,
+                overrides: list[tuple[str, Any]]) -> Continued | None:  # fmt: skip
+    """Every process, before any process group exists (its timeout is the config's): the config of the run a
+    resume or fork names (a bare ``--resume``: the newest run), or the job's own run with ``--auto-resume``,
+    with this launch's overrides. None when there is none or it cannot be read: rank 0's claim then finds the
+    run (and repairs or refuses it), and the config is built from what it found."""
+    from trainer.runs.claim import run_with_key
+
+    root = kind_root(args.checkpoint_root, kind.name)
+    try:
+        if request.mode == "auto":
+            assert request.key is not None
+            layout = run_with_key(args.checkpoint_root, kind.name, request.key)
+        elif request.mode in ("resume", "fork"):
+            numbers = run_numbers(root)
+            wanted = request.source if request.mode == "fork" else request.number
+            number = wanted if wanted is not None else (numbers[-1] if numbers else None)
+            layout = RunLayout(run_dir(root, number), kind.name) if number in numbers else None
+        else:
+            layout = None
+        if layout is None:
+            return None
+        stored = read_config(layout.config)
+        return Continued(layout.path, stored, build_config(stored, overrides, TrainConfig))
+    except UserError:
+        return None
+
+
+def _configure(args: argparse.Namespace, kind: RunKind, claim: Any, known: TrainConfig | Continued | None,
                overrides: list[tuple[str, Any]]) -> Plan:  # fmt: skip
     """A resumed run's own config with this launch's overrides; a fork's, its source's with them; a new
-    run's from the flags."""
+    run's from the flags. ``known``: the config read before the claim, used when it is of the run claimed."""
     source = claim.layout if claim.resuming else (claim.fork.layout if claim.fork is not None else None)
     if source is None:
-        assert flags_config is not None
-        return Plan(flags_config, store=kind.prepare(flags_config, args, None), claim=claim)
-    stored = read_config(source.config)
-    config = build_config(stored, overrides, TrainConfig)
+        config = known if isinstance(known, TrainConfig) else build_config(args.config or kind.default_config,
+                                                                             overrides, TrainConfig)  # fmt: skip
+        return Plan(config, store=kind.prepare(config, args, None), claim=claim)
+    if isinstance(known, Continued) and known.path == source.path:
+        stored, config = known.stored, known.config
+    else:  # read before the claim from another run (a new one raced a bare --resume), or not at all
+        stored = read_config(source.config)
+        config = build_config(stored, overrides, TrainConfig)
     store = kind.prepare(config, args, source)
     return Plan(
         config, layout=claim.layout if claim.resuming else None, stored=stored, store=store, claim=claim
@@ -173,7 +218,9 @@ def _create(args: argparse.Namespace, kind: RunKind, request: RunRequest, plan: 
     if plan.claim.fork is not None:
         from trainer.checkpoint.protocol import CommitProtocol
 
-        CommitProtocol(plan.claim.fork.layout).link_into(plan.claim.fork.manifest, layout)
+        CommitProtocol(plan.claim.fork.layout.checkpoint_folder).link_into(
+            plan.claim.fork.manifest, layout.checkpoint_folder
+        )
     return layout
 
 
@@ -189,7 +236,7 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
     try:
         start = None
         if init_from is not None:
-            from trainer.training.base_model import init_checkpoint
+            from trainer.runs.claim import init_checkpoint
 
             start = init_checkpoint(init_from)
         trainer = Trainer(config, accelerator, topo, run, splits, kind, Faults.from_environment(topo.rank),
@@ -212,7 +259,7 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
         run.finish("failed")
         if topo.is_main or isinstance(e, PeerLost):  # a lost peer: every survivor says what it waited for
             where = f"rank {topo.rank}: " if isinstance(e, PeerLost) else ""
-            hint = f"; committed checkpoints are intact: continue with --resume {number}" if where else ""
+            hint = f"; committed checkpoints are intact: continue with --resume {number}"
             print(f"error: {where}{e}{hint}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
@@ -227,25 +274,6 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
         accelerator.end_training()
         release_shm_segment()
     return 0
-
-
-def _timeout_minutes(config: TrainConfig | None, args: argparse.Namespace, kind: RunKind, request: RunRequest,
-                     overrides: list[tuple[str, Any]]) -> float:  # fmt: skip
-    """``distributed.timeout_minutes`` before any process group exists: a new run's config, or (best effort,
-    read by every process) the stored config of the run to resume or fork, with this launch's overrides."""
-    if config is not None:
-        return config.distributed.timeout_minutes
-    root = kind_root(args.checkpoint_root, kind.name)
-    numbers = run_numbers(root)
-    wanted = request.source if request.mode == "fork" else request.number
-    number = wanted if wanted is not None else (numbers[-1] if numbers else None)
-    try:
-        if number is None:
-            raise RunError("no run")
-        return build_config(read_config(RunLayout.of(args.checkpoint_root, kind.name, number).config), overrides,
-                            TrainConfig).distributed.timeout_minutes  # fmt: skip
-    except UserError:
-        return TrainConfig().distributed.timeout_minutes
 
 
 def _print_main(topo: Any, message: str) -> None:

@@ -9,7 +9,7 @@ Files of a base run (``run_NNN/checkpoints/``), per tag (``epoch_NNN`` or ``step
   ``state/<tag>/trainer_state.json`` counters, history, best, world size, parameter shapes, Adam's steps,
                                      DeepSpeed's own counters
 Every tensor is stored once: a resume takes the weights and the EMA from the model file. Each rank writes its
-own pieces of the two tensor files side by side (``sharding/owned.py`` says which, ``io/tensor_files.py``
+own pieces of the two tensor files side by side (``sharding/owned.py`` says which, ``storage/tensor_files.py``
 where), so a save writes at the speed of every rank's disk bandwidth and no rank gathers another's tensors;
 global rank 0 also writes the model file's header (its layout drawn up in the save's job, off the training
 thread, while the moments are written) and ``trainer_state.json``. Everything is written under ``state/.tmp-<tag>/``; rank 0 then renames the folder
@@ -33,6 +33,7 @@ import torch
 
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
+from trainer.checkpoint.folder import CheckpointFolder
 from trainer.checkpoint.formats import (
     CKPT_FORMAT,
     CheckpointDamaged,
@@ -47,7 +48,6 @@ from trainer.checkpoint.sharding.owned import EMA, WEIGHTS, OwnedState, Piece
 from trainer.checkpoint.states import TrainingStates, TrainState
 from trainer.errors import UserError
 from trainer.faults import NO_FAULTS, Faults
-from trainer.runs.layout import RunLayout
 from trainer.storage.atomic import TMP_PREFIX, atomic_rename, delete_inside
 from trainer.storage.json_files import as_int, read_json_file
 from trainer.storage.paths import real_folder
@@ -66,9 +66,11 @@ MODEL_FILE, OPTIMIZER_FILE = "model.ckpt", "optimizer.safetensors"
 class BaseFormat:
     payload_key = "state_dict"
 
-    def __init__(self, layout: RunLayout, topo: Topology, config: dict[str, Any], faults: Faults = NO_FAULTS):
-        self.layout, self.topo, self.config, self.faults = layout, topo, config, faults
-        self.state_root = layout.state_root
+    def __init__(
+        self, where: CheckpointFolder, topo: Topology, config: dict[str, Any], faults: Faults = NO_FAULTS
+    ):
+        self.where, self.topo, self.config, self.faults = where, topo, config, faults
+        self.state_root = where.state_root
         self._owned_state: OwnedState | None = None
         if topo.deepspeed_stage is not None:
             compat.verify_touches()
@@ -90,9 +92,9 @@ class BaseFormat:
     ) -> Snapshot:  # fmt: skip
         tmp, topo = self._tmp(tag), self.topo
         if topo.is_main:  # in a real folder of the run: a linked state/ would take the deletion elsewhere
-            real_folder(self.state_root, self.layout.path)
+            real_folder(self.state_root, self.where.owner)
             if tmp.exists() or tmp.is_symlink():  # a crash's leftover (a link: removed itself)
-                delete_inside(tmp, self.layout.path)
+                delete_inside(tmp, self.where.owner)
             tmp.mkdir()
         topo.comm.barrier(what=f"the snapshot of {tag}")
         owned = self._owned(states)
@@ -114,7 +116,7 @@ class BaseFormat:
             )
             model_file = {
                 "format": CKPT_FORMAT,
-                "kind": self.layout.kind,
+                "kind": "base",
                 WEIGHTS: owned.weight_specs,
                 EMA: owned.ema_specs,
                 "epoch": progress["epoch"],
@@ -129,7 +131,7 @@ class BaseFormat:
         self, tag: str, snapshot: Snapshot, written: Written, progress: dict[str, Any],
         metrics: dict[str, float], before_publish: Callable[[Path], None],
     ) -> dict[Path, Entry]:  # fmt: skip
-        tmp, final, ckpt = self._tmp(tag), self.state_root / tag, self.layout.ckpt(tag)
+        tmp, final, ckpt = self._tmp(tag), self.state_root / tag, self.where.ckpt(tag)
         if final.exists():  # an uncommitted orphan (its manifest was never written)
             shutil.rmtree(final)
         atomic_rename(tmp, final)
@@ -162,7 +164,7 @@ class BaseFormat:
         checked before anything is loaded; each file only when the manifest lists it."""
         tag, topo = manifest.tag, self.topo
         folder = self.state_root / tag
-        listed = _Listed(manifest, self.layout.checkpoints)
+        listed = _Listed(manifest, self.where.path)
         try:
             saved = read_json_file(listed.path(folder / "trainer_state.json"))
             if not isinstance(saved, dict) or not isinstance(saved.get("param_shapes"), dict):
@@ -185,7 +187,7 @@ class BaseFormat:
             legacy.check(folder, listed.files(folder))
             return Prepared(tag, folder, saved, rng, None)
         files = {
-            listed.path(self.layout.ckpt(tag)): MODEL_FILE,
+            listed.path(self.where.ckpt(tag)): MODEL_FILE,
             listed.path(folder / OPTIMIZER_FILE): OPTIMIZER_FILE,
         }
         try:

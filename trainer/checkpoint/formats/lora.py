@@ -3,7 +3,7 @@
 ``lora_weights/<tag>.ckpt`` holds ``lora_state_dict`` (the adapters and the modules trained in full, never a
 frozen base weight), ``ema_state_dict`` of the same tensors, the optimizer state of those parameters, the
 trainer's counters, history and best, metrics, config and every rank's RNG state. The frozen base is stored
-once per run (``RunLayout.stored_base``); peft's export of the best adapters goes to ``adapter/``.
+once per run (the ``base`` it is given); peft's export of the best adapters goes to ``adapter/``.
 
 Saving gathers exactly the trainable parameters and their Adam state by name (``sharding/full_state.py``:
 DeepSpeed's tensor-fragment API on every rank; gathering the whole model would waste memory), and rank 0
@@ -23,12 +23,12 @@ import torch
 
 from launch import Topology
 from trainer.checkpoint import deepspeed_compat as compat
+from trainer.checkpoint.folder import CheckpointFolder
 from trainer.checkpoint.formats import CKPT_FORMAT, CheckpointDamaged, Snapshot, Written, load_checkpoint_file
 from trainer.checkpoint.manifest import Entry, Manifest, whole
 from trainer.checkpoint.sharding.full_state import FullState, gather_full_state, scatter_full_state
 from trainer.checkpoint.states import TrainingStates, TrainState, unwrap_model
 from trainer.errors import UserError
-from trainer.runs.layout import RunLayout
 from trainer.storage.atomic import TMP_PREFIX, atomic_rename, atomic_write, umask
 from trainer.storage.checksums import file_digest
 
@@ -36,8 +36,9 @@ from trainer.storage.checksums import file_digest
 class LoraFormat:
     payload_key = "lora_state_dict"
 
-    def __init__(self, layout: RunLayout, topo: Topology, config: dict[str, Any]) -> None:
-        self.layout, self.topo, self.config = layout, topo, config
+    def __init__(self, where: CheckpointFolder, topo: Topology, config: dict[str, Any], base: Path) -> None:
+        """``base``: the stored base model file the adapters apply to, in ``where``'s owner."""
+        self.where, self.topo, self.config, self.base = where, topo, config, base
         self._base: dict[str, Entry] | None = None
         if topo.deepspeed_stage is not None:
             compat.verify_touches()
@@ -45,9 +46,9 @@ class LoraFormat:
     def references(self) -> dict[str, Entry]:
         """The stored base the adapters apply to, hashed once per launch (it never changes in a run)."""
         if self._base is None:
-            stored = self.layout.stored_base
+            stored = self.base
             self._base = {
-                stored.relative_to(self.layout.path).as_posix(): whole(
+                stored.relative_to(self.where.owner).as_posix(): whole(
                     stored.stat().st_size, file_digest(stored)
                 )
             }
@@ -85,8 +86,8 @@ class LoraFormat:
         self, tag: str, snapshot: Snapshot, written: Written, progress: dict[str, Any],
         metrics: dict[str, float], before_publish: Callable[[Path], None],
     ) -> dict[Path, Entry]:  # fmt: skip
-        self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
-        ckpt = self.layout.ckpt(tag)
+        self.where.path.mkdir(parents=True, exist_ok=True)
+        ckpt = self.where.ckpt(tag)
         return {
             ckpt: whole(
                 *atomic_write(ckpt, partial(torch.save, snapshot.payload), before_publish=before_publish)
@@ -97,7 +98,7 @@ class LoraFormat:
         """Every rank reads the file (only rank 0 ever writes it), weights-only, and checks its structure
         before anything is loaded. It holds full tensors by name, so any number of processes and any ZeRO
         stage can load it."""
-        tag, ckpt_path = manifest.tag, self.layout.ckpt(manifest.tag)
+        tag, ckpt_path = manifest.tag, self.where.ckpt(manifest.tag)
         if ckpt_path.name not in manifest.files:
             raise CheckpointDamaged(f"{ckpt_path.name} is not listed in its manifest")
         try:
@@ -133,12 +134,12 @@ class LoraFormat:
         return prepared
 
     def adopt(self, tag: str) -> Manifest | None:
-        if not tag.startswith("epoch_") or not self.layout.ckpt(tag).is_file():
+        if not tag.startswith("epoch_") or not self.where.ckpt(tag).is_file():
             return None
         epoch = int(tag.removeprefix("epoch_"))
         manifest = Manifest(tag, epoch, 0, epoch, self.topo.world_size, self.topo.distributed)
         try:
-            ckpt = load_checkpoint_file(self.layout.ckpt(tag), key=self.payload_key)
+            ckpt = load_checkpoint_file(self.where.ckpt(tag), key=self.payload_key)
             manifest.global_step = int(ckpt["global_step"])
             manifest.world_size, manifest.distributed = int(ckpt["world_size"]), str(ckpt["distributed"])
         except (UserError, KeyError, TypeError, ValueError):
@@ -146,10 +147,10 @@ class LoraFormat:
         return manifest
 
 
-def export_adapter(model: Any, layout: RunLayout) -> None:
-    """peft's standard export (``save_pretrained``) of ``model``'s adapters to ``adapter/``, replaced
+def export_adapter(model: Any, final: Path) -> None:
+    """peft's standard export (``save_pretrained``) of ``model``'s adapters to the folder ``final``, replaced
     atomically (rank 0; ``model``: the inference copy holding the EMA weights)."""
-    tmp, final = layout.path / f"{TMP_PREFIX}{layout.adapter.name}", layout.adapter
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     for path in tmp.iterdir():  # safetensors writes 0600; every other file of a run follows the umask
