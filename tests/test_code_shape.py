@@ -1,15 +1,24 @@
-"""The shape the code keeps: modules of at most 400 lines and functions of at most 60, ``launch/`` importing
-nothing from ``trainer``, the run layout spelled in one module, and no ``**kwargs`` unpacked by string."""
+"""The shape the code keeps: modules of at most 400 lines and functions of at most 60, the rooms' import
+contracts (pyproject.toml, ``lint-imports``) kept and able to fail, each folder layout spelled in one module,
+and no ``**kwargs`` unpacked by string."""
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.helpers import REPO
 
 PACKAGES = ("trainer", "launch", "data", "model", "scripts", "benchmarks")
-LAYOUT_NAMES = ('"lora_weights"', '"base_model"', '"base_model.ckpt"', '"manifests"')
+LAYOUT_NAMES = {
+    Path("trainer/runs/layout.py"): ('"lora_weights"', '"base_model"', '"base_model.ckpt"'),
+    Path("trainer/checkpoint/folder.py"): ('"manifests"',),
+}
+"""The names of a folder layout, each spelled only in the module that owns it: a run's, a checkpoint folder's."""
 
 
 def sources() -> list[Path]:
@@ -30,24 +39,40 @@ def test_no_module_over_400_lines_and_no_function_over_60() -> None:
     assert not too_long, too_long
 
 
-def test_launch_imports_nothing_from_trainer() -> None:
-    offenders = []
-    for path in (REPO / "launch").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom):
-                modules = [node.module or ""]
-            offenders += [f"{path.name}: {m}" for m in modules if m.split(".")[0] == "trainer"]
-    assert not offenders, offenders
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """``lint-imports`` on the packages under ``root`` with the contracts in its pyproject.toml."""
+    command = [str(Path(sys.executable).with_name("lint-imports")), "--no-cache"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_the_run_layout_is_spelled_in_one_module() -> None:
+def test_the_rooms_keep_their_import_contracts() -> None:
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_an_import_against_the_rooms_breaks_the_contracts(tmp_path: Path) -> None:
+    """The checkpoint engine importing the run folders (the dependency the rooms exist to keep out) fails."""
+    for package in ("trainer", "launch", "model", "data", "benchmarks"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    engine = tmp_path / "trainer" / "checkpoint" / "manifest.py"
+    engine.write_text(
+        engine.read_text() + "\nfrom trainer.runs.layout import RunLayout  # noqa: E402, F401\n"
+    )
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0, result.stdout[-4000:]
+    assert "trainer.checkpoint is not allowed to import trainer.runs" in result.stdout
+    assert "trainer.checkpoint.manifest -> trainer.runs.layout" in result.stdout
+
+
+def test_each_folder_layout_is_spelled_in_one_module() -> None:
     offenders = []
     for path in sources():
-        if path == REPO / "trainer" / "runs" / "layout.py":
-            continue
         text = path.read_text()
-        offenders += [f"{path.relative_to(REPO)}: {name}" for name in LAYOUT_NAMES if name in text]
+        for owner, names in LAYOUT_NAMES.items():
+            if path != REPO / owner:
+                offenders += [f"{path.relative_to(REPO)}: {name}" for name in names if name in text]
     assert not offenders, offenders
 
 
