@@ -304,7 +304,7 @@ def save_phase(sides: Sides, reps: int) -> None:
 
     sizes = {name: folder_bytes(folder) for name, folder in folders.items()}
     if ours is not None:
-        sizes["ours"] = read_saves(ours.layout)[-1].nbytes if sides.is_main else 0
+        sizes["ours"] = read_saves(sides.layout("ours"))[-1].nbytes if sides.is_main else 0
     newest = {name: str(folder) for name, folder in folders.items()}
     memory = (
         sides.topo.comm.all_gather(load_memory, what="the memory of the loads") if ours is not None else []

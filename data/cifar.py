@@ -127,12 +127,33 @@ def _decode(value: Any) -> Any:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+def _bytes(*args: Any) -> bytes:
+    """``bytes`` as protocol 2 calls it for an empty array's data: no arguments, or bytes, only."""
+    if args == () or (len(args) == 1 and isinstance(args[0], bytes)):
+        return bytes(*args)
+    raise RefusedPickle(f"bytes{args!r:.60}")
+
+
+def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol 2 calls it for bytes: a str in latin-1, only."""
+    if isinstance(text, str) and encoding in ("latin1", "latin-1"):
+        return text.encode("latin-1")
+    raise RefusedPickle(f"_codecs.encode with {type(text).__name__}, {encoding!r:.40}")
+
+
 CIFAR_GLOBALS = frozenset({
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
 })  # fmt: skip
-"""Everything a CIFAR pickle refers to: numpy's arrays, dtypes and scalars, and the bytes of protocol 2."""
+"""What a CIFAR pickle refers to besides bytes: numpy's arrays, dtypes and scalars."""
+
+_CIFAR_BYTES = {
+    ("_codecs", "encode"): _encode,
+    ("__builtin__", "bytes"): _bytes,
+    ("builtins", "bytes"): _bytes,
+}
+"""How protocol 2 spells bytes, each answered by a constructor that takes only what bytes need."""
 
 
 class RefusedPickle(pickle.UnpicklingError):
@@ -144,6 +165,8 @@ class _CifarUnpickler(pickle.Unpickler):
     arrays; anything else (a function to call, an object to build) is refused before it exists."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_BYTES:
+            return _CIFAR_BYTES[module, name]
         if (module, name) not in CIFAR_GLOBALS:
             raise RefusedPickle(f"{module}.{name}")
         return super().find_class(module, name)

@@ -149,6 +149,20 @@ def test_cifar10_reads_both_pickle_key_styles_into_uint8_nchw(tmp_path: Path, by
     assert splits.val is not None and len(splits.val) == IMAGES_PER_BATCH  # the official test split
 
 
+def test_an_empty_test_split_loads_and_bytes_built_any_other_way_are_refused(tmp_path: Path) -> None:
+    """An empty array's data is pickled as ``bytes()``: it loads. A pickle asking ``bytes`` for a size (a
+    memory bomb) or ``_codecs.encode`` for another codec is refused in one line."""
+    folder = write_cifar10(tmp_path, bytes_keys=True)
+    _dump(folder / "test_batch", {"data": np.zeros((0, 3072), np.uint8), "labels": []}, bytes_keys=True)
+    assert len(load("cifar10", tmp_path, val_fraction=0.0).train) == 5 * IMAGES_PER_BATCH
+    bomb = b"\x80\x02}q\x00X\x04\x00\x00\x00dataq\x01c__builtin__\nbytes\nJ\x00\x00\x00\x40\x85Rs."
+    codec = b"\x80\x02}q\x00X\x04\x00\x00\x00dataq\x01c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86Rs."
+    for payload, said in ((bomb, r"bytes\(1073741824,\)"), (codec, "_codecs.encode with str, 'zlib'")):
+        (folder / "test_batch").write_bytes(payload)
+        with pytest.raises(DatasetError, match=f"test_batch refers to {said}"):
+            load("cifar10", tmp_path)
+
+
 def test_cifar_pixel_layout_is_rgb_planes_row_major(tmp_path: Path) -> None:
     write_cifar10(tmp_path, bytes_keys=True)
     image = load("cifar10", tmp_path).train.images[0]

@@ -92,7 +92,7 @@ def main() -> int:
 
         from trainer.checkpoint.sharding.zero_merge import merge_zero_optimizer_state
 
-        layout = ours.layout
+        layout = side.layout("ours")
         ckpt = torch.load(layout.ckpt("epoch_001"), weights_only=True)
         reference = get_fp32_state_dict_from_zero_checkpoint(str(work / "deepspeed"), tag="same")
         ds_moments, ds_step = merge_zero_optimizer_state(work / "deepspeed" / "same")

@@ -107,7 +107,8 @@ class CommitProtocol:
         where = self.where
         for folder in (self.folder, *(root for root, _ in self.roots), *self.leftover_folders,
                        where.manifests, where.damaged, where.superseded):  # fmt: skip
-            within(where.owner, folder.relative_to(where.owner).as_posix())
+            if folder != where.owner:
+                within(where.owner, folder.relative_to(where.owner).as_posix())
 
     def clean_start(self, adopt: Callable[[str], Manifest | None]) -> list[str]:
         """Remove what a crashed writer left (never a committed checkpoint); returns what was removed, for

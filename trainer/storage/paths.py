@@ -49,8 +49,10 @@ def within(folder: Path, relative: str) -> Path:
 
 def real_folder(path: Path, run: Path) -> Path:
     """``path``, a folder of the run ``run`` the tool moves files into or deletes from: created if missing,
-    refused (``OutsideFolder``) when it, or a folder between it and the run, is a symbolic link."""
-    return_path = within(run, path.relative_to(run).as_posix())
+    refused (``OutsideFolder``) when it, or a folder between it and the run, is a symbolic link. ``run``
+    itself may be that folder."""
+    relative = path.relative_to(run).as_posix()
+    return_path = run if relative == "." else within(run, relative)
     return_path.mkdir(parents=True, exist_ok=True)
     if not stat.S_ISDIR(os.lstat(return_path).st_mode):
         raise OutsideFolder(f"{return_path} is not a folder")
