@@ -5,7 +5,7 @@ around one), so nothing here reads attributes of it. All randomness comes from a
 the caller's `torch.Generator` (checkpointable), the sampler takes its initial noise from the caller.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ def edm_loss(
     *,
     num_classes: int,
     label_dropout: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     p_mean: float = -1.2,
     p_std: float = 1.2,
     sigma_data: float = 0.5,
@@ -37,28 +37,46 @@ def edm_loss(
     ``share=(rank, world_size)``: ``images`` is this rank's contiguous share of a global batch of
     ``len(images) × world_size``. The random draws are made for the whole global batch and cut the same way,
     so with a generator seeded alike on every rank the training noise does not depend on the process count.
+    ``generator`` may instead be one generator per image (``share`` left alone): each image then has draws of
+    its own, whatever batch it is in and on whichever process (validation on any number of processes).
     """
     y = images.float()  # (N, C, H, W)
     n = y.shape[0]
     device = y.device
-    rank, world_size = share
-    mine = slice(rank * n, (rank + 1) * n)
-    total = n * world_size
-    # Draw order is fixed (σ, noise, dropout mask) so one generator state gives one loss.
-    sigma = (torch.randn(total, generator=generator, device=device)[mine] * p_std + p_mean).exp()  # (N,)
-    noise = torch.randn((total, *y.shape[1:]), generator=generator, device=device)[mine]
+    if isinstance(generator, torch.Generator):
+        rank, world_size = share
+        mine = slice(rank * n, (rank + 1) * n)
+        sigma, noise, drop = (d[mine] for d in _draws(n * world_size, y.shape[1:], generator, device))
+    else:
+        if len(generator) != n or share != (0, 1):
+            raise ValueError(
+                f"one generator per image: {n} images, {len(generator)} generators, share {share}"
+            )
+        per_image = [_draws(1, y.shape[1:], g, device) for g in generator]
+        sigma, noise, drop = (torch.cat(d) for d in zip(*per_image, strict=True))
+    sigma = (sigma * p_std + p_mean).exp()  # (N,)
     noise = noise * sigma.view(-1, *[1] * (y.ndim - 1))
     if num_classes == 0:
         labels = None
     elif labels is not None:
         # Classifier-free guidance training: replace labels by the null label num_classes.
-        drop = torch.rand(total, generator=generator, device=device)[mine] < label_dropout
-        labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+        labels = torch.where(drop < label_dropout, torch.full_like(labels, num_classes), labels)
     # λ(σ) = 1/c_out² makes the effective target of F unit-variance at every σ.
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # (N,)
     denoised = model(y + noise, sigma, labels).float()  # (N, C, H, W)
-    per_image = ((denoised - y) ** 2).flatten(1).mean(dim=1)  # (N,)
-    return (weight * per_image).mean()
+    per_image_loss = ((denoised - y) ** 2).flatten(1).mean(dim=1)  # (N,)
+    return (weight * per_image_loss).mean()
+
+
+def _draws(
+    total: int, shape: torch.Size, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor, ...]:
+    """``total`` images' draws in a fixed order (ln σ standardised, unit noise, label-dropout uniforms), so
+    that one generator state gives one loss."""
+    sigma = torch.randn(total, generator=generator, device=device)
+    noise = torch.randn((total, *shape), generator=generator, device=device)
+    drop = torch.rand(total, generator=generator, device=device)
+    return sigma, noise, drop
 
 
 #################################################################################

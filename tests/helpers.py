@@ -8,6 +8,7 @@ export and sample scripts, single-process resumes): it saves an interpreter's st
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib.util
 import io
@@ -295,13 +296,13 @@ def old_run(kind_folder: str, written_here: Path) -> tuple[Path, bool]:
     written on a machine that computes as this one, and True; else the first copy, and False.
 
     ``written_here`` is the same training (seed, settings) run here; a machine computes as another if the
-    first epochs' losses are equal to the last bit. CPUs of another kind (AVX-512 vs AVX2 kernels) round
+    first epochs' training losses are equal to the last bit. CPUs of another kind (AVX-512 vs AVX2 kernels) round
     differently, so a run begun on one continues on the other equal only up to rounding: bit-identity across
     a resume is a promise about one kind of machine."""
     here = metadata(written_here)["history"][0]
     for folder in OLD_RUNS:
         there = metadata(folder / kind_folder / "run_001")["history"][0]
-        if all(there[key] == here[key] for key in ("train_loss", "val_loss")):
+        if there["train_loss"] == here["train_loss"]:
             return folder / kind_folder, True
     return OLD_RUNS[0] / kind_folder, False
 
@@ -398,3 +399,14 @@ def power_off(proc: subprocess.Popen, root: Path) -> None:
             break
         time.sleep(0.1)
     proc.wait()
+
+
+def without_permission_override() -> None:
+    """``preexec_fn`` of a launched process: as root, give up overriding file permissions, so that it sees a
+    read-only folder as a user does (CI runs as root). Linux only."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from what exec grants
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")

@@ -173,6 +173,27 @@ def test_loss_shares_of_a_global_batch_match_the_whole_batch() -> None:
     assert not torch.allclose(loss(slice(0, 4), (0, 2)), loss(slice(0, 4), (0, 1)))  # a share is not a batch
 
 
+def test_loss_with_a_generator_per_image_does_not_depend_on_the_batching() -> None:
+    """One generator per image (validation): an image's draws are its own, so any split of the images into
+    batches, in any order, gives the same mean; one image alone draws as a one-image batch does."""
+    model = tiny()
+    randomize_zero_layers(model)
+    images, labels = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
+
+    def loss(indices: list[int]) -> Tensor:
+        generators = [torch.Generator().manual_seed(100 + i) for i in indices]
+        return edm_loss(model, images[indices], labels[indices], num_classes=10, label_dropout=0.5,
+                        generator=generators)  # fmt: skip
+
+    whole = loss(list(range(6)))
+    torch.testing.assert_close((loss([4, 0, 2]) + loss([1, 5, 3])) / 2, whole)
+    alone = edm_loss(model, images[:1], labels[:1], num_classes=10, label_dropout=0.5,
+                     generator=torch.Generator().manual_seed(100))  # fmt: skip
+    torch.testing.assert_close(loss([0]), alone)
+    with pytest.raises(ValueError, match="one generator per image"):
+        edm_loss(model, images, labels, num_classes=10, label_dropout=0.5, generator=[torch.Generator()])
+
+
 def test_edm_loss_decreases_on_a_fixed_batch() -> None:
     model = tiny()
     images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -91,6 +91,9 @@ def test_resume_on_one_process_then_on_two_with_zero3(
     assert [r["world_size"] for r in metadata(run)["resumes"]] == [1, 2]
     # Only the order of float sums differs from the reference; a lost optimizer state would not.
     assert_bit_identical(run, reference["weights"], exact=False)
+    # Validation gives one value on any number of processes: epoch 2 was validated on 1, the reference on 2.
+    validated = [h["val_loss"] for h in metadata(reference["run"])["history"]]
+    assert [h["val_loss"] for h in metadata(run)["history"]] == pytest.approx(validated, rel=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------

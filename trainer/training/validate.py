@@ -1,7 +1,9 @@
-"""Validation: the mean EDM loss on the held-out split, with the same noise every epoch so epochs compare."""
+"""Validation: the mean EDM loss on the held-out split, each image with noise of its own that is the same every
+epoch and on any number of processes, so epochs, and runs on different world sizes, compare."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 
@@ -15,13 +17,14 @@ from launch import Topology
 def validation_loss(
     model: torch.nn.Module,
     val: ImageDataset | None,
-    loss: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+    loss: Callable[[torch.Tensor, torch.Tensor, list[torch.Generator]], torch.Tensor],
     *,
     topo: Topology,
     micro_batch: int,
     seed: int,
 ) -> float | None:
-    """``loss(images, labels, generator)`` averaged over ``val`` (None without a validation split).
+    """``loss(images, labels, generators)`` averaged over ``val`` (None without a validation split); image ``i``
+    draws its noise from a generator seeded with (``seed``, ``i``).
 
     Every rank runs the same number of forwards (ZeRO-3 forwards are collective); a rank whose share runs
     out early evaluates a placeholder batch with weight 0.
@@ -29,16 +32,24 @@ def validation_loss(
     if val is None or len(val) == 0:
         return None
     model.eval()
-    generator = torch.Generator(topo.device).manual_seed(seed + 7919 * (topo.rank + 1))
     mine = torch.arange(topo.rank, len(val), topo.world_size)
     batches = math.ceil(math.ceil(len(val) / topo.world_size) / micro_batch)
     total = count = 0.0
     for b in range(batches):
         chunk = mine[b * micro_batch : (b + 1) * micro_batch]
         weight = len(chunk)
-        images, labels = val.batch(chunk if weight else torch.zeros(1, dtype=torch.long))
-        total += loss(images, labels, generator).item() * weight
+        chunk = chunk if weight else torch.zeros(1, dtype=torch.long)
+        images, labels = val.batch(chunk)
+        generators = [torch.Generator(topo.device).manual_seed(image_seed(seed, int(i))) for i in chunk]
+        total += loss(images, labels, generators).item() * weight
         count += weight
     model.train()
     total, count = topo.comm.all_reduce_sum([total, count], what="the validation loss")
     return total / count
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of validation image ``index``'s noise in a run seeded ``seed``: a hash, so that it shares no
+    seed with the training steps' noise (``seed * 1_000_003 + step``)."""
+    digest = hashlib.blake2b(f"validation {seed} {index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
