@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, TINY_RUN, child_env, free_port, launch_command, machine_command, worker_output
+from tests.helpers import (
+    REPO,
+    TINY_RUN,
+    child_env,
+    free_port,
+    launch_command,
+    machine_command,
+    run_cli,
+    worker_output,
+)
 from trainer.checkpoint.manifest import read_manifests
 
 pytestmark = pytest.mark.distributed
@@ -91,3 +101,47 @@ def test_two_machines_agree_on_the_run_and_only_global_rank0_writes(tmp_path: Pa
     files = read_manifests(runs[0] / "checkpoints")[-1].files
     assert [part["rank"] for part in files["epoch_002.ckpt"]["parts"]] == [0, 1]
     assert (runs[0] / "checkpoints" / "state" / "epoch_002" / "rng_rank1.pt").is_file()
+
+
+def test_two_launches_of_one_job_started_together_make_one_run_and_one_refusal(tmp_path: Path) -> None:
+    """``--auto-resume --run-key jobA`` twice at the same moment (steps slowed so that the launches overlap):
+    one of them makes and trains the job's run, the other stops with one line; the next attempt finds the
+    run completed."""
+    job = [*TINY_RUN, "--checkpoint-root", str(tmp_path), "--epochs", "1", "--auto-resume", "--run-key", "jobA",
+           "--set", "logging.sample_every_n_epochs=0"]  # fmt: skip
+    env = child_env({"DIFFIT_FAULTS": "delay@step:seconds=2"})
+    command = launch_command("train_base.py", job)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env, "cwd": REPO}
+    procs = [subprocess.Popen(command, **pipes) for _ in range(2)]  # type: ignore[call-overload]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, _, err in results if code == 2)
+    assert refused.count("error:") == 1 and "Traceback" not in refused, refused
+    assert "job 'jobA'" in refused or "being trained by another launch" in refused, refused
+    assert [r.name for r in (tmp_path / "base_training").glob("run_*")] == ["run_001"]
+    again = subprocess.run(launch_command("train_base.py", job), capture_output=True, text=True, env=child_env(),
+                           cwd=REPO, timeout=600)  # fmt: skip
+    assert again.returncode == 0 and "has completed: nothing to train" in again.stdout, again.stderr[-2000:]
+
+
+def test_a_launch_of_a_job_whose_run_is_being_created_is_refused(tmp_path: Path) -> None:
+    """The job's key held by another live launch (a Python process holding its lock) while no run exists yet:
+    refused in one line, nothing created."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from trainer.runs.lock import JobLock; "
+         f"root = Path({str(tmp_path / 'base_training')!r}); root.mkdir(parents=True); "
+         "JobLock(root, 'jobA').acquire('test'); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env=child_env(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        args = [*TINY_RUN, "--checkpoint-root", str(tmp_path), "--auto-resume", "--run-key", "jobA"]
+        result = run_cli("base", args)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and result.stderr.count("error:") == 1, result.stderr
+    assert "another launch of job 'jobA'" in result.stderr and "Run the same command again" in result.stderr
+    assert not list((tmp_path / "base_training").glob("run_*"))

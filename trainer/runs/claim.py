@@ -20,7 +20,7 @@ from trainer.checkpoint.protocol import CommitProtocol
 from trainer.config.request import RunRequest
 from trainer.errors import UserError
 from trainer.runs.layout import KIND_FOLDERS, RunLayout, kind_root, run_dir
-from trainer.runs.lock import RunLock
+from trainer.runs.lock import JobLock, RunLock
 from trainer.runs.metadata import new_branch, now, read_metadata, write_metadata
 from trainer.runs.repair import repair_run
 from trainer.runs.store import RunError, clear_leftovers, resolve_run, run_numbers
@@ -81,7 +81,13 @@ def claim_run(checkpoint_root: Path, kind: str, request: RunRequest) -> tuple[Cl
                     f"--run-number {request.number} names run {request.number:03d}, which belongs to no job with "
                     f"key {request.key!r}; drop --run-number, or resume that run with --resume {request.number}"
                 )
-            return Claim(None), None
+            root.mkdir(parents=True, exist_ok=True)
+            job = JobLock(root, request.key)  # held until the run exists: one run per job
+            taken = job.acquire("start the job's run")
+            found = run_with_key(checkpoint_root, kind, request.key)  # made by a launch that held it before
+            if found is None:
+                return Claim(None, notes=[taken] if taken else []), job
+            job.release()
         layout = found
         if request.number is not None and request.number != layout.number:
             raise RunError(

@@ -7,12 +7,15 @@ node) never blocks: on the same host its process is gone (or is another process 
 another host its heartbeat is older than ``STALE_AFTER_SECONDS``. Such a lock is taken over with a warning.
 
 Taking over is race-free: the stale lock is renamed away first (only one launch can rename it), then the
-new one is created with ``O_EXCL`` (only one launch can create it).
+new one is created with ``O_EXCL`` (only one launch can create it). ``JobLock`` is the same lock on a job's
+key (``--auto-resume``) while its run does not exist yet: of two launches of one job started together, one
+creates the run and the other is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -118,7 +121,11 @@ class RunLock:
     """The lock of one run, held by this process (global rank 0)."""
 
     def __init__(self, layout: RunLayout) -> None:
-        self.layout, self.path = layout, layout.lock
+        self._hold(layout.lock, f"run {layout.path.name}", layout.path)
+
+    def _hold(self, path: Path, title: str, folder: Path) -> None:
+        """``path``: the lock file; ``title``: what messages call what it locks; ``folder``: where it lies."""
+        self.path, self.title, self.folder = path, title, folder
         self.me = Holder(socket.gethostname(), os.getpid(), _process_start(os.getpid()),
                          datetime.now(timezone.utc).isoformat(timespec="seconds"), time.time())  # fmt: skip
         self._beat: threading.Thread | None = None
@@ -127,6 +134,16 @@ class RunLock:
     def acquire(self, what: str) -> str | None:
         """Take the lock, or raise ``RunLocked`` when a live launch holds it (``what``: what this launch was
         about to do, for the message). Returns a warning when a dead launch's lock was taken over."""
+        try:
+            return self._acquire(what)
+        except PermissionError:  # a run folder of someone else's, or made read-only
+            raise UserError(
+                f"cannot take the lock of {self.title}: you may not write to {self.folder}. "
+                "Training needs its run folder writable: copy the run into a checkpoint root of yours "
+                "(cp -a) and continue it there, or fix the folder's permissions"
+            ) from None
+
+    def _acquire(self, what: str) -> str | None:
         for _ in range(3):  # a race with another launch taking over the same stale lock: look again
             if self._create():
                 return None
@@ -134,23 +151,25 @@ class RunLock:
             if holder is None:
                 continue
             if holder is not MALFORMED and _alive(holder):
-                raise RunLocked(
-                    f"run {self.layout.path.name} is being trained by another launch ({holder.describe()}); "
-                    f"this launch would {what}. Wait for it to end, or stop it (its run saves and is marked "
-                    f"interrupted); if that process is gone for good, delete {self.path}"
-                )
+                raise RunLocked(self._busy(holder, what))
             aside = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
             with contextlib.suppress(FileNotFoundError):
                 os.rename(self.path, aside)
                 aside.unlink()
                 if self._create():
                     if holder is MALFORMED:
-                        return f"took over the lock of run {self.layout.path.name}: it was unreadable or malformed"
+                        return f"took over the lock of {self.title}: it was unreadable or malformed"
                     return (
-                        f"took over the lock of run {self.layout.path.name} from a launch that is gone "
-                        f"({holder.describe()})"
+                        f"took over the lock of {self.title} from a launch that is gone ({holder.describe()})"
                     )
         raise RunLocked(f"could not take the lock {self.path}: other launches keep taking it")
+
+    def _busy(self, holder: Holder, what: str) -> str:
+        return (
+            f"{self.title} is being trained by another launch ({holder.describe()}); this launch would {what}. "
+            f"Wait for it to end, or stop it (its run saves and is marked interrupted); if that process is gone "
+            f"for good, delete {self.path}"
+        )
 
     def _create(self) -> bool:
         try:
@@ -183,3 +202,19 @@ class RunLock:
         holder = read_holder(self.path)
         if holder is not None and (holder.host, holder.pid) == (self.me.host, self.me.pid):
             self.path.unlink(missing_ok=True)
+
+
+class JobLock(RunLock):
+    """The lock of an ``--auto-resume`` job's key while the launch holding it finds or creates the job's run
+    (``.job-<digest>.lock`` in the kind's folder): two launches of one job never make two runs."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self._hold(root / f".job-{digest}.lock", f"job {key!r}", root)
+
+    def _busy(self, holder: Holder, what: str) -> str:
+        return (
+            f"another launch of {self.title} ({holder.describe()}) is starting the job's run; this launch would "
+            f"{what}, and stops so that the job has one run. Run the same command again once that launch has "
+            "ended: it continues the job's run"
+        )
