@@ -148,7 +148,7 @@ def test_list_runs_prints_table_and_json(zero2: dict) -> None:
     table = run_cli("base", ["--list-runs", "--checkpoint-root", root]).stdout
     for column in ("Run #", "Experiment", "Dataset", "Epochs", "Checkpoints", "Best", "Status"):
         assert column in table
-    assert "001" in table and "<- best" in table and "Digits (10)" in table
+    assert "001" in table and "<- best" in table and "Digits (10)" in table and "4/4" in table
     rows = json.loads(run_cli("base", ["--list-runs", "--json", "--checkpoint-root", root]).stdout)
     assert [r["number"] for r in rows] == [1]
     assert all(r["status"] == "completed" and r["epochs_completed"] == 4 for r in rows)

@@ -55,6 +55,8 @@ def test_one_command_line_serves_every_attempt_of_a_job(reference: dict, tmp_pat
     for cut in ("pause@step:step=5", "pause@step:step=10"):
         assert power_cut_at(root, f"delay@step:seconds=0.2;{cut}", job)  # 0.2 s steps: the clock saves
         assert_all_committed_intact(run)
+        listed = json.loads(run_cli("base", ["--list-runs", "--json", "--checkpoint-root", str(root)]).stdout)
+        assert [(r["epochs_total"], r["status"]) for r in listed] == [(4, "died")]  # a killed run: N/4
     last = train_base(root, *job)
     assert "took over the lock of run run_001 from a launch that is gone" in last.stderr
     assert sorted(p.name for p in (root / "base_training").iterdir()) == ["run_001"]

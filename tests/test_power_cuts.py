@@ -90,3 +90,29 @@ def test_soak_random_power_cuts(reference: dict, tmp_path: Path) -> None:
             break
     train_base(root, *policy, "--resume", "1")
     assert_bit_identical(run, reference["weights"])
+
+
+def test_a_cut_after_the_last_checkpoint_before_its_sample_grid_is_completed_on_resume(
+    tmp_path: Path,
+) -> None:
+    """The last epoch's checkpoint is committed, its sample grid not yet drawn: the resume finds the run
+    trained to the end and draws the grid from the checkpoint before it says the training completed."""
+    root = tmp_path / "checkpoints"
+    run = root / "base_training" / "run_001"
+    args = [
+        "--epochs",
+        "2",
+        "--set",
+        "logging.sample_every_n_epochs=2",
+        "--set",
+        "checkpoint.async_save=false",
+    ]
+    assert power_cut_at(root, "pause@metadata:step=6", args)
+    grid = run / "logs" / "samples" / "epoch_002.png"
+    assert assert_all_committed_intact(run)[-1] == "epoch_002" and not grid.exists()
+
+    result = train_base(root, *args, "--resume", "1")
+    assert f"Wrote sample grid {grid}" in result.stdout and "Training completed" in result.stdout
+    assert grid.stat().st_size > 0
+    meta = metadata(run)
+    assert meta["status"] == "completed" and [h["epoch"] for h in meta["history"]] == [1, 2]

@@ -120,7 +120,10 @@ def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.M
     monkeypatch.setattr(loop, "open_trackers", lambda *args, **kwargs: Trackers([fake]))
 
     class Crashing:
-        config, run = type("Config", (), {"epochs": 1}), None
+        config, run = (
+            type("Config", (), {"epochs": 1}),
+            type("Run", (), {"update": staticmethod(lambda **_: None)}),
+        )
         state, stop, trackers, steps_per_epoch = loop.TrainState(), loop.StopSignals(), Trackers(), 1
         topo = type("Topology", (), {"timeout": None})
 

@@ -110,11 +110,13 @@ class Trainer:
 
     def fit(self) -> None:
         """Train the remaining epochs, feeding the configured trackers; they are closed however it ends."""
+        self.run.update(epochs_total=self.config.epochs)  # a resume may have changed it
         self.trackers.adopt(open_trackers(self.config, self.run, resume_step=self.state.global_step))
         self.trackers.backfill(self.state.history, self.steps_per_epoch)
         failed = True
         try:
             with self.stop:
+                self._complete_epoch_outputs()
                 for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
                     self._epoch_or_peer_lost(epoch)
                 self.checkpoints.close()
@@ -182,9 +184,31 @@ class Trainer:
         line = f"Epoch {epoch}/{cfg.epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         self.run.print(line + f", {entry['images_per_sec']:.0f} img/s" + ("  (best)" if is_best else ""))
         self._stop_if_agreed(boundary)
-        every = cfg.logging.sample_every_n_epochs
-        if every and (epoch % every == 0 or epoch == cfg.epochs):
+        if self._samples_due(epoch):
             self._write_samples(epoch)
+
+    def _complete_epoch_outputs(self) -> None:
+        """On a resume from the end of an epoch: what that epoch's end makes after its checkpoint (the best
+        adapters' export, the sample grid), made again from the loaded state when a kill came between the
+        checkpoint and them. The tracker records are backfilled from the history (``Trackers.backfill``)."""
+        state, epoch = self.state, self.state.epoch
+        if epoch == 0 or state.step_in_epoch != 0:
+            return
+        if self.kind.exports_best and state.best and state.best["epoch"] == epoch:
+            model = self._inference_model()
+            if model is not None:
+                self.kind.on_new_best(model, self.run.layout)
+            self.topo.comm.barrier(what=f"the export of epoch {epoch}'s adapters")
+        if self._samples_due(epoch):
+            grid = self.run.layout.sample_grid(epoch)
+            if self.topo.comm.broadcast(
+                not grid.exists(), what=f"whether epoch {epoch}'s sample grid exists"
+            ):
+                self._write_samples(epoch)
+
+    def _samples_due(self, epoch: int) -> bool:
+        every = self.config.logging.sample_every_n_epochs
+        return bool(every) and (epoch % every == 0 or epoch == self.config.epochs)
 
     def _train_epoch(self, epoch: int) -> float:
         """Train epoch ``epoch`` from ``state.step_in_epoch`` on (0 unless resumed inside it); its mean loss
@@ -228,7 +252,7 @@ class Trainer:
         self.ema.update(images_seen=state.global_step * cfg.batch_size, batch_size=cfg.batch_size)
         return loss.item(), lr
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | list[torch.Generator],
               share: tuple[int, int] = (0, 1)) -> torch.Tensor:  # fmt: skip
         cfg, device = self.config, self.topo.device
         return edm_loss(self.model, images.to(device), labels.to(device), num_classes=self.net.num_classes,
