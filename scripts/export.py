@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="file to write (.ckpt or .safetensors)")
     parser.add_argument("--format", choices=["ckpt", "safetensors"], help="default: from --out's suffix")
     parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA weights")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="floating dtype of the exported tensors (default fp32)")  # fmt: skip
     parser.add_argument("--adapter", action="store_true", help="LoRA runs: the adapter tensors, not merged")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     def export() -> None:
         from trainer.export import exported, write_export
 
-        fmt = args.format or ("safetensors" if args.out.suffix == ".safetensors" else "ckpt")
+        suffixes = {".ckpt": "ckpt", ".safetensors": "safetensors"}
+        if args.format is None and args.out.suffix not in suffixes:
+            raise UserError(
+                f"--out {args.out}: name a .ckpt or .safetensors file, or pass --format ckpt|safetensors"
+            )
+        fmt = args.format or suffixes[args.out.suffix]
         written = [args.out, args.out.with_suffix(".json")] if fmt == "safetensors" else [args.out]
         existing = [str(p) for p in written if p.exists()]
         if existing and not args.force:

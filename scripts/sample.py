@@ -24,15 +24,17 @@ from trainer.errors import UserError, exit_code
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", metavar="RUN_OR_CKPT", help="base or LoRA run folder, or a .ckpt file")
-    parser.add_argument("--which", default="best", help="best, last or an epoch number (default best)")
+    parser.add_argument("--which", default="best", help="best, last, an epoch number or a tag (default best)")
     parser.add_argument(
         "--classes", help="comma-separated class names or indices (a name wins where both fit; default all)"
     )
-    parser.add_argument("--n", type=int, default=64, help="images in all, spread evenly over the classes")
+    parser.add_argument("--n", type=int, default=64,
+                        help="images in all, spread evenly over the classes: at least one per class drawn")  # fmt: skip
     parser.add_argument("--steps", type=int, default=18, help="sampler steps (EDM Heun)")
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG to write (default grid.png)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return parser
 
@@ -83,6 +85,8 @@ def sample(args: argparse.Namespace) -> Path:
 
     if args.n < 1 or args.steps < 2:
         raise UserError("--n must be at least 1 and --steps at least 2")
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} exists; pass --force to replace it, or choose another --out")
     which = int(args.which) if args.which.isdigit() else args.which
     file = checkpoint_path(args.run, which)
     model = load_model(file, ema=True, device=args.device)
@@ -95,6 +99,11 @@ def sample(args: argparse.Namespace) -> Path:
         raise UserError(f"{file} is an unconditional model; drop --classes")
     else:
         names, rows = ["samples"], [0]
+    if args.n < len(rows):
+        raise UserError(
+            f"--n {args.n} is fewer than the {len(rows)} classes drawn (a row each): pass --n {len(rows)} or more, "
+            "or choose classes with --classes"
+        )
     per_class = math.ceil(args.n / len(rows))
     edm = config.get("edm") or {}
     schedule = EDMSchedule(

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,38 @@ def test_a_second_hand_off_leaves_the_stored_base_of_earlier_lora_runs_alone(
     first = RunLayout(root / "lora_finetuning" / "run_001", "lora").stored_base
     assert os.path.samefile(first, root / RUN / "checkpoints" / "best.ckpt")
     assert not stat.S_IMODE(first.stat().st_mode) & 0o222
+
+
+def test_the_hand_off_command_copies_a_checked_base_and_replaces_an_earlier_read_only_one(
+    tiny_runs: Path, tmp_path: Path
+) -> None:
+    """``runs.py hand-off N`` as a user (no permission override, as root in CI): the folder is made, the copy
+    is the checkpoint's bytes and writable, and a second hand-off replaces a read-only first one (a plain
+    ``cp`` of a committed, read-only checkpoint leaves such a copy); the next LoRA run takes it."""
+    import subprocess
+
+    from tests.helpers import REPO, child_env, without_permission_override
+
+    root = copy_runs(tiny_runs, tmp_path / "checkpoints")
+    hand_off = root / "base" / "base_model_last.ckpt"
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "runs.py"),
+        "hand-off",
+        "1",
+        "--checkpoint-root",
+        str(root),
+    ]
+    for _ in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=120,
+                                preexec_fn=without_permission_override)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert f"Handed off base run 001's best checkpoint: {hand_off}" in result.stdout
+        assert hand_off.read_bytes() == (root / RUN / "checkpoints" / "best.ckpt").read_bytes()
+        assert stat.S_IMODE(hand_off.stat().st_mode) & 0o200
+        hand_off.chmod(0o444)  # as `cp` of a read-only committed checkpoint would have left it
+    run = ok(lora(root, "--epochs", "1"))
+    assert f"Base model: {hand_off.resolve()} (the hand-off file" in run.stdout
 
 
 def test_every_reader_of_a_changed_stored_base_refuses_it(tiny_runs: Path, tmp_path: Path) -> None:

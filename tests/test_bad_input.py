@@ -27,7 +27,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TinyRuns
-from tests.helpers import base_argv, run_cli, train_base
+from tests.helpers import (
+    base_argv,
+    child_env,
+    launch_command,
+    run_cli,
+    train_base,
+    without_permission_override,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -204,6 +211,23 @@ def test_unwritable_checkpoint_root_names_the_folder_and_the_flag(tmp_path: Path
     result = train_tiny(blocker / "ckpt")
     assert_refused(result, str(blocker / "ckpt" / "base_training"), "--checkpoint-root")
     assert_unchanged(tmp_path, before)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads permissions the Linux way (capabilities as root)")
+def test_resuming_a_run_you_may_not_write_is_refused_in_one_line(run_copy: Path) -> None:
+    """A run folder of someone else's, read-only to this user: one line saying so, nothing changed."""
+    for path in (run_copy, *run_copy.rglob("*")):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = snapshot(run_copy)
+    try:
+        result = subprocess.run(launch_command("train_base.py", base_argv(run_copy, "--resume", "1", "--epochs", "2")),
+                                capture_output=True, text=True, timeout=300, env=child_env(), cwd=run_copy.parent,
+                                preexec_fn=without_permission_override)  # fmt: skip
+        assert_refused(result, "you may not write to", str(run_copy / RUN_001))
+        assert_unchanged(run_copy, before)
+    finally:
+        for path in (run_copy, *run_copy.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 # --------------------------------------------------------------------------------------------------

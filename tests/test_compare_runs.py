@@ -170,9 +170,23 @@ def test_table_listing_follows_the_sort_order(tmp_path: Path, capsys: pytest.Cap
     assert [line.split()[0] for line in lines] == ["002", "001", "003", "004"]
 
 
-def test_sort_filter_and_plot_are_refused_without_list_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--sort", "best"]) == 2
-    assert "--list-runs" in capsys.readouterr().err
+@pytest.mark.parametrize("flags", [["--sort", "best"], ["--json"], ["--filter", "status=completed"],
+                                   ["--plot", "x.png"]])  # fmt: skip
+def test_listing_flags_are_refused_without_list_runs(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Alone, none of them starts a training (``--json`` once did)."""
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert f"{flags[0]} only apply to --list-runs" in err and err.count("error:") == 1
+
+
+def test_list_runs_refuses_a_checkpoint_root_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("not runs")
+    assert main(["--list-runs", "--checkpoint-root", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file, not a folder of runs" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -216,7 +216,8 @@ def test_bad_yaml_file_is_a_config_error_not_a_yaml_exception(tmp_path: Path) ->
     bad.write_text("epochs: [1, 2\nmodel: {\n")
     with pytest.raises(ConfigError, match="not valid YAML") as info:
         build_config(bad)
-    assert str(bad) in str(info.value)
+    assert str(info.value).startswith(f"{bad}:2:6 is not valid YAML: expected ',' or ']'")
+    assert "\n" not in str(info.value)  # one line, naming the file and the spot
 
 
 def test_yaml_file_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
@@ -339,3 +340,10 @@ def test_diff_keys_reports_architecture_change_from_a_model_flag() -> None:
     stored = train_config(BASE_YAML).to_dict()
     changed = train_config(stored, [("model", "diffit_cifar")]).to_dict()
     assert "channels" in diff_keys(stored["model"], changed["model"])
+
+
+def test_a_lora_run_is_named_after_the_data_it_fine_tunes_on() -> None:
+    lora_yaml = CONFIG_DIR / "training" / "lora_finetuning.yaml"
+    assert build_config(lora_yaml).experiment == "diffit_lora_cifar100_trees_only"
+    assert build_config(lora_yaml, [("data", "digits_0_4")]).experiment == "diffit_lora_digits_0_4"
+    assert build_config(lora_yaml, [("data", "digits_0_4"), ("experiment", "mine")]).experiment == "mine"

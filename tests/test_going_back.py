@@ -82,6 +82,10 @@ def test_a_fork_continues_like_its_source_and_never_touches_it(reference: dict, 
     assert other.returncode == 0, other.stderr[-3000:]
     assert folder_hash(root / RUN) == before  # not a byte of run 001 changed, metadata included
     assert "Resuming run 002 from epoch 2" in same.stdout
+    new_folder = root / "base_training" / "run_002"
+    assert (
+        f"run 002 ({new_folder}), forked from run 001 at checkpoint epoch_002 ({root / RUN})" in same.stdout
+    )
     assert_bit_identical(root / "base_training" / "run_002", reference["weights"])
     forked = meta(root / "base_training" / "run_003")["forked_from"]
     assert (forked["run"], forked["tag"], len(forked["manifest_sha256"])) == (1, "epoch_002", 64)

@@ -10,6 +10,7 @@ embedding is resized):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -39,6 +40,7 @@ from trainer.checkpoint.states import RNGState, TrainingStates, TrainState
 from trainer.config.files import build_config
 from trainer.config.schema import TrainConfig, from_dict
 from trainer.runs.layout import RunLayout
+from trainer.runs.store import store_base
 from trainer.training.ema import EMA
 from trainer.training.factory import base_weights, build_lora_model, build_model, load_weights
 
@@ -189,6 +191,10 @@ def test_list_runs_shows_lora_datasets_and_class_counts(lora: dict) -> None:
     table = run_cli("lora", ["--list-runs", "--checkpoint-root", str(lora["root"])]).stdout
     assert "LoRA fine-tuning runs" in table and "Digits 0-4 (5)" in table and "<- best" in table
     assert table.count("completed") == 3
+    rows = json.loads(
+        run_cli("lora", ["--list-runs", "--json", "--checkpoint-root", str(lora["root"])]).stdout
+    )
+    assert all(r["epochs_completed"] == r["epochs_total"] for r in rows), rows  # N/N, not N/?
 
 
 @pytest.mark.slow
@@ -220,6 +226,7 @@ def test_the_trainers_adapter_file_is_under_five_percent_of_its_diffit_cifar_che
     base_layout = new_run(tmp_path / "base_training" / "run_001")
     base_file = saved(base, base_layout, BaseFormat(base_layout.checkpoint_folder, topo, config.to_dict()))
     lora_layout = new_run(tmp_path / "lora_finetuning" / "run_001", "lora")
+    store_base(base_file, lora_layout.stored_base)  # the adapters' manifests name the base they apply to
     model = build_lora_model(config, base.state_dict())
     adapter_file = saved(
         model,

@@ -145,11 +145,13 @@ def test_resume_with_the_stored_base_gone_is_refused_and_touches_nothing(root_co
     stored.unlink()
     before = snapshot(root_copy)
     result = lora_tiny(root_copy, "--resume", "1", "--epochs", "2")
-    assert_refused(result, "stored base model", "run_001", "gone", "cannot be resumed")
+    source = json.loads((root_copy / LORA_RUN / "metadata.json").read_text())["base_checkpoint"]
+    assert_refused(result, "stored base model", "run_001", "gone", f"it was a copy of {source['source']}",
+                   source["sha256"], f"put that file back at {stored}")  # fmt: skip
     assert_unchanged(root_copy, before)
 
 
-def test_resume_with_the_stored_base_changed_is_refused_mentioning_sha256(root_copy: Path) -> None:
+def test_resume_with_the_stored_base_changed_is_refused_naming_the_record_it_fails(root_copy: Path) -> None:
     stored = root_copy / LORA_RUN / "base_model" / "base_model.ckpt"
     other = torch.load(
         root_copy / BASE_RUN / "checkpoints" / "epoch_001.ckpt", map_location="cpu", weights_only=True
@@ -159,7 +161,7 @@ def test_resume_with_the_stored_base_changed_is_refused_mentioning_sha256(root_c
     torch.save(other, stored)  # a valid base checkpoint, but not the one the run was started from
     before = snapshot(root_copy)
     result = lora_tiny(root_copy, "--resume", "1", "--epochs", "2")
-    assert_refused(result, "stored base model", "changed", "sha256")
+    assert_refused(result, "stored base model", "changed", "against its checkpoints' manifests")
     assert_unchanged(root_copy, before)
 
 

@@ -47,3 +47,26 @@ def test_sample_script_draws_one_row_per_class_for_base_and_lora_runs(
     assert "5 row(s) x 1 images" in result.stdout
     assert Image.open(lora_png).size[1] == grid_height(5)
     assert Image.open(lora_png).format == "PNG"
+
+
+def test_sample_script_refuses_too_few_images_and_an_existing_out_and_takes_tags(
+    tiny_runs: Path, tmp_path: Path
+) -> None:
+    base_run = tiny_runs / "base_training" / "run_001"
+    out = tmp_path / "grid.png"
+    few = run_in_process("sample.py", [str(base_run), "--n", "4", "--steps", "2", "--out", str(out)])
+    assert few.returncode == 2 and "--n 4 is fewer than the 10 classes drawn" in few.stderr
+    assert not out.exists()
+    out.write_bytes(b"someone's picture")
+    kept = run_in_process("sample.py", [str(base_run), "--n", "10", "--steps", "2", "--out", str(out)])
+    assert kept.returncode == 2 and "pass --force" in kept.stderr and out.read_bytes() == b"someone's picture"
+    args = [str(base_run), "--which", "epoch_001", "--n", "10", "--steps", "2", "--out", str(out), "--force"]
+    run_in_process("sample.py", args, check=True)
+    assert Image.open(out).format == "PNG"
+
+
+def test_export_refuses_an_out_it_cannot_tell_the_format_of(tiny_runs: Path, tmp_path: Path) -> None:
+    base_run = tiny_runs / "base_training" / "run_001"
+    result = run_in_process("export.py", [str(base_run), "--out", str(tmp_path / "z.txt")])
+    assert result.returncode == 2 and "name a .ckpt or .safetensors file, or pass --format" in result.stderr
+    assert not (tmp_path / "z.txt").exists()

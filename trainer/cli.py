@@ -28,23 +28,24 @@ from trainer.training.kinds import RunKind, run_kind
 
 def build_parser(kind: RunKind) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train DiffiT (EDM) with crash-proof run and checkpoint management.",
-        epilog="Launch with `accelerate launch --config_file configs/accelerate/<name>.yaml` for several "
-        "processes or DeepSpeed; plain `python` runs one process.",
+        description=kind.description,
+        epilog="Settings not given take the --config file's values. Launch with `accelerate launch "
+        "--config_file configs/accelerate/<name>.yaml` for several processes or DeepSpeed; plain `python` runs "
+        "one process.",
     )
     parser.add_argument("--config", type=Path, help=f"training YAML (default {kind.default_config})")
     parser.add_argument("--data", help="data preset name (configs/data/) or YAML path")
     parser.add_argument("--dataset", dest="data", help="alias of --data (CIFAR10, CIFAR100, digits)")
-    parser.add_argument("--model", help="model preset name (configs/model/) or YAML path")
     parser.add_argument("--experiment", help="experiment name shown in listings")
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=int, help="epochs to train in all (a resume may raise it)")
     parser.add_argument("--batch-size", type=int, help="global batch size (all processes together)")
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate")
+    parser.add_argument("--seed", type=int, help="seed of the data order, noise and initial weights")
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap optimizer steps per epoch (smoke runs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key (dotted, value parsed as YAML); repeatable")  # fmt: skip
-    parser.add_argument("--checkpoint-root", type=Path, default=Path("checkpoints"))
+    parser.add_argument("--checkpoint-root", type=Path, default=Path("checkpoints"),
+                        help="the folder holding every run (default: checkpoints)")  # fmt: skip
     parser.add_argument("--run-number", type=int, help="number of a new run, or of the run to --resume")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="N",
                         help="continue run N (or --run-number N, or the newest run when no number is given)")  # fmt: skip
@@ -89,8 +90,10 @@ def _dispatch(args: argparse.Namespace, kind: RunKind) -> int:
     if args.list_runs:
         return print_runs(args.checkpoint_root, kind, as_json=args.json, sort=args.sort, filters=args.filters,
                           plot=args.plot)  # fmt: skip
-    if args.sort or args.filters or args.plot:
-        raise UserError("--sort, --filter and --plot only apply to --list-runs")
+    given = [flag for flag, value in (("--json", args.json), ("--sort", args.sort), ("--filter", args.filters),
+                                      ("--plot", args.plot)) if value]  # fmt: skip
+    if given:
+        raise UserError(f"{', '.join(given)} only apply to --list-runs: add --list-runs to list the runs")
     from trainer.training.train import train
 
     return train(args, kind)
@@ -106,6 +109,8 @@ def print_runs(
     plot: Path | None = None,
 ) -> int:
     """The ``--list-runs`` output: runs filtered, sorted, best marked among those shown; optionally a chart."""
+    if checkpoint_root.exists() and not checkpoint_root.is_dir():
+        raise UserError(f"--checkpoint-root {checkpoint_root} is a file, not a folder of runs")
     root = kind_root(checkpoint_root, kind.name)
     rows = filter_runs(list_runs(root), filters or [])
     rows = mark_best(sort_runs(rows, sort or "run"))

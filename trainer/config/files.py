@@ -28,12 +28,26 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path}:{_where(e)} is not valid YAML: {_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return data
+
+
+def _where(error: yaml.YAMLError) -> str:
+    """``LINE:COLUMN`` (1-based) where the parser stopped, for one line naming the spot."""
+    mark = getattr(error, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _problem(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None)
+    context = getattr(error, "context", None)
+    return " ".join(str(part) for part in (problem, f"({context})" if context else None) if part) or str(
+        error
+    )
 
 
 def preset_names(section: str) -> list[str]:
@@ -105,19 +119,24 @@ def build_config(
     """Training YAML (or an already loaded dict, e.g. a run's config.json) plus overrides → validated config.
 
     ``model``/``data`` overrides that are strings (``--model diffit_cifar``) replace the whole section with
-    that preset; dotted ones (``model.channels``) change one key.
+    that preset; dotted ones (``model.channels``) change one key. An ``experiment`` holding ``{data}`` gets the
+    data preset's name there (``diffit_lora_{data}`` with ``--data digits_0_4``: ``diffit_lora_digits_0_4``).
     """
     data = load_yaml(base) if isinstance(base, Path) else _deep_copy(base)
+    preset = data.get("data") if isinstance(data.get("data"), str) else None
     for section in ("model", "data", "lora"):
         if section in data and data[section] is not None:
             data[section] = _section(data[section], section)
     for key, value in overrides:
         if key in ("model", "data", "lora"):
             if key == "data" and isinstance(value, str):
-                value = DATASET_ALIASES.get(value.lower(), value)
+                value = preset = DATASET_ALIASES.get(value.lower(), value)
             data[key] = _section(value, key)
         else:
             apply_override(data, key, value)
+    experiment = data.get("experiment")
+    if isinstance(experiment, str) and "{data}" in experiment:  # named after the data preset trained on
+        data["experiment"] = experiment.replace("{data}", preset or "custom_data")
     return from_dict(cls, data)
 
 

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.manifest import committed_file
+from trainer.checkpoint.folder import epoch_tag
+from trainer.checkpoint.manifest import committed_file, verify_file
 from trainer.errors import UserError
-from trainer.runs.layout import RunLayout, run_dir, run_number
+from trainer.runs.layout import DEFAULT_BASE, RunLayout, kind_root, run_dir, run_number
 from trainer.runs.lock import RunLock
 from trainer.runs.metadata import write_metadata
 from trainer.storage.atomic import (
@@ -150,6 +151,23 @@ def store_base(source: Path, stored: Path) -> None:
     else:
         copy_file(source, stored)
     make_read_only([stored])
+
+
+def hand_off(checkpoint_root: Path, number: int, which: str = "best") -> Path:
+    """Copy checkpoint ``which`` (best, last, an epoch number or a tag) of base run ``number`` to the hand-off
+    file a LoRA run takes when given no base (``DEFAULT_BASE``), once it matches its manifest. A hand-off
+    made before is replaced, read-only or not; the new copy is the user's to replace again."""
+    root = kind_root(checkpoint_root, "base")
+    layout = RunLayout(run_dir(root, resolve_run(root, number)), "base")
+    name = epoch_tag(int(which)) if which.isdigit() else which
+    source = layout.ckpt(name)
+    if not source.is_file():
+        raise RunError(f"base run {layout.number:03d} has no checkpoint {which!r} ({source} does not exist)")
+    verify_file(source)
+    target = checkpoint_root / DEFAULT_BASE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    copy_file(source, target)
+    return target
 
 
 def create_run(

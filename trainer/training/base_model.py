@@ -67,7 +67,7 @@ def load_stored_base(layout: RunLayout) -> dict[str, Any]:
     stored = layout.stored_base
     if not stored.is_file():
         raise UserError(
-            f"the stored base model of {layout.path.name} is gone ({stored}); this run cannot be resumed"
+            f"the stored base model of {layout.path.name} is gone ({stored}); {_restore_hint(layout)}"
         )
     key = stored.relative_to(layout.path).as_posix()
     entries = [m.references[key] for m in read_manifests(layout.checkpoints) if key in m.references]
@@ -80,11 +80,23 @@ def load_stored_base(layout: RunLayout) -> dict[str, Any]:
         where = "metadata.json's base_checkpoint"
     if reason is not None:
         raise UserError(
-            f"the stored base model of {layout.path.name} ({stored}) changed since the run started ({reason} from "
+            f"the stored base model of {layout.path.name} ({stored}) changed since the run started ({reason}, against "
             f"{where}): the adapters would apply to another model than the one they were trained on. Restore the "
             "original file, or start a new run"
         )
     return load_base_checkpoint(stored, verified=True)
+
+
+def _restore_hint(layout: RunLayout) -> str:
+    """How to get a LoRA run's stored base back: the file it was copied from, as metadata.json recorded it."""
+    try:
+        record = read_metadata(layout.path).get("base_checkpoint") or {}
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record.get("source"), str):
+        return "this run cannot be resumed without it"
+    return (f"it was a copy of {record['source']} (sha256 {record.get('sha256')}): put that file back at "
+            f"{layout.stored_base} to resume the run")  # fmt: skip
 
 
 def _mismatch(path: Path, entry: dict[str, Any]) -> str | None:

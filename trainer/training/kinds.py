@@ -29,6 +29,8 @@ class RunKind:
     """Printed when a run of this kind starts."""
     title: str
     """Heads ``--list-runs``."""
+    description: str
+    """What ``--help`` says the script does."""
     default_config: Path
     exports_best = False
     """Whether ``on_new_best`` does anything (it needs the EMA weights gathered to rank 0)."""
@@ -63,9 +65,11 @@ class RunKind:
 
 class BaseKind(RunKind):
     name, headline, title = "base", "Base model training", "Base model training runs"
+    description = "Train a DiffiT base model (EDM) with crash-proof run and checkpoint management."
     default_config = CONFIG_DIR / "training" / "base_training.yaml"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", help="model preset name (configs/model/) or YAML path")
         parser.add_argument("--init-from", metavar="RUN_OR_CKPT",
                             help="start a new run from the weights and EMA of a base run (its best checkpoint) or "
                             "a .ckpt, with a fresh optimizer, counters and schedule")  # fmt: skip
@@ -85,6 +89,11 @@ class BaseKind(RunKind):
 
 class LoraKind(RunKind):
     name, headline, title = "lora", "LoRA fine-tuning", "LoRA fine-tuning runs"
+    description = (
+        "Fine-tune a trained DiffiT base with LoRA adapters on a class subset; the model is the base's. The "
+        "default data, CIFAR-100's trees, must be on disk (datasets/cifar-100-python/); --data digits_0_4 is "
+        "bundled."
+    )
     default_config = CONFIG_DIR / "training" / "lora_finetuning.yaml"
     exports_best = True
 
@@ -99,6 +108,7 @@ class LoraKind(RunKind):
             f"{DEFAULT_BASE}, else the best checkpoint of the newest completed base run",
         )
         parser.add_argument("--lora-config", help="LoRA preset name (configs/lora/) or YAML path")
+        parser.add_argument("--model", help=argparse.SUPPRESS)  # not offered: refused with the reason below
 
     def prepare(self, config: TrainConfig, args: argparse.Namespace, layout: RunLayout | None) -> Path | None:
         from trainer.training.base_model import (
@@ -110,7 +120,7 @@ class LoraKind(RunKind):
         if layout is not None:  # a resume, or a fork of this run: the base it stores
             self._base = load_stored_base(layout)
             self.note = (
-                f"Base model: {layout.stored_base} (stored in run {layout.number:03d}, sha256 checked)"
+                f"Base model: {layout.stored_base} (stored in run {layout.number:03d}, checksum checked)"
             )
             return layout.stored_base
         if args.model is not None:

@@ -21,7 +21,7 @@ from trainer.config.request import RunRequest, attempt_record, cli_overrides
 from trainer.config.schema import ConfigError, TrainConfig
 from trainer.errors import Interrupted, SaveFailed, UserError
 from trainer.runs.layout import RunLayout, kind_root, run_dir
-from trainer.runs.lock import RunLock
+from trainer.runs.lock import JobLock, RunLock
 from trainer.runs.metadata import RunHandle, new_metadata
 from trainer.runs.store import create_run, read_config, run_numbers, write_config
 from trainer.training.kinds import RunKind
@@ -214,6 +214,9 @@ def _create(args: argparse.Namespace, kind: RunKind, request: RunRequest, plan: 
         metadata["init_from"] = start_from_weights(Path(request.init_from))
     layout, lock = create_run(kind_root(args.checkpoint_root, kind.name), kind.name, request.number,
                               config=config.to_dict(), metadata=metadata, base=plan.store, key=request.key)  # fmt: skip
+    for job in [held for held in locks if isinstance(held, JobLock)]:  # the job's run exists: its lock holds
+        job.release()
+        locks.remove(job)
     locks.append(lock)
     if plan.claim.fork is not None:
         from trainer.checkpoint.protocol import CommitProtocol
@@ -241,8 +244,12 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
             start = init_checkpoint(init_from)
         trainer = Trainer(config, accelerator, topo, run, splits, kind, Faults.from_environment(topo.rank),
                           init_from=start)  # fmt: skip
+        fork = plan.claim.fork
+        if fork is not None:
+            run.print(f"{kind.headline} - run {number:03d} ({run.path}), forked from run "
+                      f"{fork.layout.number:03d} at checkpoint {fork.manifest.tag} ({fork.layout.path})")  # fmt: skip
         if plan.continues:
-            trainer.resume(plan.changes, forked=plan.claim.fork is not None)
+            trainer.resume(plan.changes, forked=fork is not None)
             if topo.is_main:  # only now: a refused resume leaves the run exactly as it was
                 write_config(run.layout.config, config.to_dict())
         else:
