@@ -133,6 +133,7 @@ def test_trackers_are_closed_as_failed_when_training_fails(monkeypatch: pytest.M
                 assert failed
 
         _epoch_or_peer_lost = loop.Trainer._epoch_or_peer_lost
+        _complete_epoch_outputs = loop.Trainer._complete_epoch_outputs  # nothing to complete at epoch 0
 
         def _epoch(self, epoch: int) -> None:
             raise RuntimeError("out of memory")

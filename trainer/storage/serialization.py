@@ -17,23 +17,12 @@ from typing import IO
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-"""The dtypes written directly; any other goes through the safetensors library (one in-memory copy)."""
+from trainer.storage.tensor_files import SAFETENSORS_DTYPES
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], f: IO[bytes]) -> None:
-    """Write ``tensors`` to ``f`` as a safetensors file (no metadata), each tensor from its own memory."""
+    """Write ``tensors`` to ``f`` as a safetensors file (no metadata), each tensor from its own memory (a
+    dtype outside ``SAFETENSORS_DTYPES`` goes through the safetensors library: one in-memory copy)."""
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     if sys.byteorder != "little" or any(t.dtype not in SAFETENSORS_DTYPES for t in flat.values()):
         f.write(safetensors_bytes(flat))
