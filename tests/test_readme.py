@@ -37,6 +37,28 @@ def blocks(language: str) -> list[tuple[Path, str]]:
     return [(doc, text) for doc in DOCS for lang, text in BLOCK.findall(doc.read_text()) if lang == language]
 
 
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#([^)\s]+))?\)")
+
+
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's anchors of the headings of ``doc``."""
+    headings = re.findall(r"^#+ (.+)$", BLOCK.sub("", doc.read_text()), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_links_in_the_docs_lead_somewhere(doc: Path) -> None:
+    for target, anchor in LINK.findall(doc.read_text()):
+        if target.startswith("http"):
+            continue
+        path = (doc.parent / target).resolve()
+        assert path.exists(), f"{doc.name} links to {target}, which does not exist"
+        if anchor:
+            assert anchor in _anchors(path), (
+                f"{doc.name} links to {target}#{anchor}, which has no such heading"
+            )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Python examples
 # ---------------------------------------------------------------------------------------------------------
