@@ -178,7 +178,7 @@ NO_GPU = "needs GPUs (the CPU twin, configs/accelerate/cpu_zero2.yaml, is run)"
 COMMANDS: dict[str, Run | Skip] = {
     # README.md
     "make install && source .venv/bin/activate": Skip("installs into .venv, which the tests run from"),
-    "make demo": Skip("~10 min; its base training is what tests/test_sample_quality.py runs"),
+    "make demo": Skip("~10 min of 2-process training; no test runs it, `make bench-quality` runs its base training"),
     "python scripts/train_base.py --epochs 2 --max-steps-per-epoch 3": Run(TINY),
     "python scripts/runs.py hand-off 1": Run(),
     "python scripts/train_lora.py --data digits_0_4 --epochs 2 --max-steps-per-epoch 3": Run(FAST),
