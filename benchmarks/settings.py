@@ -4,7 +4,7 @@ line may change.
 `make bench` measures the headline figures (the peers at 15 M and 61 M parameters, write efficiency, the stall,
 saving every 1 and 2 steps, the trainer's overhead on 1 and 2 processes) in ~24 minutes on 2 CPU cores;
 `make bench-full` adds the peers at 244 M, the scale figures, the save-interval curve, the LoRA figures, the
-resume latency and the listing (README says how long each takes here); gpu.md has values for GPUs.
+resume latency and the listing (docs/performance.md says how long each takes here); gpu.md has values for GPUs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results.md"
-"""What `make bench-full` writes (and the one README quotes); `make bench` writes ``HEADLINE_RESULTS``."""
+"""What `make bench-full` writes (and the one docs/performance.md quotes); `make bench` writes ``HEADLINE_RESULTS``."""
 HEADLINE_RESULTS = REPO / "benchmarks" / "results-headline.md"
 
 MODEL = "diffit_cifar"

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         existing = [str(p) for p in written if p.exists()]
         if existing and not args.force:
             raise UserError(
-                f"{', '.join(existing)} exists; pass --force to replace it, or choose another --out"
+                f"{' and '.join(existing)} {'exist' if len(existing) > 1 else 'exists'}; pass --force to replace "
+                f"{'them' if len(existing) > 1 else 'it'}, or choose another --out"
             )
         ckpt = exported(Path(args.run), args.which, raw=args.raw, adapter=args.adapter)
         paths = write_export(ckpt, args.out, fmt=fmt, raw=args.raw, dtype=args.dtype)

@@ -140,7 +140,7 @@ def _cmdlines() -> list[str]:
 def test_sigterm_to_the_launcher_saves_and_marks_the_run_interrupted(tmp_path: Path) -> None:
     """What SLURM and Kubernetes do at preemption: SIGTERM to the launcher. It forwards the signal, the
     workers save and exit 0, and the launcher itself then exits 128 + SIGTERM = 143 (Accelerate 1.16; earlier
-    releases let torch elastic's SignalException end it with 1 and a traceback; README says so)."""
+    releases let torch elastic's SignalException end it with 1 and a traceback; docs/runs-and-checkpoints.md says so)."""
     root, run = tmp_path / "checkpoints", tmp_path / "checkpoints" / RUN
     cmd = launch_command("train_base.py", base_argv(root, *EPOCHS), accelerate_config="cpu_zero2")
     launcher = subprocess.Popen(cmd, env=child_env({"DIFFIT_FAULTS": "delay@step:seconds=0.5"}),
