@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from trainer.checkpoint.manifest import read_manifests, verify
+from trainer.runs.layout import RunLayout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -296,14 +297,23 @@ def old_run(kind_folder: str, written_here: Path) -> tuple[Path, bool]:
     written on a machine that computes as this one, and True; else the first copy, and False.
 
     ``written_here`` is the same training (seed, settings) run here; a machine computes as another if the
-    first epochs' training losses are equal to the last bit. CPUs of another kind (AVX-512 vs AVX2 kernels) round
-    differently, so a run begun on one continues on the other equal only up to rounding: bit-identity across
-    a resume is a promise about one kind of machine."""
-    here = metadata(written_here)["history"][0]
+    first epoch's training loss is equal to the last bit and, where ``written_here`` still holds its
+    epoch-1 checkpoint, so are its weights (the base runs' losses agree on both kinds of machine). CPUs of
+    another kind (AVX-512 vs AVX2 kernels) round differently, so a run begun on one continues on the other
+    equal only up to rounding: bit-identity across a resume is a promise about one kind of machine."""
+    kind = "lora" if kind_folder == "lora_finetuning" else "base"
+    weights = "state_dict" if kind == "base" else "lora_state_dict"
+    here = metadata(written_here)["history"][0]["train_loss"]
+    mine = RunLayout(written_here, kind).ckpt("epoch_001")
     for folder in OLD_RUNS:
-        there = metadata(folder / kind_folder / "run_001")["history"][0]
-        if there["train_loss"] == here["train_loss"]:
-            return folder / kind_folder, True
+        run = folder / kind_folder / "run_001"
+        if metadata(run)["history"][0]["train_loss"] != here:
+            continue
+        if mine.is_file():
+            a, b = load_ckpt(mine)[weights], load_ckpt(RunLayout(run, kind).ckpt("epoch_001"))[weights]
+            if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+                continue
+        return folder / kind_folder, True
     return OLD_RUNS[0] / kind_folder, False
 
 

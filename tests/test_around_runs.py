@@ -172,7 +172,8 @@ def test_every_reader_of_a_changed_stored_base_refuses_it(tiny_runs: Path, tmp_p
         load_model(run)
     exported = run_in_process("export.py", [str(run), "--out", str(tmp_path / "out.ckpt")])
     sampled = run_in_process(
-        "sample.py", [str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]
+        "sample.py",
+        [str(run), "--classes", "0", "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")],
     )
     for result in (exported, sampled, lora(root, "--resume", "1")):
         refused(result, "changed since the run started")

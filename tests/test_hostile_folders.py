@@ -210,7 +210,7 @@ def test_resume_fork_and_sample_of_a_run_naming_hostile_data_run_no_code(
     os.chmod(ckpt, 0o644)
     torch.save(saved, ckpt)
     restamp(run, "epoch_002", "epoch_002.ckpt")
-    result = run_in_process("sample.py", [str(run), "--which", "2", "--n", "2", "--steps", "2",
+    result = run_in_process("sample.py", [str(run), "--which", "2", "--classes", "0,1", "--n", "2", "--steps", "2",
                                           "--out", str(tmp_path / "grid.png")])  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert "warning: rows are labelled 'class i'" in result.stderr and "batches.meta" in result.stderr
@@ -460,7 +460,8 @@ def test_a_run_file_is_checked_against_its_manifest_and_a_loose_copy_is_said_so(
     def call(file: Path) -> subprocess.CompletedProcess[str]:
         if entry == "sample":
             return run_in_process(
-                "sample.py", [str(file), "--n", "1", "--steps", "2", "--out", str(tmp_path / "g.png")]
+                "sample.py",
+                [str(file), "--classes", "0", "--n", "1", "--steps", "2", "--out", str(tmp_path / "g.png")],
             )
         if entry == "export":
             return run_in_process(

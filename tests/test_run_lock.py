@@ -52,6 +52,26 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_warning(tmp_path: Pa
     assert read_holder(layout.lock).pid == os.getpid()  # type: ignore[union-attr]
 
 
+def test_a_killed_launch_not_yet_reaped_holds_no_lock(tmp_path: Path) -> None:
+    """Right after a kill -9 its process is a zombie until its parent reaps it: dead, for the lock too."""
+    layout = layout_at(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": child.pid, "process_start": run_lock._process_start(child.pid),
+                  "started_at": "now", "heartbeat": time.time()}  # fmt: skip
+        layout.lock.write_text(json.dumps(holder))
+        assert is_live(layout)
+        child.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        assert not is_live(layout)  # not reaped yet: still in /proc, yet gone
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_reused_pid_does_not_keep_a_dead_launchs_lock(tmp_path: Path) -> None:
     layout = layout_at(tmp_path)
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": "-1", "started_at": "earlier",

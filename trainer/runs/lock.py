@@ -54,11 +54,14 @@ class Holder:
 
 
 def _process_start(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot), None where /proc cannot tell; "exited" for a process
+    that has ended but is not yet reaped by its parent (a zombie: what a kill -9 leaves for a moment)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
+    fields = stat.rsplit(")", 1)[1].split()
+    return "exited" if fields[0] in ("Z", "X") else fields[19]  # field 3: state; field 22: start time
 
 
 def _alive(holder: Holder) -> bool:
@@ -73,6 +76,8 @@ def _alive(holder: Holder) -> bool:
     except PermissionError:  # another user's process: alive
         pass
     start = _process_start(holder.pid)
+    if start == "exited":
+        return False
     same = start is None or holder.process_start is None or start == holder.process_start
     return same and _python(holder.pid)
 
