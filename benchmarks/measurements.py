@@ -239,8 +239,9 @@ class Measurements:
         their records (``save``, ``resume``), each made once. Widened, its training step takes one image per
         process.
 
-        At ``LARGEST_WIDTH`` the state is too large for the trainer's engine and DCP's FSDP2 twin in the same
-        processes: the engine's sides and DCP's save in launches of their own (``--sides``), with
+        At ``LARGEST_WIDTH`` the sides do not fit in memory in the same processes (the peers' loads on the
+        DeepSpeed engine leave ~1 GB more per rank each time under ZeRO-3): the trainer's, the peers' on the
+        engine and DCP's on its FSDP2 twin save in launches of their own (``--sides``), with
         ``PEER_LARGEST_REPS`` repetitions after the warm-up, and the resume on 1 process times the engine's
         sides once, without DCP's resharding load. The launches' files are removed after them (at 244 M the
         newest saves of the sides alone take ~20 GB)."""
@@ -254,8 +255,10 @@ class Measurements:
             if width > 1:
                 args += ["--width", str(width)]
             if width >= LARGEST_WIDTH:
-                launches = [("save", "engine", 2, PEER_LARGEST_REPS), ("save", "twin", 2, PEER_LARGEST_REPS),
-                            ("resume", "engine", 1, 0)]  # fmt: skip
+                saves = [
+                    ("save", sides, 2, PEER_LARGEST_REPS) for sides in ("trainer", "engine_peers", "twin")
+                ]
+                launches = [*saves, ("resume", "engine", 1, 0)]
             print(f"  peer_timings.py: diffit_cifar x{width}, saves and loads on 2 processes ({config}), then "
                   "loads on 1 ...", flush=True)  # fmt: skip
             records: dict[str, dict[str, Any]] = {}

@@ -6,9 +6,10 @@ saving and loading the same state in the same processes, taking turns, in a new 
     accelerate launch --config_file configs/accelerate/cpu_zero2.yaml --num_processes 1 \\
         benchmarks/peer_timings.py resume DATA_ROOT WORK
 
-``--sides engine`` or ``twin`` runs only the sides on the DeepSpeed engine (ours, Accelerate, DeepSpeed and its
-fast writer)
-or only DCP's, each launch holding one copy of the state: what a size too large for both at once needs.
+``--sides engine`` runs only the sides on the DeepSpeed engine (ours, Accelerate, DeepSpeed and its fast
+writer), ``trainer`` only ours, ``engine_peers`` only the peers there, ``twin`` only DCP's on its twin: a
+size too large for all of them in the same processes takes launches of its own. ``resume`` reads the
+records of every save launch in WORK.
 ``--width`` widens the model as the scale figure does (``settings.widened``).
 
 ``save``: after one training step, each repetition times a durable save by each side (``save``), a
@@ -46,9 +47,17 @@ from benchmarks.hand_loop import batch_loss  # noqa: E402
 from benchmarks.settings import BATCH, MODEL, PEER_REPS, widened  # noqa: E402
 from benchmarks.trainer_side import EPOCH_END, TrainerSide, measured_memory  # noqa: E402
 
-ENGINE_SIDES = ("ours", "accelerate", "deepspeed", "deepspeed_fast")
-LAUNCH_SIDES = {"all": (*ENGINE_SIDES, "dcp"), "engine": ENGINE_SIDES, "twin": ("dcp",)}
-"""The sides each ``--sides`` times: those on the DeepSpeed engine, DCP's on its FSDP2 twin, or all."""
+ENGINE_PEERS = ("accelerate", "deepspeed", "deepspeed_fast")
+ENGINE_SIDES = ("ours", *ENGINE_PEERS)
+LAUNCH_SIDES = {
+    "all": (*ENGINE_SIDES, "dcp"),
+    "engine": ENGINE_SIDES,
+    "trainer": ("ours",),
+    "engine_peers": ENGINE_PEERS,
+    "twin": ("dcp",),
+}
+"""The sides each ``--sides`` times: those on the DeepSpeed engine (the trainer's, the peers' there, or
+both), DCP's on its FSDP2 twin, or all."""
 
 
 class Sides(TrainerSide):
@@ -59,7 +68,8 @@ class Sides(TrainerSide):
         self.names, self.launch = LAUNCH_SIDES[args.sides], args.sides
         universal = {"checkpoint": {"load_universal": True}} if phase == "resume" else None
         super().__init__(args.data_root, args.work, batch=args.batch_size, model=args.model,
-                         overrides=widened(args.width), deepspeed=universal, with_engine="ours" in self.names)  # fmt: skip
+                         overrides=widened(args.width), deepspeed=universal,
+                         with_engine=any(name in ENGINE_SIDES for name in self.names))  # fmt: skip
         self.whole_ema: Any = None
         if self.ema is not None:
             self.whole_ema = peers.WholeEMA(self.ema)
@@ -269,7 +279,7 @@ def loads(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str, Restor
 def save_phase(sides: Sides, reps: int) -> None:
     ours: Any = None
     ours_async: Any = None
-    if sides.engine is not None:
+    if "ours" in sides.names:
         ours, ours_async = (
             sides.manager("ours", async_save=False),
             sides.manager("ours_async", async_save=True),
@@ -318,11 +328,15 @@ def folder_bytes(folder: Path) -> int:
 
 
 def resume_phase(sides: Sides, reps: int) -> None:
-    saved = json.loads((sides.work / f"{sides.record_name('save')}.json").read_text())
-    expected, newest = saved["fingerprints"], {k: Path(v) for k, v in saved["newest"].items()}
-    if saved["world_size"] == sides.world:
+    saves = [json.loads(path.read_text()) for path in sorted(sides.work.glob("save*.json"))]
+    if not saves:
+        raise SystemExit(f"error: no save records in {sides.work}: run the save phase first")
+    expected = {k: v for saved in saves for k, v in saved["fingerprints"].items()}
+    newest = {k: Path(v) for saved in saves for k, v in saved["newest"].items()}
+    from_world = saves[0]["world_size"]
+    if from_world == sides.world:
         raise SystemExit(f"error: resume must run on another number of processes than save ({sides.world})")
-    ours: Any = sides.manager("ours", async_save=False) if sides.engine is not None else None
+    ours: Any = sides.manager("ours", async_save=False) if "ours" in sides.names else None
     root, tag = newest.get("deepspeed", Path()).parent, newest.get("deepspeed", Path()).name
 
     def universal(rep: int) -> Callable[[], None]:
@@ -346,7 +360,7 @@ def resume_phase(sides: Sides, reps: int) -> None:
         timed_loads(sides, "reshard", sides.mine(reshards), expected, rep)
         if sides.is_main and "deepspeed" in sides.names:
             shutil.rmtree(root / f"{tag}_universal{rep}", ignore_errors=True)
-    sides.record(sides.record_name("resume"), from_world_size=saved["world_size"])
+    sides.record(sides.record_name("resume"), from_world_size=from_world)
 
 
 def timed_loads(
@@ -368,7 +382,7 @@ def timed_loads(
 def rotated(names: Any, rep: int) -> list[str]:
     """``names`` starting with the ``rep``-th: each side is timed first as often as the others."""
     names = list(names)
-    k = rep % len(names)
+    k = rep % len(names) if names else 0
     return names[k:] + names[:k]
 
 

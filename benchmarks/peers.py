@@ -68,12 +68,18 @@ class WholeEMA:
 def accelerate_save(accelerator: Any, folder: Path, ema: WholeEMA) -> None:
     """Model, optimizer, RNG and every object registered with ``register_for_checkpointing``."""
     ema.value = ema.ema.full_state()  # collective under ZeRO-3
-    accelerator.save_state(str(folder))
+    try:
+        accelerator.save_state(str(folder))
+    finally:
+        ema.value = {}  # the whole EMA lives only for the save, as a user's would
 
 
 def accelerate_load(accelerator: Any, folder: Path, ema: WholeEMA) -> None:
     accelerator.load_state(str(folder))
-    ema.ema.from_full(ema.value)
+    try:
+        ema.ema.from_full(ema.value)
+    finally:
+        ema.value = {}
 
 
 # -- DeepSpeed --------------------------------------------------------------------------------------------

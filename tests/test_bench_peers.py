@@ -55,7 +55,7 @@ def test_every_peer_saves_and_restores_the_state_and_reshards_to_one_process(
     assert all(f.value is not None and f.value > 0 for f in figures)
 
 
-def test_the_engine_sides_and_dcp_time_in_launches_of_their_own_when_the_state_is_large(
+def test_the_trainer_the_engine_peers_and_dcp_time_in_launches_of_their_own_when_the_state_is_large(
     tmp_path: Path,
 ) -> None:
     from benchmarks.measurements import merge_records
@@ -64,7 +64,8 @@ def test_the_engine_sides_and_dcp_time_in_launches_of_their_own_when_the_state_i
     args = [str(data), str(work), *PEERS, "--batch-size", "2"]
     records: dict[str, dict] = {}
     for phase, sides, processes, reps in (
-        ("save", "engine", 2, 1),
+        ("save", "trainer", 2, 1),
+        ("save", "engine_peers", 2, 1),
         ("save", "twin", 2, 1),
         ("resume", "engine", 1, 0),
     ):
