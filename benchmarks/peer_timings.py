@@ -45,7 +45,7 @@ if not __package__:  # run as a script: import from the checkout, and this folde
 from benchmarks import peers  # noqa: E402
 from benchmarks.hand_loop import batch_loss  # noqa: E402
 from benchmarks.settings import BATCH, MODEL, PEER_REPS, widened  # noqa: E402
-from benchmarks.trainer_side import EPOCH_END, TrainerSide, measured_memory  # noqa: E402
+from benchmarks.trainer_side import EPOCH_END, TrainerSide, full_sum, local, local_tensors, measured_memory  # noqa: E402
 
 ENGINE_PEERS = ("accelerate", "deepspeed", "deepspeed_fast")
 ENGINE_SIDES = ("ours", *ENGINE_PEERS)
@@ -179,40 +179,6 @@ class Sides(TrainerSide):
                 raise SystemExit(
                     f"error: {name}'s load did not restore the saved {what} ({got[key]!r} != {expected[key]!r})"
                 )
-
-
-def local(tensor: Any) -> Any:
-    """The part of a tensor this process holds (an FSDP2 DTensor's shard, or the tensor)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def local_tensors(model: Any) -> list[Any]:
-    """The weights this process holds: ZeRO-3 slices, FSDP2 shards, or whole tensors."""
-    from trainer.checkpoint.deepspeed_compat import zero3_slice
-
-    out = []
-    for p in model.parameters():
-        if zero3_slice(p) is not None:
-            out.append(zero3_slice(p))
-        elif hasattr(p, "to_local"):
-            out.append(p.to_local())
-        else:
-            out.append(p.data)
-    return out
-
-
-def full_sum(model: Any, stage: int | None) -> float:
-    import contextlib
-
-    params = list(model.parameters())
-    gather: Any = contextlib.nullcontext()
-    if stage == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params)
-    with gather:
-        full = [p.full_tensor() if hasattr(p, "full_tensor") else p.data for p in params]
-        return float(sum(t.double().sum().item() for t in full))
 
 
 def durable_saves(sides: Sides, ours: Any, folders: dict[str, Path]) -> dict[str, Callable[[], Any]]:

@@ -143,3 +143,37 @@ def status_bytes(field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def local(tensor: Any) -> Any:
+    """The part of a tensor this process holds (an FSDP2 DTensor's shard, or the tensor)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def local_tensors(model: Any) -> list[Any]:
+    """The weights this process holds: ZeRO-3 slices, FSDP2 shards, or whole tensors."""
+    from trainer.checkpoint.deepspeed_compat import zero3_slice
+
+    out = []
+    for p in model.parameters():
+        if zero3_slice(p) is not None:
+            out.append(zero3_slice(p))
+        elif hasattr(p, "to_local"):
+            out.append(p.to_local())
+        else:
+            out.append(p.data)
+    return out
+
+
+def full_sum(model: Any, stage: int | None) -> float:
+    import contextlib
+
+    params = list(model.parameters())
+    gather: Any = contextlib.nullcontext()
+    if stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params)
+    with gather:
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p.data for p in params]
+        return float(sum(t.double().sum().item() for t in full))
