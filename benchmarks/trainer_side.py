@@ -166,6 +166,7 @@ def local_tensors(model: Any) -> list[Any]:
 
 
 def full_sum(model: Any, stage: int | None) -> float:
+    """The sum of ``model``'s whole weights, gathered where ZeRO-3 (``stage`` 3) or FSDP2 shards them."""
     import contextlib
 
     params = list(model.parameters())

@@ -22,10 +22,11 @@ each repetition (``PEER_REPS`` after a warm-up):
   (``ds_to_universal``, then its load), target <= 0.2; DCP's resharding load is shown beside it.
 
 At each size of ``Setup.peer_widths`` (diffit_cifar widened: 15.3 M and 61 M parameters in `make bench`, and
-244 M in `make bench-full`, where a save writes ~4 GB): at the largest, the sides do not fit in memory together, so the
-trainer's, the peers' on the DeepSpeed engine and DCP's run in launches of their own, and the resume on 1
-process times the engine's sides alone. With several sizes, the cost per byte of the trainer's save and load at the largest
-size ÷ at the smallest (target <= 1: it grows no faster than the bytes).
+244 M in `make bench-full`, where a save writes ~4 GB): at the largest, the sides do not fit in memory
+together, so the trainer's, the peers' on the DeepSpeed engine and DCP's run in launches of their own, and
+the resume on 1 process times the engine's sides alone. With several sizes, the cost per byte of the
+trainer's save and load at the largest size ÷ at the smallest (target <= 1: it grows no faster than the
+bytes).
 
 The peers' code is ``benchmarks/peers.py``, written as each library's documentation shows it. Every load is
 checked to restore the saved weights and EMA exactly.
