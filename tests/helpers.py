@@ -394,6 +394,7 @@ def power_off(proc: subprocess.Popen, root: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     needle = str(root).encode()
+    killed: set[int] = set()
     for _ in range(50):
         alive = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -407,8 +408,22 @@ def power_off(proc: subprocess.Popen, root: Path) -> None:
                     os.kill(int(pid), signal.SIGKILL)
         if not alive:
             break
+        killed.update(alive)
         time.sleep(0.1)
     proc.wait()
+    deadline = time.monotonic() + 30  # a killed process's command line reads empty before it has ended
+    while any(_running(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is neither a zombie nor gone (it may be a reused pid: then it waits a little
+    longer than needed)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 def without_permission_override() -> None:

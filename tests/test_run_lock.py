@@ -72,6 +72,17 @@ def test_a_killed_launch_not_yet_reaped_holds_no_lock(tmp_path: Path) -> None:
         child.wait()
 
 
+def test_a_process_that_has_begun_to_exit_holds_no_lock() -> None:
+    """A kill -9 of a process with gigabytes of memory takes a moment: the kernel flags it as exiting (and its
+    command line reads empty) before it becomes a zombie."""
+    stat = Path("/proc/self/stat").read_text()
+    head, tail = stat.rsplit(")", 1)
+    fields = tail.split()
+    assert run_lock.start_in_stat(stat) == fields[19]
+    fields[6] = str(int(fields[6]) | run_lock.PF_EXITING)
+    assert run_lock.start_in_stat(f"{head}) {' '.join(fields)}") == "exited"
+
+
 def test_a_reused_pid_does_not_keep_a_dead_launchs_lock(tmp_path: Path) -> None:
     layout = layout_at(tmp_path)
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": "-1", "started_at": "earlier",

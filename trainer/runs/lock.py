@@ -33,6 +33,8 @@ from trainer.storage.json_files import as_int, read_json_file
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 120.0
 """A lock held from another host counts as dead once its heartbeat is this old (four beats missed)."""
+PF_EXITING = 0x4
+"""The kernel's flag of a process that has begun to exit (``include/linux/sched.h``)."""
 
 
 class RunLocked(UserError):
@@ -55,13 +57,19 @@ class Holder:
 
 def _process_start(pid: int) -> str | None:
     """When ``pid`` started (clock ticks since boot), None where /proc cannot tell; "exited" for a process
-    that has ended but is not yet reaped by its parent (a zombie: what a kill -9 leaves for a moment)."""
+    that is ending (a kill -9 takes a moment to free a large process's memory) or has ended but is not yet
+    reaped by its parent (a zombie)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return start_in_stat(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return "exited" if fields[0] in ("Z", "X") else fields[19]  # field 3: state; field 22: start time
+
+
+def start_in_stat(stat: str) -> str:
+    """``_process_start`` of the process whose ``/proc/<pid>/stat`` reads ``stat``."""
+    fields = stat.rsplit(")", 1)[1].split()  # the command's name in parentheses may hold anything
+    exiting = int(fields[6]) & PF_EXITING  # field 9: the kernel's flags of the process
+    return "exited" if fields[0] in ("Z", "X") or exiting else fields[19]  # field 3: state; 22: start time
 
 
 def _alive(holder: Holder) -> bool:
