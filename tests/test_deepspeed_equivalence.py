@@ -1,4 +1,6 @@
-"""The trainer's checkpoints against DeepSpeed's own, on real 2-process launches under ZeRO-2 and ZeRO-3.
+"""The trainer's checkpoints against DeepSpeed's own, on real 2-process launches under ZeRO-2 and ZeRO-3, in
+fp32 and in bf16 (the precision of every GPU config: the module computes in bf16, DeepSpeed keeps fp32
+masters).
 
 A checkpoint stores every tensor once and by name, written by each rank in pieces (no DeepSpeed shard files),
 so these promises are checked against DeepSpeed itself, on the same engine in the same launch
@@ -29,10 +31,12 @@ def equivalence(tmp_path: Path, config: str) -> dict:
     return json.loads((work / "equivalence.json").read_text())
 
 
-@pytest.mark.parametrize("config", ["cpu_zero2", "cpu_zero3"])
+@pytest.mark.parametrize("config", ["cpu_zero2", "cpu_zero3", "cpu_zero2_bf16", "cpu_zero3_bf16"])
 def test_checkpoint_equals_deepspeeds_own_and_restores_every_tensor(tmp_path: Path, config: str) -> None:
     result = equivalence(tmp_path, config)
-    assert result["distributed"] == f"deepspeed-zero{config[-1]}"
+    assert result["distributed"] == f"deepspeed-zero{config[8]}"
+    assert result["dtypes"] == (["torch.bfloat16"] if config.endswith("bf16") else ["torch.float32"])
+    assert result["model_file_dtypes"] == ["torch.float32"]  # the masters, whatever the module computes in
     assert result["model_file_vs_zero_to_fp32"] == []  # zero_to_fp32 of DeepSpeed's shards, bit for bit
     assert result["model_file_vs_gathered"] == [] and result["ema_vs_gathered"] == []
     assert result["moments_vs_deepspeed"] == [] and len(result["steps"]) == 1
@@ -41,5 +45,5 @@ def test_checkpoint_equals_deepspeeds_own_and_restores_every_tensor(tmp_path: Pa
         result["restored_params"] == [] and result["restored_moments"] == [] and result["restored_ema"] == []
     )
     assert result["restored_steps"] and result["module_vs_masters"] == []
-    if config == "cpu_zero3":  # really sharded: every parameter is split between the two ranks
+    if config.startswith("cpu_zero3"):  # really sharded: every parameter is split between the two ranks
         assert result["sharded_parameters"] == result["parameters"] > 0

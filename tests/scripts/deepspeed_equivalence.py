@@ -100,6 +100,7 @@ def main() -> int:
         result = {
             "distributed": side.topo.distributed,
             "dtypes": sorted({str(p.dtype) for p in module.parameters()}),
+            "model_file_dtypes": sorted({str(t.dtype) for t in ckpt["state_dict"].values()}),
             "model_file_vs_zero_to_fp32": differ(
                 ckpt["state_dict"], {k: v.contiguous() for k, v in reference.items()}
             ),
