@@ -96,7 +96,8 @@ class TrainerSide:
             for folder in layout.new_folders():
                 folder.mkdir(parents=True, exist_ok=True)
             write_metadata(layout.path, new_metadata(number=1, kind="base", experiment=name, dataset="cifar10",
-                           num_classes=10, world_size=self.world, distributed=self.topo.distributed))  # fmt: skip
+                           num_classes=10, world_size=self.world, distributed=self.topo.distributed,
+                           precision=self.topo.precision))  # fmt: skip
         self.accelerator.wait_for_everyone()
         fmt = BaseFormat(layout.checkpoint_folder, self.topo, self.config.to_dict())
         policy = CheckpointConfig(async_save=async_save, keep_last_n=1).policy()

@@ -117,7 +117,20 @@ def build_accelerator(timeout: timedelta = DEFAULT_TIMEOUT, **kwargs: Any) -> An
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
         init_restarted_process_group(backend, timeout)
-    return Accelerator(kwargs_handlers=handlers, **kwargs)
+    accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
+    refuse_fp16_without_gpu(str(accelerator.mixed_precision), torch.cuda.is_available())
+    return accelerator
+
+
+def refuse_fp16_without_gpu(precision: str, cuda: bool) -> None:
+    """fp16 needs a GPU: DeepSpeed's CPU accelerator fails every rank with "Type fp16 is not supported on your
+    device", and Accelerate without DeepSpeed trains such a launch in fp32 without a word."""
+    if precision == "fp16" and not cuda:
+        raise LaunchError(
+            "this launch asks for fp16 mixed precision, which needs a GPU, and none is available: use bf16 "
+            "(mixed_precision: bf16; configs/accelerate/cpu_zero2_bf16.yaml with DeepSpeed) or fp32 "
+            "(mixed_precision: 'no')"
+        )
 
 
 def init_restarted_process_group(backend: str, timeout: timedelta) -> None:

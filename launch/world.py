@@ -20,6 +20,9 @@ class Topology:
     deepspeed_stage: int | None
     """ZeRO stage when DeepSpeed drives the run, else None."""
     device: torch.device
+    precision: str = "fp32"
+    """What the model computes in: ``fp32``, ``bf16`` or ``fp16`` (mixed precision; the optimizer's master
+    weights stay fp32)."""
     timeout: timedelta = DEFAULT_TIMEOUT
     """How long any collective (the trainer's, DeepSpeed's, torch's) waits for a peer before failing."""
     comm: Collectives = field(default_factory=SingleProcess, compare=False, repr=False)
@@ -45,6 +48,7 @@ def topology(accelerator: Any, timeout: timedelta = DEFAULT_TIMEOUT) -> Topology
     if plugin is not None:
         stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    precision = str(accelerator.mixed_precision)
     comm = ProcessGroupCollectives(rank, world_size, timeout) if world_size > 1 else SingleProcess()
     return Topology(
         rank=rank,
@@ -52,6 +56,7 @@ def topology(accelerator: Any, timeout: timedelta = DEFAULT_TIMEOUT) -> Topology
         local_rank=accelerator.local_process_index,
         deepspeed_stage=stage,
         device=accelerator.device,
+        precision="fp32" if precision == "no" else precision,
         timeout=timeout,
         comm=comm,
     )

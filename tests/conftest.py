@@ -62,6 +62,21 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def bf16_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``reference`` in bf16 (2 processes, ZeRO-2, ``cpu_zero2_bf16``): the precision of every GPU config."""
+    from tests.helpers import EPOCHS, final_weights, train_base
+
+    def load(root: Path) -> dict:
+        run = root / "base_training" / "run_001"
+        return {"root": root, "run": run, "weights": final_weights(run)}
+
+    def make(root: Path) -> None:
+        train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0", accelerate_config="cpu_zero2_bf16")
+
+    return once_per_session(tmp_path_factory, "bf16_reference", make, load)
+
+
+@pytest.fixture(scope="session")
 def tiny_runs_launched(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     """The launches behind `tiny_runs`, for tests that check what a good run prints."""
     from tests.helpers import train_base, train_lora

@@ -58,3 +58,36 @@ def test_deepspeed_private_names_appear_in_the_compat_package_only() -> None:
         text = path.read_text()
         offenders += [f"{path.relative_to(REPO)}: {name}" for name in private if name in text]
     assert not offenders, offenders
+
+
+def test_fp16_dynamic_loss_scale_survives_a_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 needs a GPU, so no launch here trains in it; DeepSpeed's own loss scalers stand in for its
+    optimizer's: the state saved with a checkpoint (through JSON, as ``trainer_state.json`` holds it) and
+    restored into fresh scalers continues the same scale schedule, overflows and hysteresis included."""
+    import json
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    from trainer.checkpoint import deepspeed_compat as compat
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 0)  # its overflow messages ask for the rank
+
+    def dynamic() -> loss_scaler.DynamicLossScaler:
+        return loss_scaler.DynamicLossScaler(init_scale=2.0**16, scale_window=3, min_scale=1.0, delayed_shift=2,
+                                             consecutive_hysteresis=False)  # fmt: skip
+
+    overflows = [False, True, False, False, False, False, True, True, False, False, False, False, False]
+    for make in (dynamic, lambda: loss_scaler.LossScaler(scale=128.0)):
+        trained = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=make()), global_steps=7)
+        for overflow in overflows[:8]:
+            trained.optimizer.loss_scaler.update_scale(overflow)
+        saved = json.loads(json.dumps(compat.engine_counters(trained)))
+        resumed = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=make()), global_steps=0)
+        compat.restore_engine_counters(resumed, saved)
+        assert compat.engine_counters(resumed) == compat.engine_counters(trained)
+        for overflow in overflows[8:]:
+            for engine in (trained, resumed):
+                engine.optimizer.loss_scaler.update_scale(overflow)
+            assert resumed.optimizer.loss_scaler.cur_scale == trained.optimizer.loss_scaler.cur_scale
+    assert saved["loss_scaler.cur_scale"] == 128.0  # the static scaler's

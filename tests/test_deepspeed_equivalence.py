@@ -31,6 +31,13 @@ def equivalence(tmp_path: Path, config: str) -> dict:
     return json.loads((work / "equivalence.json").read_text())
 
 
+def restored(tmp_path: Path, config: str, launch_args: list[str]) -> dict:
+    """The checkpoint of ``equivalence``'s launch loaded by another (``config``, ``launch_args``)."""
+    run_script(str(SCRIPT), [str(tmp_path / "data"), str(tmp_path / "work"), "--restore"],
+               accelerate_config=config, launch_args=launch_args)  # fmt: skip
+    return json.loads((tmp_path / "work" / "restored.json").read_text())
+
+
 @pytest.mark.parametrize("config", ["cpu_zero2", "cpu_zero3", "cpu_zero2_bf16", "cpu_zero3_bf16"])
 def test_checkpoint_equals_deepspeeds_own_and_restores_every_tensor(tmp_path: Path, config: str) -> None:
     result = equivalence(tmp_path, config)
@@ -47,3 +54,25 @@ def test_checkpoint_equals_deepspeeds_own_and_restores_every_tensor(tmp_path: Pa
     assert result["restored_steps"] and result["module_vs_masters"] == []
     if config.startswith("cpu_zero3"):  # really sharded: every parameter is split between the two ranks
         assert result["sharded_parameters"] == result["parameters"] > 0
+
+
+@pytest.mark.parametrize(
+    ("saved_by", "loaded_by", "launch_args", "module_dtype"),
+    [
+        ("cpu_zero2_bf16", "cpu_zero3_bf16", [], "torch.bfloat16"),
+        ("cpu_zero3_bf16", "single_process", ["--mixed_precision", "bf16"], "torch.float32"),
+    ],
+    ids=["bf16-zero2-to-zero3", "bf16-zero3-to-one-process"],
+)
+def test_a_bf16_checkpoint_restores_every_tensor_on_other_processes_and_stages(
+    tmp_path: Path, saved_by: str, loaded_by: str, launch_args: list[str], module_dtype: str
+) -> None:
+    """One process in bf16 is Accelerate's autocast: fp32 weights, bf16 computation."""
+    equivalence(tmp_path, saved_by)
+    result = restored(tmp_path, loaded_by, launch_args)
+    assert result["distributed"] == ("single" if loaded_by == "single_process" else "deepspeed-zero3")
+    assert result["dtypes"] == [module_dtype]
+    assert (
+        result["restored_params"] == [] and result["restored_moments"] == [] and result["restored_ema"] == []
+    )
+    assert result["restored_steps"] and result["module_vs_masters"] == []

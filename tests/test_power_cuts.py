@@ -1,5 +1,6 @@
 """Power cuts: SIGKILL of the launcher's process group and of every worker (torch elastic starts them in new
-sessions) at every stage of training and saving, under real 2-process ZeRO-2 launches: in training, after the
+sessions) at every stage of training and saving, under real 2-process ZeRO-2 launches in fp32 and in bf16
+(DeepSpeed's bf16 module weights beside its fp32 masters, as on every GPU config): in training, after the
 shards are written, before the merged file (of a synchronous and of a background save), before the manifest,
 before retention and before metadata.json. After the chain of resumes the run is bit-identical to the
 uninterrupted ``reference`` run; only committed checkpoints remain. ``make soak`` cuts at random points.
@@ -24,7 +25,11 @@ from tests.helpers import (
 pytestmark = pytest.mark.distributed
 
 
-def test_power_cuts_at_every_stage_then_resume_is_bit_identical(reference: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", ["cpu_zero2", "cpu_zero2_bf16"])
+def test_power_cuts_at_every_stage_then_resume_is_bit_identical(
+    config: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    reference = request.getfixturevalue("bf16_reference" if config.endswith("bf16") else "reference")
     root = tmp_path / "checkpoints"
     run = root / "base_training" / "run_001"
     policy = [*EPOCHS, "--set", "checkpoint.keep_last_n=1", "--set", "checkpoint.save_every_n_steps=2"]
@@ -41,11 +46,11 @@ def test_power_cuts_at_every_stage_then_resume_is_bit_identical(reference: dict,
         ("pause@metadata:step=12", resume, "epoch_004"),  # everything saved, metadata.json not updated
     ]
     for fault, args, newest in cuts:
-        power_cut_at(root, fault, args)
+        power_cut_at(root, fault, args, accelerate_config=config)
         tags = assert_all_committed_intact(run)
         assert tags[-1] == newest, f"after {fault}: committed {tags}"
 
-    result = train_base(root, *resume_async)
+    result = train_base(root, *resume_async, accelerate_config=config)
     assert "Resuming run 001 from epoch 4" in result.stdout
     assert_bit_identical(run, reference["weights"])
     meta = metadata(run)

@@ -246,7 +246,9 @@ def test_run_handle_on_other_ranks_never_writes(tmp_path: Path, capsys: pytest.C
     run.print("only rank 0 prints")
     run.update(status="completed")
     run.record_progress(progress, kept=[1])
-    run.record_resume(checkpoint="epoch_001", progress=progress, world_size=2, distributed="ddp")
+    run.record_resume(
+        checkpoint="epoch_001", progress=progress, world_size=2, distributed="ddp", precision="bf16"
+    )
     run.record_save({"tag": "epoch_001"})
     run.record_event("fallback", tag="epoch_002", reason="test")
     run.warn("only rank 0 warns")

@@ -7,7 +7,12 @@ moments and step, the EMA) is gathered; then every tensor is disturbed and the t
 back. Rank 0 writes WORK/equivalence.json: which tensors differ between the trainer's model file and
 DeepSpeed's ``zero_to_fp32`` of its shards, between the trainer's moments and the moments merged from
 DeepSpeed's shards, between the state before and after the resume, and between the module's (bf16 or fp32)
-weights after the resume and the cast of the restored masters; and how many parameters ZeRO sharded.
+weights after the resume and the cast of the restored masters; and how many parameters ZeRO sharded. It also
+keeps the gathered state (WORK/full_state.pt).
+
+``... this DATA_ROOT WORK --restore``, on other processes or another stage: load that checkpoint into a fresh
+engine and write WORK/restored.json: which tensors differ from the kept state, and the module's weights from
+the cast of the restored masters.
 """
 
 from __future__ import annotations
@@ -68,9 +73,39 @@ def disturb(side: TrainerSide) -> None:
             (part if part is not None else p.data).add_(1.0)
 
 
+def restore(side: TrainerSide, work: Path) -> None:
+    """Load the checkpoint another launch saved under ``work`` and compare with what it kept."""
+    side.manager("ours", async_save=False).load()
+    after, weights = full_state(side), module_weights(side)
+    if side.is_main:
+        kept = torch.load(work / "full_state.pt", weights_only=True)
+        result = {
+            "distributed": side.topo.distributed,
+            "dtypes": sorted({str(w.dtype) for w in weights.values()}),
+            "restored_params": differ(after["params"], kept["params"]),
+            "restored_moments": [
+                name
+                for key in ("exp_avg", "exp_avg_sq")
+                for name in differ(after["moments"][key], kept["moments"][key])
+            ],
+            "restored_steps": sorted(set(after["steps"].values())) == sorted(set(kept["steps"].values())),
+            "restored_ema": differ(after["ema"], kept["ema"]),
+            "module_vs_masters": [
+                n
+                for n, w in weights.items()
+                if not torch.equal(w, after["params"][n].to(w.dtype).view(w.shape))
+            ],
+        }
+        (work / "restored.json").write_text(json.dumps(result, indent=1))
+
+
 def main() -> int:
     data_root, work = Path(sys.argv[1]), Path(sys.argv[2])
     side = TrainerSide(data_root, work, batch=2, model="diffit_tiny")
+    if sys.argv[3:] == ["--restore"]:
+        restore(side, work)
+        side.accelerator.end_training()
+        return 0
     for step in range(2):
         side.train_step(step)
     ours = side.manager("ours", async_save=False)
@@ -79,6 +114,8 @@ def main() -> int:
     ours.close()
     side.engine.save_checkpoint(str(work / "deepspeed"), tag="same")
     before = full_state(side)
+    if side.is_main:
+        torch.save(before, work / "full_state.pt")
     disturb(side)
     ours.load()
     after, weights = full_state(side), module_weights(side)

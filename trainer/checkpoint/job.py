@@ -202,7 +202,7 @@ class Committer:
                 self.faults.point("save.manifest", tag=tag, step=step)
                 manifest = Manifest(tag, progress["epoch"], progress["step_in_epoch"], step, self.topo.world_size,
                                     self.topo.distributed, best=progress["best"],
-                                    references=self.format.references())  # fmt: skip
+                                    references=self.format.references(), precision=self.topo.precision)  # fmt: skip
                 self.protocol.commit(manifest, known)
             except OSError as e:
                 error = describe(e)

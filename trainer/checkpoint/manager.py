@@ -56,7 +56,7 @@ class Journal(Protocol):
     def record_save(self, record: dict[str, Any]) -> None: ...
 
     def record_resume(self, *, checkpoint: str | None, progress: dict[str, Any], world_size: int,
-                      distributed: str) -> None: ...  # fmt: skip
+                      distributed: str, precision: str) -> None: ...  # fmt: skip
 
     def record_checkpoints(self, epochs: list[int]) -> None: ...
 
@@ -146,12 +146,12 @@ class CheckpointManager:
                 f"Resuming {name} from {manifest.describe()} "
                 f"(checkpoint {manifest.tag}, verified against its manifest)"
             )
-            self._report_world_size_change(manifest)
+            self._report_changes(manifest)
         if self.topo.is_main:
             self.protocol.repair_links((self.states.progress.best or {}).get("epoch"))
         journal.record_resume(
             checkpoint=manifest.tag if manifest else None, progress=self.states.progress.state_dict(),
-            world_size=self.topo.world_size, distributed=self.topo.distributed,
+            world_size=self.topo.world_size, distributed=self.topo.distributed, precision=self.topo.precision,
         )  # fmt: skip
         return manifest
 
@@ -182,19 +182,28 @@ class CheckpointManager:
         reasons = self.topo.comm.all_gather(reason, what=f"reading checkpoint {manifest.tag}")
         return prepared, next((r for r in reasons if r is not None), None)
 
-    def _report_world_size_change(self, manifest: Manifest) -> None:
-        topo = self.topo
-        if (manifest.world_size, manifest.distributed) == (topo.world_size, topo.distributed):
-            return
-        self.journal.print(
-            f"The checkpoint was saved by {manifest.world_size} process(es) ({manifest.distributed}); "
-            f"continuing on {topo.world_size} ({topo.distributed}) with its full optimizer state"
-        )
-        self.journal.record_event(
-            "world_size_change", tag=manifest.tag, from_world_size=manifest.world_size,
-            from_distributed=manifest.distributed, to_world_size=topo.world_size,
-            to_distributed=topo.distributed,
-        )  # fmt: skip
+    def _report_changes(self, manifest: Manifest) -> None:
+        """What differs from the launch that saved ``manifest``: the processes and their sharding, and the
+        precision (the checkpoint holds fp32 master weights and optimizer state whatever the model computed
+        in, so a change of precision changes only the forward and backward passes)."""
+        topo, journal = self.topo, self.journal
+        if (manifest.world_size, manifest.distributed) != (topo.world_size, topo.distributed):
+            journal.print(
+                f"The checkpoint was saved by {manifest.world_size} process(es) ({manifest.distributed}); "
+                f"continuing on {topo.world_size} ({topo.distributed}) with its full optimizer state"
+            )
+            journal.record_event(
+                "world_size_change", tag=manifest.tag, from_world_size=manifest.world_size,
+                from_distributed=manifest.distributed, to_world_size=topo.world_size,
+                to_distributed=topo.distributed,
+            )  # fmt: skip
+        if manifest.precision not in (None, topo.precision):
+            journal.print(
+                f"The checkpoint was trained in {manifest.precision}; continuing in {topo.precision} "
+                "(its fp32 master weights and optimizer state carry over)"
+            )
+            journal.record_event("precision_change", tag=manifest.tag, from_precision=manifest.precision,
+                                 to_precision=topo.precision)  # fmt: skip
 
     # -- when to save -----------------------------------------------------------------------------
 

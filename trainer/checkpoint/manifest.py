@@ -31,6 +31,7 @@ from trainer.storage.json_files import as_int, read_json_file
 from trainer.storage.paths import OutsideFolder, relative_inside, within
 
 FORMAT = "diffit-trainer/manifest-v1"
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Manifest:
     references: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Files outside the checkpoint folder it depends on, by path relative to the run folder, with their
     entries (a LoRA run's stored base: the adapters apply to that file only)."""
+    precision: str | None = None
+    """What the model computed in (``Topology.precision``); None for a checkpoint that does not say (one
+    written before manifests recorded it)."""
 
     @property
     def is_epoch(self) -> bool:
@@ -73,6 +77,7 @@ class Manifest:
             "files": self.files,
             **({"best": self.best} if self.best is not None else {}),
             **({"references": self.references} if self.references else {}),
+            **({"precision": self.precision} if self.precision is not None else {}),
         }
 
 
@@ -145,9 +150,16 @@ def _parse(path: Path) -> Manifest | None:
             files=_entries(tag, data["files"]),
             best=best if isinstance(best, dict) else None,
             references=_references(data.get("references", {})),
+            precision=_precision(data.get("precision")),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _precision(value: Any) -> str | None:
+    if value is not None and value not in PRECISIONS:
+        raise ValueError(f"precision {value!r} is none of {', '.join(PRECISIONS)}")
+    return value
 
 
 def _entries(tag: str, files: Any) -> dict[str, Entry]:

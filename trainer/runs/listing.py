@@ -40,6 +40,9 @@ class RunSummary:
     is_best: bool = False
     origin: str | None = None
     """Where the run started from: ``003@epoch_020`` (forked from run 3's epoch 20, or its weights)."""
+    precision: str | None = None
+    """What the model computes in (``fp32``, ``bf16``, ``fp16``) as of the run's latest launch; None for a
+    run whose metadata does not say."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +86,7 @@ def summarize(root: Path, number: int) -> RunSummary:
             learning_rate=None if config.get("learning_rate") is None else _number(config["learning_rate"]),
             best_mode="max" if best.get("mode") == "max" else "min",
             origin=origin(meta),
+            precision=_text(meta.get("precision")),
         )
     except FileNotFoundError:
         status = "broken: no metadata.json"
@@ -262,8 +266,9 @@ def format_table(rows: list[RunSummary], title: str) -> str:
     if not rows:
         return f"{title}: no runs yet"
     lineage = any(r.origin for r in rows)  # the From column only where some run has one
-    headers = ["Run #", "Experiment", "Dataset", *(["From"] if lineage else []), "Epochs", "Checkpoints", "Best",
-               "Value", "Status"]  # fmt: skip
+    mixed = any(r.precision not in (None, "fp32") for r in rows)  # Precision: where some run is not fp32
+    headers = ["Run #", "Experiment", "Dataset", *(["From"] if lineage else []), *(["Precision"] if mixed else []),
+               "Epochs", "Checkpoints", "Best", "Value", "Status"]  # fmt: skip
     body = []
     for r in rows:
         epochs = "-" if r.epochs_completed is None else f"{r.epochs_completed}/{r.epochs_total or '?'}"
@@ -275,6 +280,7 @@ def format_table(rows: list[RunSummary], title: str) -> str:
                 r.experiment or "-",
                 r.dataset or "-",
                 *([r.origin or "-"] if lineage else []),
+                *([r.precision or "-"] if mixed else []),
                 epochs,
                 "-" if r.checkpoints is None else str(r.checkpoints),
                 best,

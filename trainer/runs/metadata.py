@@ -38,6 +38,7 @@ def new_metadata(
     num_classes: int,
     world_size: int,
     distributed: str,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     stamp = now()
     return {
@@ -50,6 +51,7 @@ def new_metadata(
         "updated_at": stamp,
         "world_size": world_size,
         "distributed": distributed,
+        "precision": precision,
         "epochs_total": None,
         "epochs_completed": 0,
         "global_step": 0,
@@ -65,7 +67,7 @@ class MalformedMetadata(ValueError):
     """A ``metadata.json`` that is JSON, but not of the shape the trainer writes."""
 
 
-_TEXT = ("kind", "experiment", "status", "created_at", "updated_at", "distributed", "run_key")
+_TEXT = ("kind", "experiment", "status", "created_at", "updated_at", "distributed", "precision", "run_key")
 _COUNTS = ("run_number", "world_size", "epochs_completed", "global_step", "epochs_total")
 _RECORDS = ("dataset", "best", "forked_from", "init_from", "base_checkpoint", "config_summary", "trackers")
 _LISTS = ("checkpoints", "history", "resumes", "events", "attempts")
@@ -171,7 +173,7 @@ class RunHandle:
             self.warn(f"could not append to {self.layout.events}: {e.strerror or e}")
 
     def record_resume(self, *, checkpoint: str | None, progress: dict[str, Any], world_size: int,
-                      distributed: str) -> None:  # fmt: skip
+                      distributed: str, precision: str) -> None:  # fmt: skip
         if not self.is_main:
             return
         resumes = [
@@ -183,6 +185,7 @@ class RunHandle:
                 "checkpoint": checkpoint,
                 "world_size": world_size,
                 "distributed": distributed,
+                "precision": precision,
             },
         ]
         # The checkpoint is the truth: metadata written after it may be behind (a crash between the two).
@@ -191,6 +194,7 @@ class RunHandle:
             resumes=resumes,
             world_size=world_size,
             distributed=distributed,
+            precision=precision,
             epochs_completed=progress["epoch"],
             global_step=progress["global_step"],
             history=list(progress["history"]),

@@ -97,6 +97,7 @@ def _metadata(layout: RunLayout, config: dict[str, Any]) -> dict[str, Any]:
         number=layout.number, kind=layout.kind, experiment=str(config.get("experiment")),
         dataset=str(config.get("data", {}).get("name")), num_classes=int(classes or 0),
         world_size=newest.world_size if newest else 1, distributed=newest.distributed if newest else "single",
+        precision=newest.precision if newest else None,
     )  # fmt: skip
     meta.update(
         status="interrupted",

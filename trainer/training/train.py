@@ -205,7 +205,7 @@ def _create(args: argparse.Namespace, kind: RunKind, request: RunRequest, plan: 
     config = plan.config
     metadata = new_metadata(kind=kind.name, experiment=config.experiment, dataset=splits.name,
                             num_classes=splits.num_classes, world_size=topo.world_size,
-                            distributed=topo.distributed)  # fmt: skip
+                            distributed=topo.distributed, precision=topo.precision)  # fmt: skip
     metadata["config_summary"] = {"learning_rate": config.learning_rate, "batch_size": config.batch_size,
                                   "model": config.model.name, "seed": config.seed}  # fmt: skip
     if plan.claim.fork is not None:
