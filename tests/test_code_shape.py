@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,3 +93,22 @@ def test_no_keyword_arguments_are_unpacked_by_string() -> None:
                 ):
                     offenders.append(f"{path.relative_to(REPO)}: {node.name}() reads {name}[...]")
     assert not offenders, offenders
+
+
+REPO_PATH = re.compile(
+    r"(?<![\w/.<-])((?:launch|scripts|configs|trainer|benchmarks|docs|tests|model|data)/[\w./-]*\w\.(?:py|sh|yaml|json|md|png))"
+)
+
+
+def test_every_file_the_docs_and_configs_name_exists() -> None:
+    """A path of this repository named in README, docs/ or a config's comments (``launch/accelerator.py``)
+    leads to a file: a renamed module must not leave advice pointing at nothing."""
+    texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "configs").rglob("*.yaml")]
+    missing = [
+        f"{text.relative_to(REPO)} names {name}"
+        for text in texts
+        for name in REPO_PATH.findall(text.read_text())
+        if not (REPO / name).exists()
+        and not Path(name).stem.isupper()  # configs/model/NAME.yaml: a placeholder
+    ]
+    assert not missing, missing
