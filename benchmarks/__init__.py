@@ -10,5 +10,5 @@ fake_data.py     the fake CIFAR folders the runs train on
 hand_loop.py     the baseline: a minimal hand-written Accelerate loop, started as its own process
 measurements.py  the launches the figures share (``Measurements``), each made once
 figures/         one module per figure; ``figures/__init__.py`` registers them
-flops.py         training FLOPs per image (``perf.py --flops``, for MFU on GPUs)
+flops.py         training FLOPs per image (``perf.py --flops``, ``scripts/gpu_check.py``: MFU on GPUs)
 """
