@@ -114,7 +114,9 @@ def launch(cmd: list[str], log: Path, *, timeout: float = 900, env: dict[str, st
     lines: list[tuple[float, str]] = []
     begin = time.perf_counter()
     proc = start_process(cmd, log, env)
-    watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog = threading.Timer(
+        timeout, kill_tree, (proc.pid,)
+    )  # the workers too: each has a session of its own
     watchdog.start()
     try:
         assert proc.stdout is not None
