@@ -368,14 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    if work.is_dir() and any(work.iterdir()):
-        print(f"error: --workdir {work} is not empty; name a new or empty folder", file=sys.stderr)
-        return 2
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"Work folder: {work}", flush=True)
-    device = "CPU"
+    start, device = time.perf_counter(), "CPU"
     if not args.cpu:
         import torch
 
@@ -383,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no CUDA device; pass --cpu for the dry run on the CPU", file=sys.stderr)
             return 2
         device = torch.cuda.get_device_name()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    if work.is_dir() and any(work.iterdir()):
+        print(f"error: --workdir {work} is not empty; name a new or empty folder", file=sys.stderr)
+        return 2
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"Work folder: {work}", flush=True)
     sizes = cpu_sizes(work) if args.cpu else gpu_sizes(work)
     check = Check(work, sizes, cpu=args.cpu, timeout=args.timeout)
     run_checks(check, peak_flops(device, args.peak_tflops), device)
