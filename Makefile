@@ -64,9 +64,9 @@ bench-full: $(STAMP)
 	$(BIN)/python benchmarks/perf.py --full $(ARGS)
 
 # The promises on one GPU in one table (bf16 ZeRO-2 images/s and MFU, training blocked per background save,
-# kill -9 then --resume bit-identical, LoRA on the trained base, bf16 export), < 8 min on an H100; exits 1 if one
-# fails. ARGS go to scripts/gpu_check.py: `--peak-tflops N` for a GPU it does not know, `--cpu` for its dry run
-# at toy sizes on 2 CPU processes (~2 min, what CI runs: tests/test_gpu_check.py).
+# kill -9 then --resume bit-identical, LoRA on the trained base, bf16 export), sized for < 8 min on an H100;
+# exits 1 if one fails. ARGS go to scripts/gpu_check.py: `--peak-tflops N` for a GPU it does not know,
+# `--cpu` for its dry run at toy sizes on 2 CPU processes (2-4 min, what CI runs: tests/test_gpu_check.py).
 gpu-check: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py $(ARGS)
 

@@ -1,6 +1,6 @@
 """The project's promises on one GPU, in one table: `make gpu-check` (``python scripts/gpu_check.py``).
 
-    python scripts/gpu_check.py                       # on a 1-GPU machine after `make install`: < 8 minutes
+    python scripts/gpu_check.py                       # on a 1-GPU machine after `make install`: sized for < 8 min
     python scripts/gpu_check.py --peak-tflops 835     # a GPU the peak table does not know (dense bf16)
     python scripts/gpu_check.py --cpu                 # the same checks at toy sizes on 2 CPU processes (CI)
 
