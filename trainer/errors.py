@@ -1,6 +1,9 @@
 """The exceptions the command-line entry points turn into one clear message and an exit code."""
 
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
 
 from launch.errors import LaunchError, launched_rank
@@ -29,4 +32,19 @@ def exit_code(command: Callable[[], int | None], *, is_main: bool | None = None)
     except (UserError, LaunchError) as e:
         if launched_rank() == 0 if is_main is None else is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        tell_the_launcher(f"error: {e}")
         return 2
+
+
+def tell_the_launcher(message: str) -> None:
+    """Under torch elastic (``accelerate launch``, ``torchrun``), give the launcher's failure summary this
+    process's one line instead of ``error_file: <N/A>``: it reads the file its ``TORCHELASTIC_ERROR_FILE``
+    names, in the format of its own ``@record``."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as out:
+            json.dump({"message": message, "timestamp": int(time.time())}, out)
+    except OSError:
+        pass  # the summary then says <N/A>, as without this
