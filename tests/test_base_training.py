@@ -37,8 +37,38 @@ def zero2(reference: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "root": root,
         "run": root / "base_training" / "run_001",
         "log": resumed.stdout,
+        "stderr": resumed.stderr,
         "reference": reference,
     }
+
+
+def test_a_log_that_is_not_a_terminal_reads_as_lines(zero2: dict) -> None:
+    """Output to a file or pipe (SLURM, nohup) gets no progress bar: no ``\r``, every line whole."""
+    assert "\r" not in zero2["log"] + zero2["stderr"]
+    assert "Epoch 4/4: train_loss=" in zero2["log"].splitlines()[-3]  # a whole line, not glued to a bar
+
+
+def test_a_log_that_is_not_a_terminal_gets_a_progress_line_now_and_then(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from trainer.training import loop
+
+    monkeypatch.setattr(loop, "PLAIN_EVERY_SECONDS", 0.0)  # a line at every step
+    config = SimpleNamespace(epochs=4, batch_size=32, logging=SimpleNamespace(log_every_n_steps=10))
+    trainer = SimpleNamespace(config=config, state=SimpleNamespace(step_in_epoch=0, global_step=7),
+                              steps_per_epoch=3, topo=SimpleNamespace(is_main=True),
+                              trackers=SimpleNamespace(enabled=False), run=SimpleNamespace(print=print))  # fmt: skip
+    meter = loop._Meter(trainer, 3)  # type: ignore[arg-type]
+    for step in range(3):
+        meter.update(step, loss=0.5, lr=2e-3, last=step == 2)
+    meter.close()
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["Epoch 3/4: step 1/3", "Epoch 3/4: step 2/3"]
+    assert all(", loss=0.5000, " in line and " img/s, lr=2.00e-03" in line for line in lines)
+    assert "\r" not in out + err
 
 
 def test_two_process_zero2_run_trains_and_loss_falls(zero2: dict) -> None:

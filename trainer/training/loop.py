@@ -8,6 +8,7 @@ the run's kind (``kinds.py``). The loop holds no rank logic of its own beyond "o
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -285,16 +286,24 @@ class Trainer:
         self.topo.comm.barrier(what=f"the sample grid of epoch {epoch}")
 
 
+PLAIN_EVERY_SECONDS = 60.0
+"""How often rank 0 prints a progress line where its output is not a terminal (a SLURM or nohup log)."""
+
+
 class _Meter:
-    """An epoch's progress bar (rank 0) and its tracker points: on multiples of the global step, so that
-    every launch of a run logs the same steps, each averaging rank 0's loss since the previous point."""
+    """An epoch's progress (rank 0) and its tracker points: on multiples of the global step, so that every
+    launch of a run logs the same steps, each averaging rank 0's loss since the previous point. Progress is a
+    bar on a terminal; in a log file, a plain line every ``PLAIN_EVERY_SECONDS`` (a bar's ``\r`` redraws
+    would glue the log's lines together)."""
 
     def __init__(self, trainer: Trainer, epoch: int) -> None:
         self.trainer, cfg = trainer, trainer.config
         self.first = trainer.state.step_in_epoch
-        self.bar = tqdm(total=trainer.steps_per_epoch, initial=self.first, desc=f"Epoch {epoch}/{cfg.epochs}",
-                        disable=not trainer.topo.is_main, leave=False)  # fmt: skip
-        self.start = self.window_start = time.perf_counter()
+        self.title = f"Epoch {epoch}/{cfg.epochs}"
+        self.plain = not sys.stderr.isatty()
+        self.bar = tqdm(total=trainer.steps_per_epoch, initial=self.first, desc=self.title,
+                        disable=not trainer.topo.is_main or self.plain, leave=False)  # fmt: skip
+        self.start = self.window_start = self.line_at = time.perf_counter()
         self.window_loss, self.window_steps = 0.0, 0
 
     def update(self, step: int, loss: float, lr: float, last: bool) -> None:
@@ -305,6 +314,11 @@ class _Meter:
         if step % every == 0 or last:
             rate = (step + 1 - self.first) * batch / (time.perf_counter() - self.start)
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+        if self.plain and not last and time.perf_counter() - self.line_at >= PLAIN_EVERY_SECONDS:
+            self.line_at = time.perf_counter()
+            rate = (step + 1 - self.first) * batch / (self.line_at - self.start)
+            self.trainer.run.print(f"{self.title}: step {step + 1}/{self.trainer.steps_per_epoch}, "
+                                   f"loss={loss:.4f}, {rate:.0f} img/s, lr={lr:.2e}")  # fmt: skip
         global_step = self.trainer.state.global_step
         if trackers.enabled and (global_step % every == 0 or last):
             now = time.perf_counter()
