@@ -63,6 +63,11 @@ def test_a_bf16_run_continues_on_other_processes_and_zero_stages(relaunched: dic
     assert "saved by 1 process(es) (single); continuing on 2 (deepspeed-zero3)" in logs[1]
     assert "saved by 2 process(es) (deepspeed-zero3); continuing on 2 (deepspeed-zero2)" in logs[2]
     assert not any("continuing in" in log for log in logs[:2])  # bf16 throughout: no change of precision
+    assert "Launch: 1 process on 1 machine, cpu, no DeepSpeed, bf16; batch 32 per process" in logs[0]
+    assert (
+        "Launch: 2 processes on 1 machine, cpu (gloo), DeepSpeed ZeRO-3, bf16; "
+        "batch 16 per process x 1 micro-batch per step x 2 processes = 32" in logs[1]
+    )
     meta = metadata(relaunched["run"])
     assert meta["status"] == "completed" and meta["epochs_completed"] == 5
 
@@ -75,6 +80,9 @@ def test_a_change_of_precision_on_resume_is_said_and_recorded(relaunched: dict) 
     assert changes == [("epoch_003", "bf16", "fp32"), ("epoch_004", "fp32", "bf16")]
     meta = metadata(run)
     assert meta["precision"] == "bf16"
+    assert meta["launch"] == {"processes": 2, "machines": 1, "device": "cpu", "backend": "gloo",
+                              "distributed": "deepspeed-zero2", "precision": "bf16", "offload": "none",
+                              "micro_batch": 16, "accumulation": 1, "global_batch": 32}  # fmt: skip
     assert [r["precision"] for r in meta["resumes"]] == ["bf16", "bf16", "fp32", "bf16"]
     precisions = {m.tag: m.precision for m in read_manifests(run / "checkpoints")}
     assert (

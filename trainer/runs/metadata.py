@@ -69,7 +69,16 @@ class MalformedMetadata(ValueError):
 
 _TEXT = ("kind", "experiment", "status", "created_at", "updated_at", "distributed", "precision", "run_key")
 _COUNTS = ("run_number", "world_size", "epochs_completed", "global_step", "epochs_total")
-_RECORDS = ("dataset", "best", "forked_from", "init_from", "base_checkpoint", "config_summary", "trackers")
+_RECORDS = (
+    "dataset",
+    "best",
+    "forked_from",
+    "init_from",
+    "base_checkpoint",
+    "config_summary",
+    "trackers",
+    "launch",
+)
 _LISTS = ("checkpoints", "history", "resumes", "events", "attempts")
 _FIELDS: dict[str, type] = {
     **dict.fromkeys(_TEXT, str),

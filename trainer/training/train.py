@@ -254,6 +254,8 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
                 write_config(run.layout.config, config.to_dict())
         else:
             run.print(f"{kind.headline} - run {number:03d} ({run.path})")
+        run.print(topo.describe(trainer.micro_batch))
+        run.update(launch=topo.record(trainer.micro_batch))
         trainer.fit()
     except UserError:
         raise
