@@ -291,3 +291,23 @@ def test_a_sample_grid_of_many_classes_draws_a_bounded_number_of_rows(monkeypatc
     )
     assert drawn["classes"] == [0, 4, 9, 13, 17, 22, 26, 30, 35, 39]
     assert samples.spread(5, 10) == [0, 1, 2, 3, 4]
+
+
+def test_advice_names_what_the_run_has(tiny_runs: Path, tmp_path: Path) -> None:
+    """A checkpoint the run does not have is named with those it has; a LoRA run given as the base is said
+    to be one."""
+    from trainer import load_model
+
+    run = tiny_runs / RUN  # one epoch: best, epoch_001, last
+    with pytest.raises(
+        UserError, match=r"run_001 has no checkpoint epoch_005 .*; it has best, epoch_001, last$"
+    ):
+        load_model(run, which=5)
+    sampled = run_in_process("sample.py", [str(run), "--which", "5", "--out", str(tmp_path / "g.png")])
+    refused(sampled, "has no checkpoint epoch_005", "it has best, epoch_001, last")
+    root = copy_runs(tiny_runs, tmp_path / "checkpoints")
+    given = root / "lora_finetuning" / "run_001"
+    refused(
+        lora(root, "--base-checkpoint", str(given), "--epochs", "1"),
+        f"--base-checkpoint {given} is a LoRA run",
+    )

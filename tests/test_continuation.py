@@ -140,9 +140,11 @@ def _cmdlines() -> list[str]:
 def test_sigterm_to_the_launcher_saves_and_marks_the_run_interrupted(tmp_path: Path) -> None:
     """What SLURM and Kubernetes do at preemption: SIGTERM to the launcher. It forwards the signal, the
     workers save and exit 0, and the launcher itself then exits 128 + SIGTERM = 143 (Accelerate 1.16; earlier
-    releases let torch elastic's SignalException end it with 1 and a traceback; docs/runs-and-checkpoints.md says so)."""
+    releases let torch elastic's SignalException end it with 1 and a traceback; docs/runs-and-checkpoints.md says so).
+    A job's command line (``--auto-resume``) is what continues it, and the advice says so."""
     root, run = tmp_path / "checkpoints", tmp_path / "checkpoints" / RUN
-    cmd = launch_command("train_base.py", base_argv(root, *EPOCHS), accelerate_config="cpu_zero2")
+    job = [*EPOCHS, "--auto-resume", "--run-key", "preempted-job"]
+    cmd = launch_command("train_base.py", base_argv(root, *job), accelerate_config="cpu_zero2")
     launcher = subprocess.Popen(cmd, env=child_env({"DIFFIT_FAULTS": "delay@step:seconds=0.5"}),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)  # fmt: skip
     deadline = time.monotonic() + 240
@@ -153,5 +155,6 @@ def test_sigterm_to_the_launcher_saves_and_marks_the_run_interrupted(tmp_path: P
     out, _ = launcher.communicate(timeout=120)
     assert launcher.returncode in (128 + signal.SIGTERM, 1), out[-3000:]  # after the workers' exit 0
     assert "saved a resumable checkpoint and is marked interrupted" in out
+    assert "continue it with the same command (--auto-resume)" in out and "--resume 1" not in out
     assert metadata(run)["status"] == "interrupted"
     assert assert_all_committed_intact(run)[-1].startswith("step_")

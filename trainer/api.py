@@ -36,7 +36,13 @@ def checkpoint_path(path: str | Path, which: str | int = "best") -> Path:
     layout = RunLayout.detect(path)
     candidate = (layout or RunLayout(path, "base")).ckpt(name)
     if not candidate.is_file():
-        raise UserError(f"no {name}.ckpt in {candidate.parent} (is {path} a run folder?)")
+        if layout is None:
+            raise UserError(f"no {name}.ckpt in {candidate.parent} (is {path} a run folder?)")
+        kept = sorted(p.stem for p in candidate.parent.glob("*.ckpt") if not p.name.startswith("."))
+        raise UserError(
+            f"run {path.name} has no checkpoint {name} (never saved, or removed by retention); it "
+            f"has {', '.join(kept) or 'none'}"
+        )
     return candidate
 
 

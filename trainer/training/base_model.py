@@ -21,6 +21,12 @@ def resolve_base_checkpoint(given: str | None, checkpoint_root: Path) -> tuple[P
     if given is not None:
         path = Path(given)
         if path.is_dir():
+            detected = RunLayout.detect(path)
+            if detected is not None and detected.kind == "lora":
+                raise UserError(
+                    f"--base-checkpoint {given} is a LoRA run; give a base run folder (base_training/run_NNN) "
+                    "or a base model .ckpt"
+                )
             path = RunLayout(path, "base").ckpt("best")
             if not path.is_file():
                 raise UserError(

@@ -100,7 +100,9 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
         run = RunHandle(plan.layout, is_main=topo.is_main)
         if request.key is not None:
             run.record_attempt(request.key, attempt_record())
-        return _run(plan, accelerator, topo, run, splits, kind, request.init_from)
+        return _run(
+            plan, accelerator, topo, run, splits, kind, request.init_from, auto=request.key is not None
+        )
     except PeerLost as e:  # before training began: no run of this launch to mark
         print(f"error: rank {topo.rank}: {e}", file=sys.stderr, flush=True)
         return 1
@@ -228,14 +230,15 @@ def _create(args: argparse.Namespace, kind: RunKind, request: RunRequest, plan: 
 
 
 def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, kind: RunKind,
-         init_from: str | None) -> int:  # fmt: skip
+         init_from: str | None, *, auto: bool) -> int:  # fmt: skip
     """Train the run (continuing from its checkpoint, or from the start); whatever happens, its status says
-    how it ended."""
+    how it ended (and how to continue it: ``auto``, a job's command line continues it as it is)."""
     from launch import PeerLost, release_shm_segment
     from trainer.faults import Faults
     from trainer.training.loop import Trainer
 
     number, config = run.number, plan.config
+    again = "the same command (--auto-resume)" if auto else f"--resume {number}"
     try:
         start = None
         if init_from is not None:
@@ -262,19 +265,19 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
     except Interrupted as e:
         run.finish("interrupted")
         run.print(f"Interrupted ({e}): run {number:03d} saved a resumable checkpoint and is marked "
-                  f"interrupted; continue it with --resume {number}")  # fmt: skip
+                  f"interrupted; continue it with {again}")  # fmt: skip
         return 0
     except (SaveFailed, PeerLost) as e:
         run.finish("failed")
         if topo.is_main or isinstance(e, PeerLost):  # a lost peer: every survivor says what it waited for
             where = f"rank {topo.rank}: " if isinstance(e, PeerLost) else ""
-            hint = f"; committed checkpoints are intact: continue with --resume {number}"
+            hint = f"; committed checkpoints are intact: continue with {again}"
             print(f"error: {where}{e}{hint}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         run.finish("interrupted")
         run.print(f"Interrupted: run {number:03d} is marked interrupted; continue it from its last checkpoint "
-                  f"with --resume {number}")  # fmt: skip
+                  f"with {again}")  # fmt: skip
         raise
     except BaseException:
         run.finish("failed")
