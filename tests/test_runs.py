@@ -361,3 +361,27 @@ def test_listing_1000_runs_reads_only_metadata(tmp_path: Path, monkeypatch: pyte
     assert [r.number for r in rows] == list(range(1, 1001))
     assert {p.name for p in opened} == {"metadata.json"}
     assert len(opened) == 1000
+
+
+def test_a_jobs_run_is_its_jobs_only_once_its_files_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another launch of the job finds the run by its key file and reads its metadata at once: the key file
+    is written last."""
+    from trainer.runs import store
+
+    seen: list[bool] = []
+    write = store.write_metadata
+
+    def watching(run: Path, metadata: dict[str, Any]) -> None:
+        seen.append((run / "run_key").exists())
+        write(run, metadata)
+
+    monkeypatch.setattr(store, "write_metadata", watching)
+    meta = new_metadata(
+        kind="base", experiment="e", dataset="d", num_classes=2, world_size=1, distributed="single"
+    )
+    layout, lock = store.create_run(tmp_path, "base", None, config={}, metadata=meta, key="jobA")
+    lock.release()
+    assert seen == [False] and layout.run_key.read_text() == "jobA\n"
+    assert read_metadata(layout.path)["run_key"] == "jobA"

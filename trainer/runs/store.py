@@ -198,7 +198,8 @@ def create_run(
         record["base_checkpoint"] = {"source": str(base), "sha256": sha256_file(layout.stored_base)}
     if key is not None:
         record["run_key"] = key
-        atomic_write(layout.run_key, lambda f: f.write(f"{key}\n".encode()))
     write_config(layout.config, config)
     write_metadata(layout.path, record)
+    if key is not None:  # last: it makes the run its job's, and a launch of the job then reads its files
+        atomic_write(layout.run_key, lambda f: f.write(f"{key}\n".encode()))
     return layout, lock
