@@ -45,10 +45,9 @@ def once_per_session(factory: pytest.TempPathFactory, name: str, make: Callable[
     return load(folder)
 
 
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """4 epochs × 3 steps straight (2 processes, ZeRO-2), every epoch kept: what the fault and continuation
-    suites' runs must end equal to. Tests read it or copy it; none changes it."""
+def reference_run(tmp_path_factory: pytest.TempPathFactory, accelerate_config: str) -> dict:
+    """4 epochs × 3 steps straight (2 processes under ``accelerate_config``), every epoch kept, launched once
+    per session: ``{"root", "run", "weights"}`` (the final model file's weights and EMA)."""
     from tests.helpers import EPOCHS, final_weights, train_base
 
     def load(root: Path) -> dict:
@@ -56,24 +55,22 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
         return {"root": root, "run": run, "weights": final_weights(run)}
 
     def make(root: Path) -> None:
-        train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0")
+        train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0", accelerate_config=accelerate_config)
 
-    return once_per_session(tmp_path_factory, "reference", make, load)
+    return once_per_session(tmp_path_factory, f"reference_{accelerate_config}", make, load)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The run (ZeRO-2, fp32) the fault and continuation suites' runs must end equal to. Tests read it or copy
+    it; none changes it."""
+    return reference_run(tmp_path_factory, "cpu_zero2")
 
 
 @pytest.fixture(scope="session")
 def bf16_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``reference`` in bf16 (2 processes, ZeRO-2, ``cpu_zero2_bf16``): the precision of every GPU config."""
-    from tests.helpers import EPOCHS, final_weights, train_base
-
-    def load(root: Path) -> dict:
-        run = root / "base_training" / "run_001"
-        return {"root": root, "run": run, "weights": final_weights(run)}
-
-    def make(root: Path) -> None:
-        train_base(root, *EPOCHS, "--set", "checkpoint.keep_last_n=0", accelerate_config="cpu_zero2_bf16")
-
-    return once_per_session(tmp_path_factory, "bf16_reference", make, load)
+    """``reference`` in bf16 (``cpu_zero2_bf16``): the precision of every GPU config."""
+    return reference_run(tmp_path_factory, "cpu_zero2_bf16")
 
 
 @pytest.fixture(scope="session")
