@@ -111,6 +111,10 @@ class EDMSchedule:
         return torch.cat([t, torch.zeros(1, dtype=torch.float64)]).to(device=device, dtype=torch.float32)
 
 
+class SamplingStopped(Exception):
+    """``edm_sample``'s ``should_stop`` asked it to stop."""
+
+
 @torch.no_grad()
 def edm_sample(
     model: Denoiser,
@@ -120,11 +124,13 @@ def edm_sample(
     num_classes: int,
     schedule: EDMSchedule = EDMSchedule(),  # frozen, so safe to share as a default
     guidance: float = 1.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Tensor:
     """Deterministic Heun sampler (EDM Algorithm 1, S_churn = 0); images clamped to [-1, 1].
 
     `noise` is standard normal (N, C, H, W); put the model in eval() first (dropout). With a class-conditional
     model and guidance != 1, D = D_uncond + guidance·(D_cond − D_uncond) in one batched forward.
+    ``should_stop`` is asked before each step; True raises ``SamplingStopped``.
     """
     n = noise.shape[0]
     if num_classes == 0:
@@ -146,6 +152,8 @@ def edm_sample(
     t_steps = schedule.sigmas(noise.device)  # (num_steps + 1,)
     x = noise.float() * t_steps[0]  # (N, C, H, W)
     for i in range(schedule.num_steps):
+        if should_stop is not None and should_stop():
+            raise SamplingStopped(f"stopped before step {i + 1} of {schedule.num_steps}")
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         d_cur = (x - denoise(x, t_cur)) / t_cur  # dx/dt of the probability-flow ODE
         x_next = x + (t_next - t_cur) * d_cur  # Euler step

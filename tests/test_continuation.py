@@ -158,3 +158,33 @@ def test_sigterm_to_the_launcher_saves_and_marks_the_run_interrupted(tmp_path: P
     assert "continue it with the same command (--auto-resume)" in out and "--resume 1" not in out
     assert metadata(run)["status"] == "interrupted"
     assert assert_all_committed_intact(run)[-1].startswith("step_")
+
+
+def test_ctrl_c_while_the_sample_grid_is_drawn_stops_within_seconds(tmp_path: Path) -> None:
+    """Ctrl-C reaches the launcher, which forwards it to the workers, while rank 0 draws epoch 1's grid (a
+    sampler of thousands of steps: a minute here). The drawing stops between two model calls: the run is
+    interrupted at its committed epoch checkpoint, its lock released, within seconds, not after the launcher's
+    grace period."""
+    root, run = tmp_path / "checkpoints", tmp_path / "checkpoints" / RUN
+    args = base_argv(
+        root, "--epochs", "2", "--set", "edm.num_steps=5000", "--set", "logging.sample_every_n_epochs=1"
+    )
+    launcher = subprocess.Popen(launch_command("train_base.py", args, accelerate_config="cpu_zero2"), env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)  # fmt: skip
+    assert launcher.stdout is not None
+    lines = []
+    for line in launcher.stdout:  # the epoch's line comes after its checkpoint, right before the grid
+        lines.append(line)
+        if line.startswith("Epoch 1/2: train_loss="):
+            break
+    time.sleep(2)  # well inside the drawing
+    launcher.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    out, _ = launcher.communicate(timeout=120)
+    waited = time.monotonic() - sent
+    out = "".join(lines) + out
+    assert waited < 20, f"{waited:.0f} s:\n{out[-3000:]}"
+    assert "Sample grid of epoch 1 left for the resume to draw: SIGINT came" in out, out[-3000:]
+    assert metadata(run)["status"] == "interrupted" and not (run / "run.lock").exists()
+    assert assert_all_committed_intact(run) == ["epoch_001"]
+    assert not (run / "logs" / "samples" / "epoch_001.png").exists()

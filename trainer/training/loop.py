@@ -19,7 +19,7 @@ from tqdm import tqdm
 from data import DatasetSplits
 from data.order import EpochOrder, epoch_order
 from launch import PeerLost, Topology, configure_deepspeed, peer_failure
-from model import edm_loss
+from model import SamplingStopped, edm_loss
 from model.lora import base_diffit
 from trainer.checkpoint.manager import Boundary, CheckpointManager
 from trainer.checkpoint.manifest import Manifest
@@ -276,14 +276,27 @@ class Trainer:
         return self.inference.with_weights(ema) if self.topo.is_main else None
 
     def _write_samples(self, epoch: int) -> None:
-        model = self._inference_model()
+        """Rank 0 draws epoch ``epoch``'s grid (after its checkpoint) while the others wait. A stop signal
+        while it draws ends the drawing between two model calls, and the run: the resume, from that epoch's
+        checkpoint, draws the grid."""
+        model, stopped = self._inference_model(), None
         if model is not None:
             names = self.splits.class_names if self.net.num_classes else ["samples"]
             path = self.run.layout.sample_grid(epoch)
-            draw_grid(model, self.config, names, path)
-            self.run.print(f"Wrote sample grid {path}")
-            self.trackers.log_image("samples", path, step=self.state.global_step)
-        self.topo.comm.barrier(what=f"the sample grid of epoch {epoch}")
+            self.faults.point("samples", step=self.state.global_step)
+            try:
+                draw_grid(model, self.config, names, path, should_stop=lambda: self.stop.signal is not None)
+                self.run.print(f"Wrote sample grid {path}")
+                self.trackers.log_image("samples", path, step=self.state.global_step)
+            except SamplingStopped:
+                stopped = self.stop.signal
+        stopped = self.topo.comm.broadcast(stopped, what=f"the sample grid of epoch {epoch}")
+        if stopped is not None:
+            self.checkpoints.close()  # the epoch's checkpoint, if it is still being written
+            self.stop.signal = stopped
+            self.run.print(f"Sample grid of epoch {epoch} left for the resume to draw: {self.stop.name} came")
+            self.run.record_event("interrupted", signal=self.stop.name, global_step=self.state.global_step)
+            raise Interrupted(f"stopped by {self.stop.name} while drawing epoch {epoch}'s samples")
 
 
 PLAIN_EVERY_SECONDS = 60.0

@@ -25,8 +25,10 @@ def sample_grid(
     guidance: float,
     seed: int,
     classes: list[int] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Images (rows·per_class, C, H, W) in [-1, 1]; the same seed gives the same noise every epoch."""
+    """Images (rows·per_class, C, H, W) in [-1, 1]; the same seed gives the same noise every epoch.
+    ``should_stop``: asked between the sampler's steps; True raises ``SamplingStopped``."""
     model.eval()
     net = base_diffit(model)
     rows = classes if classes is not None else list(range(len(class_names))) or [0]
@@ -42,6 +44,7 @@ def sample_grid(
         num_classes=net.num_classes,
         schedule=schedule,
         guidance=guidance,
+        should_stop=should_stop,
     )
     return images.cpu()
 
@@ -85,9 +88,11 @@ class InferenceCopy:
         return self._model
 
 
-def draw_grid(model: torch.nn.Module, config: TrainConfig, class_names: list[str], path: Path) -> None:
+def draw_grid(model: torch.nn.Module, config: TrainConfig, class_names: list[str], path: Path,
+              should_stop: Callable[[], bool] | None = None) -> None:  # fmt: skip
     """The run's sample grid: ``logging.samples_per_class`` guided samples per class, EDM's sampler, for at
-    most ``logging.sample_max_classes`` classes (spread evenly over them)."""
+    most ``logging.sample_max_classes`` classes (spread evenly over them); ``should_stop`` as in
+    ``sample_grid``."""
     logging, edm = config.logging, config.edm
     rows = spread(len(class_names), logging.sample_max_classes)
     images = sample_grid(
@@ -98,6 +103,7 @@ def draw_grid(model: torch.nn.Module, config: TrainConfig, class_names: list[str
         guidance=logging.guidance,
         seed=config.seed,
         classes=rows,
+        should_stop=should_stop,
     )
     save_grid(images, [class_names[r] for r in rows], logging.samples_per_class, path)
 
