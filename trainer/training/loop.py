@@ -283,7 +283,6 @@ class Trainer:
         if model is not None:
             names = self.splits.class_names if self.net.num_classes else ["samples"]
             path = self.run.layout.sample_grid(epoch)
-            self.faults.point("samples", step=self.state.global_step)
             try:
                 draw_grid(model, self.config, names, path, should_stop=lambda: self.stop.signal is not None)
                 self.run.print(f"Wrote sample grid {path}")
