@@ -38,8 +38,8 @@ def exit_code(command: Callable[[], int | None], *, is_main: bool | None = None)
 
 def tell_the_launcher(message: str) -> None:
     """Under torch elastic (``accelerate launch``, ``torchrun``), give the launcher's failure summary this
-    process's one line instead of ``error_file: <N/A>``: it reads the file its ``TORCHELASTIC_ERROR_FILE``
-    names, in the format of its own ``@record``."""
+    process's one line instead of ``error_file: <N/A>``: it reads the JSON file its ``TORCHELASTIC_ERROR_FILE``
+    names (a message and a timestamp: the plainer of the two forms it accepts; ``@record`` writes the other)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
