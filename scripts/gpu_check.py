@@ -21,7 +21,6 @@ Everything goes under ``--workdir`` (default: a new temporary folder, printed fi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import statistics
@@ -244,10 +243,7 @@ def power_off(proc: Any) -> None:
     import psutil
 
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    kill_tree(proc.pid)
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+    kill_tree(proc.pid)  # every process group of the tree: each worker's too
     psutil.wait_procs(tree, timeout=60)
     proc.wait()
 
