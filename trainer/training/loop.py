@@ -323,17 +323,16 @@ class _Meter:
         batch, every = cfg.batch_size, cfg.logging.log_every_n_steps
         self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
         self.bar.update(1)
+        now = time.perf_counter()
+        rate = (step + 1 - self.first) * batch / (now - self.start)
         if step % every == 0 or last:
-            rate = (step + 1 - self.first) * batch / (time.perf_counter() - self.start)
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
-        if self.plain and not last and time.perf_counter() - self.line_at >= PLAIN_EVERY_SECONDS:
-            self.line_at = time.perf_counter()
-            rate = (step + 1 - self.first) * batch / (self.line_at - self.start)
+        if self.plain and not last and now - self.line_at >= PLAIN_EVERY_SECONDS:
+            self.line_at = now
             self.trainer.run.print(f"{self.title}: step {step + 1}/{self.trainer.steps_per_epoch}, "
                                    f"loss={loss:.4f}, {rate:.0f} img/s, lr={lr:.2e}")  # fmt: skip
         global_step = self.trainer.state.global_step
         if trackers.enabled and (global_step % every == 0 or last):
-            now = time.perf_counter()
             trackers.log(
                 {"train/loss": self.window_loss / self.window_steps, "train/lr": lr,
                  "train/images_per_sec": self.window_steps * batch / (now - self.window_start)},
