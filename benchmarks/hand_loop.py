@@ -55,7 +55,10 @@ def prepare(
     resolve_model_against_data(config, splits)
     accelerator = build_accelerator()  # the plain Accelerator, with the gloo/DeepSpeed setup a CPU needs
     configure_deepspeed(
-        accelerator, micro_batch=batch // accelerator.num_processes, grad_clip=config.grad_clip
+        accelerator,
+        micro_batch=batch // accelerator.num_processes,
+        accumulation=1,
+        grad_clip=config.grad_clip,
     )
     if deepspeed and accelerator.state.deepspeed_plugin is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config.update(deepspeed)

@@ -8,8 +8,10 @@ group when there is no CUDA, and ``DS_ACCELERATOR=cpu`` set before DeepSpeed is 
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -152,18 +154,75 @@ def init_restarted_process_group(backend: str, timeout: timedelta) -> None:
     dist.init_process_group(backend, store=attempt_store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def configure_deepspeed(accelerator: Any, *, micro_batch: int, grad_clip: float) -> None:
-    """Fill the DeepSpeed values the trainer owns, before ``accelerator.prepare``.
+@dataclass(frozen=True)
+class LaunchAsks:
+    """Training settings the launch config itself gives (``None``: not given, or ``"auto"``): the trainer
+    uses them or refuses the launch where its own settings disagree, and never overwrites them unsaid."""
+
+    accumulation: int | None = None
+    """``gradient_accumulation_steps``."""
+    clipping: float | None = None
+    """``gradient_clipping`` (DeepSpeed's max global gradient norm)."""
+    source: str = "the accelerate config"
+    """Where they were read, for messages."""
+
+
+def launch_asks() -> LaunchAsks:
+    """The gradient accumulation and clipping this launch's config gives: its DeepSpeed JSON's, when it names
+    one, else the accelerate config's (``accelerate launch`` exports those as environment variables)."""
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if deepspeed_requested() and ds_file != "none":
+        try:
+            given = json.loads(Path(ds_file).read_text())
+        except (OSError, ValueError):
+            given = None  # Accelerate refuses the file itself
+        if not isinstance(given, dict):
+            given = {}
+        source = f"the DeepSpeed config {ds_file}"
+        accumulation, clipping = given.get("gradient_accumulation_steps"), given.get("gradient_clipping")
+    else:
+        source = "the accelerate config"
+        accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+        clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING") if deepspeed_requested() else None
+    return LaunchAsks(_asked(accumulation, int, "gradient_accumulation_steps", source),
+                      _asked(clipping, float, "gradient_clipping", source), source)  # fmt: skip
+
+
+def _asked(value: Any, cast: type, key: str, source: str) -> Any:
+    if value is None or str(value).lower() == "auto":
+        return None
+    try:
+        number = cast(value)
+    except (TypeError, ValueError):
+        number = None
+    least = 1 if cast is int else 0
+    if (
+        number is None
+        or isinstance(value, bool)
+        or number < least
+        or (cast is int and number != float(value))
+    ):
+        raise LaunchError(f'{source} sets {key} to {value!r}: give a number or "auto"')
+    return number
+
+
+def configure_deepspeed(accelerator: Any, *, micro_batch: int, accumulation: int, grad_clip: float) -> None:
+    """Fill the DeepSpeed values the trainer owns, before ``accelerator.prepare``: the batch sizes, the
+    gradient accumulation and clipping (which the launch config either left to the trainer or gave the
+    same values: ``LaunchAsks``).
 
     DeepSpeed asserts train_batch_size == micro_batch × grad_accum × world_size; the trainer feeds its own
-    batches (no DataLoader passes through ``prepare``), so Accelerate cannot infer them.
+    batches (no DataLoader passes through ``prepare``), so Accelerate cannot infer them. Accelerate's own
+    count is set too: it scales the loss of each micro-batch without DeepSpeed, and would otherwise replace
+    DeepSpeed's value with it.
     """
+    accelerator.gradient_accumulation_steps = accumulation
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
     config = plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = 1
-    config["train_batch_size"] = micro_batch * accelerator.num_processes
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = micro_batch * accumulation * accelerator.num_processes
     config["gradient_clipping"] = grad_clip
     config.setdefault("steps_per_print", 10**9)  # DeepSpeed's own periodic prints would interleave with ours

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from launch.accelerator import LaunchAsks, launch_asks
 from launch.collectives import DEFAULT_TIMEOUT, Collectives, ProcessGroupCollectives, SingleProcess
 
 
@@ -29,6 +30,8 @@ class Topology:
     """The default process group's backend (``nccl``, ``gloo``), ``none`` for one process."""
     offload: str = "none"
     """Where DeepSpeed offloads the optimizer state and the parameters to (``cpu``, ``nvme``), if anywhere."""
+    asks: LaunchAsks = field(default_factory=LaunchAsks)
+    """The gradient accumulation and clipping the launch config gives."""
     timeout: timedelta = DEFAULT_TIMEOUT
     """How long any collective (the trainer's, DeepSpeed's, torch's) waits for a peer before failing."""
     comm: Collectives = field(default_factory=SingleProcess, compare=False, repr=False)
@@ -104,6 +107,7 @@ def topology(accelerator: Any, timeout: timedelta = DEFAULT_TIMEOUT) -> Topology
         machines=max(1, world_size // max(per_machine, 1)),
         backend=backend,
         offload=offload,
+        asks=launch_asks(),
         timeout=timeout,
         comm=comm,
     )

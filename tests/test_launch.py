@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from launch.accelerator import SHM_PREFIX, remove_stale_shm_segments
 
@@ -53,3 +57,117 @@ def test_the_launch_says_what_it_is_in_one_line() -> None:
     assert cluster.record(8, 4)["global_batch"] == 512 and cluster.record(8, 4)["offload"] == "cpu"
     laptop = Topology(0, 1, 0, None, torch.device("cpu"))
     assert laptop.describe(32).startswith("Launch: 1 process on 1 machine, cpu, no DeepSpeed, fp32;")
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient accumulation and clipping: the run's settings against the launch config's
+# --------------------------------------------------------------------------------------------------
+
+
+def _asks(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Any:
+    from launch.accelerator import launch_asks
+
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+                 "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return launch_asks()
+
+
+def test_the_launch_configs_accumulation_and_clipping_are_read_where_accelerate_puts_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from launch.accelerator import LaunchAsks
+
+    deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true"}
+    assert _asks(monkeypatch, {}) == LaunchAsks()
+    # the accelerate config's deepspeed_config section (or `accelerate launch --gradient_accumulation_steps`)
+    yaml_asks = _asks(monkeypatch, {**deepspeed, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
+                                    "ACCELERATE_GRADIENT_CLIPPING": "0.5"})  # fmt: skip
+    assert (yaml_asks.accumulation, yaml_asks.clipping) == (4, 0.5)
+    assert _asks(monkeypatch, {**deepspeed, "ACCELERATE_GRADIENT_CLIPPING": "auto"}).clipping is None
+    # a DeepSpeed JSON: its values, "auto" and absent ones as not given
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_accumulation_steps": 8, "gradient_clipping": "auto"}))
+    json_asks = _asks(monkeypatch, {**deepspeed, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})
+    assert (json_asks.accumulation, json_asks.clipping, json_asks.source) == (
+        8,
+        None,
+        f"the DeepSpeed config {ds}",
+    )
+    ds.write_text(json.dumps({"gradient_clipping": 2}))
+    assert _asks(monkeypatch, {**deepspeed, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)}).accumulation is None
+    # without DeepSpeed only the accumulation means anything to Accelerate
+    plain = _asks(
+        monkeypatch, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "ACCELERATE_GRADIENT_CLIPPING": "1"}
+    )
+    assert (plain.accumulation, plain.clipping) == (2, None)
+
+
+@pytest.mark.parametrize("value", ["0", "2.5", "four", "-1"])
+def test_a_launch_config_accumulation_that_is_no_count_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from launch.errors import LaunchError
+
+    with pytest.raises(LaunchError, match=r'sets gradient_accumulation_steps to .*: give a number or "auto"'):
+        _asks(
+            monkeypatch, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": value}
+        )
+
+
+def test_the_global_batch_is_cut_into_processes_and_micro_batches() -> None:
+    from launch.accelerator import LaunchAsks
+    from trainer.config.plan import StepPlan, plan_steps
+    from trainer.config.schema import DistributedConfig, TrainConfig
+    from trainer.errors import UserError
+
+    config = TrainConfig(batch_size=32)
+    assert plan_steps(config, 100, 2) == StepPlan(micro_batch=16, accumulation=1, steps_per_epoch=3)
+    assert plan_steps(config, 100, 2, LaunchAsks(accumulation=4)) == StepPlan(4, 4, 3)
+    own = TrainConfig(batch_size=32, distributed=DistributedConfig(gradient_accumulation_steps=2))
+    assert plan_steps(own, 100, 1) == StepPlan(16, 2, 3)
+    assert plan_steps(own, 100, 4, LaunchAsks(accumulation=2)) == StepPlan(4, 2, 3)  # both, the same value
+    with pytest.raises(
+        UserError, match=r"gradient accumulation is 2 in this run's config .* but 4 in the acc"
+    ):
+        plan_steps(own, 100, 1, LaunchAsks(accumulation=4))
+    with pytest.raises(UserError, match=r"not divisible by the 2 processes of this launch x 3 accumulated "
+                                        r"micro-batches; choose a multiple of 6"):  # fmt: skip
+        plan_steps(config, 100, 2, LaunchAsks(accumulation=3))
+
+
+def test_the_launch_configs_clipping_must_be_the_runs() -> None:
+    from launch.accelerator import LaunchAsks
+    from trainer.config.plan import check_clipping
+    from trainer.config.schema import TrainConfig
+    from trainer.errors import UserError
+
+    check_clipping(TrainConfig(grad_clip=0.5), LaunchAsks(clipping=0.5))
+    check_clipping(TrainConfig(grad_clip=0.5), LaunchAsks())
+    with pytest.raises(UserError, match=r"the DeepSpeed config ds.json clips gradients at 2 but this run's "
+                                        r"grad_clip is 1: pass --set grad_clip=2, or set gradient_clipping"):  # fmt: skip
+        check_clipping(
+            TrainConfig(grad_clip=1.0), LaunchAsks(clipping=2.0, source="the DeepSpeed config ds.json")
+        )
+
+
+def test_deepspeed_gets_the_runs_batch_accumulation_and_clipping() -> None:
+    from types import SimpleNamespace
+
+    from launch.accelerator import configure_deepspeed
+
+    plugin = SimpleNamespace(
+        deepspeed_config={"gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    )
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2,
+                                  gradient_accumulation_steps=1)  # fmt: skip
+    configure_deepspeed(accelerator, micro_batch=4, accumulation=4, grad_clip=0.5)
+    assert (
+        accelerator.gradient_accumulation_steps == 4
+    )  # Accelerate's own count: it scales the loss without DS
+    assert {k: v for k, v in plugin.deepspeed_config.items() if k != "steps_per_print"} == {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4, "train_batch_size": 32,
+        "gradient_clipping": 0.5,
+    }  # fmt: skip

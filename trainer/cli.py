@@ -39,6 +39,9 @@ def build_parser(kind: RunKind) -> argparse.ArgumentParser:
     parser.add_argument("--experiment", help="experiment name shown in listings")
     parser.add_argument("--epochs", type=int, help="epochs to train in all (a resume may raise it)")
     parser.add_argument("--batch-size", type=int, help="global batch size (all processes together)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, metavar="N",
+                        help="micro-batches each process sums per optimizer step (default: the accelerate or "
+                        "DeepSpeed config's, else 1); the global batch stays --batch-size")  # fmt: skip
     parser.add_argument("--learning-rate", type=float, help="peak learning rate")
     parser.add_argument("--seed", type=int, help="seed of the data order, noise and initial weights")
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap optimizer steps per epoch (smoke runs)")

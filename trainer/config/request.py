@@ -125,6 +125,7 @@ def cli_overrides(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], set[
         "experiment": args.experiment,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
+        "distributed.gradient_accumulation_steps": args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "max_steps_per_epoch": args.max_steps_per_epoch,

@@ -154,8 +154,18 @@ class DistributedConfig:
     """How long a process waits for the others at a collective before the launch fails (a dead or frozen
     process or machine): then every process exits non-zero with a message naming what it waited for."""
 
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches each process sums per optimizer step (the global batch is micro-batch x this x
+    processes); null takes the accelerate/DeepSpeed config's value, else 1. How the global batch is split
+    changes nothing of the result: a resume may change it, with the number of processes."""
+
     def __post_init__(self) -> None:
         _require(self.timeout_minutes > 0, "distributed.timeout_minutes", "positive")
+        _require(
+            self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1,
+            "distributed.gradient_accumulation_steps",
+            "null (the launch config's) or at least 1",
+        )
 
 
 @dataclass

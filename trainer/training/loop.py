@@ -62,10 +62,12 @@ class Trainer:
             splits,
         )
         self.kind, self.faults = kind, faults
-        self.micro_batch, self.steps_per_epoch = plan_steps(config, len(splits.train), topo.world_size)
+        self.steps = plan_steps(config, len(splits.train), topo.world_size, topo.asks)
+        self.steps_per_epoch = self.steps.steps_per_epoch
         self.total_steps = self.steps_per_epoch * config.epochs
 
-        configure_deepspeed(accelerator, micro_batch=self.micro_batch, grad_clip=config.grad_clip)
+        configure_deepspeed(accelerator, micro_batch=self.steps.micro_batch, accumulation=self.steps.accumulation,
+                            grad_clip=config.grad_clip)  # fmt: skip
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         module = kind.build_module(config)
         start = load_init_weights(init_from, config) if init_from is not None else None
@@ -156,7 +158,7 @@ class Trainer:
         start, first = time.perf_counter(), state.step_in_epoch  # a resume may start inside the epoch
         train_loss = self._train_epoch(epoch)
         loss = self._loss
-        val_loss = validation_loss(self.model, self.splits.val, loss, topo=self.topo, micro_batch=self.micro_batch,
+        val_loss = validation_loss(self.model, self.splits.val, loss, topo=self.topo, micro_batch=self.steps.micro_batch,
                                    seed=cfg.seed)  # fmt: skip
         seconds = time.perf_counter() - start
         metrics = {"train_loss": train_loss, **({"val_loss": val_loss} if val_loss is not None else {})}
@@ -232,18 +234,30 @@ class Trainer:
         return state.epoch_loss_sum / self.steps_per_epoch
 
     def _step(self, order: EpochOrder, step: int) -> tuple[float, float]:
-        """One optimizer step on this rank's share of the global batch; (its loss, the learning rate)."""
+        """One optimizer step on this rank's share of the global batch, summed over its micro-batches; (its
+        loss, the learning rate)."""
         cfg, topo, state = self.config, self.topo, self.state
         lr = lr_at(cfg, state.global_step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         indices, flips = order.for_rank(step, topo.rank, topo.world_size)
         images, labels = self.splits.train.batch(indices, flips)
-        # The step's noise is a function of (seed, step), drawn for the global batch on every rank, so it
-        # is the same on any number of processes and needs no RNG state to resume.
-        self.noise.manual_seed(cfg.seed * 1_000_003 + state.global_step)
-        loss = self._loss(images, labels, self.noise, share=(topo.rank, topo.world_size))
-        self.accelerator.backward(loss)
+        # The global batch is cut into world size x accumulation micro-batches, rank r's k-th being part
+        # r * accumulation + k. The step's noise is a function of (seed, step), drawn for the global batch
+        # and cut the same way, so each image gets the same noise however the batch is split, and a resume
+        # needs no RNG state. Each micro-batch's mean loss is scaled by 1 / accumulation (by Accelerate, or
+        # DeepSpeed's backward), so the gradients sum to the global batch's mean.
+        n, parts, losses = self.steps.micro_batch, self.steps.accumulation, []
+        for k in range(parts):
+            with self.accelerator.accumulate(self.model):
+                if self.accelerator.sync_gradients != (k == parts - 1):
+                    raise RuntimeError(f"Accelerate syncs gradients at micro-batch {k + 1} of {parts}")
+                self.noise.manual_seed(cfg.seed * 1_000_003 + state.global_step)
+                part = slice(k * n, (k + 1) * n)
+                loss = self._loss(images[part], labels[part], self.noise,
+                                  share=(topo.rank * parts + k, topo.world_size * parts))  # fmt: skip
+                self.accelerator.backward(loss)
+                losses.append(loss.detach())
         if topo.deepspeed_stage is None and cfg.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -251,7 +265,7 @@ class Trainer:
         state.global_step += 1
         state.step_in_epoch = step + 1
         self.ema.update(images_seen=state.global_step * cfg.batch_size, batch_size=cfg.batch_size)
-        return loss.item(), lr
+        return torch.stack(losses).mean().item(), lr
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | list[torch.Generator],
               share: tuple[int, int] = (0, 1)) -> torch.Tensor:  # fmt: skip

@@ -175,7 +175,7 @@ def _validate(config: TrainConfig, kind: RunKind, topo: Any) -> Any:
     splits = load_data(config)
     resolve_model_against_data(config, splits)
     kind.complete(config, splits.num_classes)
-    plan_steps(config, len(splits.train), topo.world_size)
+    plan_steps(config, len(splits.train), topo.world_size, topo.asks)
     return splits
 
 
@@ -257,8 +257,8 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
                 write_config(run.layout.config, config.to_dict())
         else:
             run.print(f"{kind.headline} - run {number:03d} ({run.path})")
-        run.print(topo.describe(trainer.micro_batch))
-        run.update(launch=topo.record(trainer.micro_batch))
+        run.print(topo.describe(trainer.steps.micro_batch, trainer.steps.accumulation))
+        run.update(launch=topo.record(trainer.steps.micro_batch, trainer.steps.accumulation))
         trainer.fit()
     except UserError:
         raise
