@@ -120,7 +120,11 @@ def build_accelerator(timeout: timedelta = DEFAULT_TIMEOUT, **kwargs: Any) -> An
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
         init_restarted_process_group(backend, timeout)
     accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
-    refuse_fp16_without_gpu(str(accelerator.mixed_precision), torch.cuda.is_available())
+    try:
+        refuse_fp16_without_gpu(str(accelerator.mixed_precision), torch.cuda.is_available())
+    except LaunchError:
+        accelerator.end_training()  # a process group left to the interpreter's exit can abort the process
+        raise
     return accelerator
 
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import (
@@ -188,3 +189,42 @@ def test_ctrl_c_while_the_sample_grid_is_drawn_stops_within_seconds(tmp_path: Pa
     assert metadata(run)["status"] == "interrupted" and not (run / "run.lock").exists()
     assert assert_all_committed_intact(run) == ["epoch_001"]
     assert not (run / "logs" / "samples" / "epoch_001.png").exists()
+
+
+def test_ctrl_c_during_start_up_says_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    """Ctrl-C reaches the launcher 1.5 s after its workers started, while they import and build the launch
+    (several seconds here): one line from rank 0, no traceback from any rank, no run folder."""
+    root = tmp_path / "checkpoints"
+    command = launch_command("train_base.py", base_argv(root, "--epochs", "1"), accelerate_config="cpu_zero2")
+    launcher = subprocess.Popen(command, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=REPO)  # fmt: skip
+    deadline, launched = time.monotonic() + 60, psutil.Process(launcher.pid)
+    while time.monotonic() < deadline and len(launched.children(recursive=True)) < 2:
+        time.sleep(0.1)
+    time.sleep(1.5)
+    launcher.send_signal(signal.SIGINT)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, out[-3000:]
+    assert out.count("Interrupted (Ctrl-C) before training began: nothing to continue") == 1, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert not root.exists()
+
+
+def test_a_stop_signal_during_validation_ends_it_between_batches(reference: dict, tmp_path: Path) -> None:
+    """Rank 1 gets SIGTERM before epoch 2's second validation batch (of 6): both ranks leave validation there
+    (a third batch would end the launch with code 9), the moment is committed as a step checkpoint at the
+    epoch's last step, and the resume validates epoch 2 again and ends bit-identical to the reference."""
+    root, run = tmp_path / "checkpoints", tmp_path / "checkpoints" / RUN
+    faults = "signal@validation:epoch=2:batch=2:rank=1;exit@validation:epoch=2:batch=3"
+    result = train_base(root, *EPOCHS, env={"DIFFIT_FAULTS": faults})
+    assert "Validation of epoch 2 left for the resume: SIGTERM came" in result.stdout, result.stdout[-3000:]
+    assert "Interrupted (stopped by SIGTERM at step 6)" in result.stdout
+    assert metadata(run)["status"] == "interrupted" and not (run / "run.lock").exists()
+    assert assert_all_committed_intact(run) == ["epoch_001", "step_0000006"]
+    assert [e["epoch"] for e in metadata(run)["history"]] == [1]
+
+    resumed = train_base(root, *EPOCHS, "--resume", "1")
+    assert "Resuming run 001 from step 6 (epoch 2, step 3 of the epoch)" in resumed.stdout, resumed.stdout[
+        -3000:
+    ]
+    assert_bit_identical(run, reference["weights"])

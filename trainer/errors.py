@@ -21,19 +21,28 @@ class SaveFailed(Exception):
     """A checkpoint could not be written and the config says to stop (``checkpoint.on_save_error: fail``)."""
 
 
+INTERRUPTED = 130
+"""The exit code of a launch that Ctrl-C ended (128 + SIGINT, as a shell reports it)."""
+
+
 def exit_code(command: Callable[[], int | None], *, is_main: bool | None = None) -> int:
     """Run a command-line entry point: its exit code, or 2 after one ``error: ...`` line for bad input.
 
     Under a multi-process launch every rank meets the same bad input; only the main process prints it
     (``is_main``; by default the process the launcher started as global rank 0).
     """
+    main = launched_rank() == 0 if is_main is None else is_main
     try:
         return command() or 0
     except (UserError, LaunchError) as e:
-        if launched_rank() == 0 if is_main is None else is_main:
+        if main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         tell_the_launcher(f"error: {e}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training began (once it has, the run says how it ended)
+        if main:
+            print("Interrupted (Ctrl-C) before training began: nothing to continue", file=sys.stderr, flush=True)
+        return INTERRUPTED
 
 
 def tell_the_launcher(message: str) -> None:

@@ -37,7 +37,7 @@ from trainer.training.kinds import RunKind
 from trainer.training.samples import InferenceCopy, draw_grid
 from trainer.training.stop import StopSignals
 from trainer.training.trackers import Trackers, epoch_metrics, open_trackers
-from trainer.training.validate import validation_loss
+from trainer.training.validate import ValidationStopped, validation_loss
 
 
 class Trainer:
@@ -157,9 +157,17 @@ class Trainer:
         cfg, state = self.config, self.state
         start, first = time.perf_counter(), state.step_in_epoch  # a resume may start inside the epoch
         train_loss = self._train_epoch(epoch)
-        loss = self._loss
-        val_loss = validation_loss(self.model, self.splits.val, loss, topo=self.topo, micro_batch=self.steps.micro_batch,
-                                   seed=cfg.seed)  # fmt: skip
+
+        def stop_signal(batch: int) -> int | None:
+            self.faults.point("validation", epoch=epoch, batch=batch)
+            return self.stop.signal
+
+        try:
+            val_loss = validation_loss(self.model, self.splits.val, self._loss, topo=self.topo,
+                                       micro_batch=self.steps.micro_batch, seed=cfg.seed,
+                                       stop_signal=stop_signal)  # fmt: skip
+        except ValidationStopped as stopped:
+            self._stop_in_validation(epoch, stopped.signal)
         seconds = time.perf_counter() - start
         metrics = {"train_loss": train_loss, **({"val_loss": val_loss} if val_loss is not None else {})}
         entry: dict[str, Any] = {
@@ -189,6 +197,16 @@ class Trainer:
         self._stop_if_agreed(boundary)
         if self._samples_due(epoch):
             self._write_samples(epoch)
+
+    def _stop_in_validation(self, epoch: int, signal: int) -> None:
+        """A stop signal during epoch ``epoch``'s validation: its steps are trained, its end is not. The
+        checkpoint of this moment (a step checkpoint at the epoch's last step) is committed, and the resume
+        validates the epoch again, from the same weights."""
+        self.model.train()
+        self.stop.signal = signal  # the agreed one: this rank's own may be None
+        self.run.print(f"Validation of epoch {epoch} left for the resume: {self.stop.name} came")
+        # The step's end again, with the agreed signal: no loss is added, and the moment is saved.
+        self._stop_if_agreed(self.checkpoints.maybe_save("step", stop_signal=signal, last=True))
 
     def _complete_epoch_outputs(self) -> None:
         """On a resume from the end of an epoch: what that epoch's end makes after its checkpoint (the best

@@ -19,7 +19,7 @@ from trainer.config.changes import Change, config_changes, resume_changes
 from trainer.config.files import build_config, diff_keys
 from trainer.config.request import RunRequest, attempt_record, cli_overrides
 from trainer.config.schema import ConfigError, TrainConfig
-from trainer.errors import Interrupted, SaveFailed, UserError
+from trainer.errors import INTERRUPTED, Interrupted, SaveFailed, UserError
 from trainer.runs.layout import RunLayout, kind_root, run_dir
 from trainer.runs.lock import JobLock, RunLock
 from trainer.runs.metadata import RunHandle, new_metadata
@@ -65,16 +65,16 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
     if ahead is None and request.mode in ("new", "auto"):  # a bad config is refused before torch is imported
         flags_config = build_config(args.config or kind.default_config, overrides, TrainConfig)
 
-    from launch import PeerLost, build_accelerator, decide_on_rank0, topology
+    from launch import PeerLost, build_accelerator, decide_on_rank0, release_shm_segment, topology
     from trainer.storage.staging import retain_freed_heap
 
     retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
     known = flags_config or (ahead.config if ahead is not None else TrainConfig())
     timeout = timedelta(minutes=known.distributed.timeout_minutes)
     accelerator = build_accelerator(timeout)
-    topo = topology(accelerator, timeout)
     locks: list[RunLock] = []  # rank 0's, once it holds the run
     try:
+        topo = topology(accelerator, timeout)
         claim = decide_on_rank0(topo.comm, topo.is_main, lambda: _claim(args, kind, request, locks),
                                 errors=(UserError,), what="finding the run to train")  # fmt: skip
         for note in claim.notes:
@@ -104,11 +104,15 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
             plan, accelerator, topo, run, splits, kind, request.init_from, auto=request.key is not None
         )
     except PeerLost as e:  # before training began: no run of this launch to mark
-        print(f"error: rank {topo.rank}: {e}", file=sys.stderr, flush=True)
+        print(f"error: rank {accelerator.process_index}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         for lock in locks:
             lock.release()
+        # On every way out, refusals included: a process group left to the interpreter's exit can abort the
+        # process (a joinable thread destroyed: "terminate called without an active exception").
+        accelerator.end_training()
+        release_shm_segment()
 
 
 def _claim(args: argparse.Namespace, kind: RunKind, request: RunRequest, locks: list[RunLock]) -> Any:
@@ -233,7 +237,7 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
          init_from: str | None, *, auto: bool) -> int:  # fmt: skip
     """Train the run (continuing from its checkpoint, or from the start); whatever happens, its status says
     how it ended (and how to continue it: ``auto``, a job's command line continues it as it is)."""
-    from launch import PeerLost, release_shm_segment
+    from launch import PeerLost
     from trainer.faults import Faults
     from trainer.training.loop import Trainer
 
@@ -278,13 +282,10 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
         run.finish("interrupted")
         run.print(f"Interrupted: run {number:03d} is marked interrupted; continue it from its last checkpoint "
                   f"with {again}")  # fmt: skip
-        raise
+        return INTERRUPTED
     except BaseException:
         run.finish("failed")
         raise
-    finally:
-        accelerator.end_training()
-        release_shm_segment()
     return 0
 
 

@@ -13,6 +13,14 @@ from data import ImageDataset
 from launch import Topology
 
 
+class ValidationStopped(Exception):
+    """A stop signal, agreed by every rank, ended validation between two batches."""
+
+    def __init__(self, signal: int) -> None:
+        super().__init__(f"signal {signal}")
+        self.signal = signal
+
+
 @torch.no_grad()
 def validation_loss(
     model: torch.nn.Module,
@@ -22,12 +30,15 @@ def validation_loss(
     topo: Topology,
     micro_batch: int,
     seed: int,
+    stop_signal: Callable[[int], int | None] = lambda batch: None,
 ) -> float | None:
     """``loss(images, labels, generators)`` averaged over ``val`` (None without a validation split); image ``i``
     draws its noise from a generator seeded with (``seed``, ``i``).
 
     Every rank runs the same number of forwards (ZeRO-3 forwards are collective); a rank whose share runs
-    out early evaluates a placeholder batch with weight 0.
+    out early evaluates a placeholder batch with weight 0. Before each batch ``b`` (from 1) the ranks agree
+    whether any of them has a ``stop_signal(b)``; if one has, ``ValidationStopped`` ends validation on every
+    rank at once.
     """
     if val is None or len(val) == 0:
         return None
@@ -36,6 +47,7 @@ def validation_loss(
     batches = math.ceil(math.ceil(len(val) / topo.world_size) / micro_batch)
     total = count = 0.0
     for b in range(batches):
+        _stop_if_any(stop_signal(b + 1), topo, what=f"the stop check before validation batch {b + 1}")
         chunk = mine[b * micro_batch : (b + 1) * micro_batch]
         weight = len(chunk)
         chunk = chunk if weight else torch.zeros(1, dtype=torch.long)
@@ -46,6 +58,14 @@ def validation_loss(
     model.train()
     total, count = topo.comm.all_reduce_sum([total, count], what="the validation loss")
     return total / count
+
+
+def _stop_if_any(signal: int | None, topo: Topology, what: str) -> None:
+    votes = [0.0] * topo.world_size
+    votes[topo.rank] = float(signal or 0)
+    signals = [int(v) for v in topo.comm.all_reduce_sum(votes, what=what) if v]
+    if signals:
+        raise ValidationStopped(signals[0])
 
 
 def image_seed(seed: int, index: int) -> int:
