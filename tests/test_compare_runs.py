@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, child_env
+from tests.helpers import REPO, child_env, run_script
 from tests.test_runs import make_run_with_metadata
 from trainer.cli import build_parser, main
 from trainer.runs.layout import RunLayout, kind_root, run_dir
@@ -221,6 +221,16 @@ def test_plot_writes_a_png_of_the_listed_runs(
     assert f"Wrote {out}" in captured.err
     assert out.read_bytes().startswith(PNG_MAGIC)
     assert sorted(os.listdir(out.parent)) == ["runs.png"]  # no temporary file left behind
+
+
+@pytest.mark.distributed
+def test_under_the_launcher_the_listing_and_its_chart_are_written_once(tmp_path: Path) -> None:
+    root = fabricate(tmp_path / "ck", "lora")
+    out = tmp_path / "runs.png"
+    result = run_script("train_lora.py", ["--list-runs", "--json", "--checkpoint-root", str(root), "--plot",
+                                          str(out)], accelerate_config="cpu_zero2")  # fmt: skip
+    assert [r["number"] for r in json.loads(result.stdout)] == [1, 2, 3, 4]  # one table: valid JSON
+    assert result.stderr.count(f"Wrote {out}") == 1 and out.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_plot_with_nothing_to_draw_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

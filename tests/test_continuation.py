@@ -186,6 +186,7 @@ def test_ctrl_c_while_the_sample_grid_is_drawn_stops_within_seconds(tmp_path: Pa
     out = "".join(lines) + out
     assert waited < 20, f"{waited:.0f} s:\n{out[-3000:]}"
     assert "Sample grid of epoch 1 left for the resume to draw: SIGINT came" in out, out[-3000:]
+    assert out.count("Received SIGINT: saving") == 1, out[-3000:]  # every worker got it; rank 0 says so
     assert metadata(run)["status"] == "interrupted" and not (run / "run.lock").exists()
     assert assert_all_committed_intact(run) == ["epoch_001"]
     assert not (run / "logs" / "samples" / "epoch_001.png").exists()

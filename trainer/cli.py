@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from launch.errors import launched_rank
 from trainer.errors import UserError, exit_code
 from trainer.runs.layout import kind_root
 from trainer.runs.listing import (
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None, kind: str = "base") -> int:
 
 def _dispatch(args: argparse.Namespace, kind: RunKind) -> int:
     if args.list_runs:
+        if launched_rank() != 0:  # under a launcher every process gets here: the table and chart are rank 0's
+            return 0
         return print_runs(args.checkpoint_root, kind, as_json=args.json, sort=args.sort, filters=args.filters,
                           plot=args.plot)  # fmt: skip
     given = [flag for flag, value in (("--json", args.json), ("--sort", args.sort), ("--filter", args.filters),

@@ -87,7 +87,7 @@ class Trainer:
             self.ema.from_full(start["ema_state_dict"])
         self.noise = torch.Generator(topo.device)  # re-seeded from (seed, step) before every step
         self.state = TrainState()
-        self.stop = StopSignals()
+        self.stop = StopSignals(announce=topo.is_main)
         self.trackers = Trackers()  # opened by fit(), once a resume has set the step to continue from
         self.inference = InferenceCopy(lambda: kind.build_module(config))  # rank 0's, for grids and exports
         states = TrainingStates(self.model, self.optimizer, self.ema, self.state, RNGState(config.seed))

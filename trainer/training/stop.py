@@ -1,6 +1,6 @@
 """Stop signals: SIGTERM, SIGINT or SIGUSR1 on any rank ask training to stop at the next step boundary.
 
-The handler only sets a flag (and says so on stderr); the checkpoint manager's step-end collective makes
+The handler only sets a flag (and says so on stderr, on global rank 0); the checkpoint manager's step-end collective makes
 every rank agree on it, a checkpoint of that moment is committed, and the run ends as ``interrupted`` with
 exit code 0. A second signal only repeats the notice.
 
@@ -27,7 +27,7 @@ WATCH_SECONDS = 1.0
 class StopSignals:
     """Catches the stop signals while in use as a context manager (main thread only, as Python requires)."""
 
-    def __init__(self, watch_launcher: bool | None = None) -> None:
+    def __init__(self, watch_launcher: bool | None = None, *, announce: bool = True) -> None:
         self.signal: int | None = None
         """The signal received (or agreed with the other ranks), or ``LAUNCHER_GONE``, if any."""
         self._previous: dict[int, Any] = {}
@@ -35,6 +35,9 @@ class StopSignals:
             watch_launcher = "TORCHELASTIC_RESTART_COUNT" in os.environ
         self._launcher = os.getppid() if watch_launcher else None
         self._done = threading.Event()
+        self._announce = announce
+        """Whether this process says on stderr that a signal came (one rank of a launch does: Ctrl-C reaches
+        every worker, and the run's last line names the signal whichever rank got it)."""
 
     @property
     def name(self) -> str:
@@ -77,4 +80,5 @@ class StopSignals:
             note = (
                 f"\nReceived {name} again: still stopping; the checkpoint being written is completed first\n"
             )
-        os.write(2, note.encode())  # not print(): a handler may interrupt a print in progress
+        if self._announce:
+            os.write(2, note.encode())  # not print(): a handler may interrupt a print in progress
