@@ -295,10 +295,19 @@ def _print_main(topo: Any, message: str) -> None:
 
 
 def _refuse_model_change(stored: dict[str, Any], config: TrainConfig, set_keys: set[str], what: str) -> None:
-    """A run continues with its architecture unless the user overrides a key on purpose with --set."""
+    """A run continues with its architecture unless the user overrides a key on purpose with --set (its
+    checkpoint must still fit: that is checked when it loads)."""
     changed = [k for k in diff_keys(stored, config.to_dict()["model"]) if f"model.{k}" not in set_keys]
-    if changed:
+    if not changed:
+        return
+    shapes = [k for k in changed if k in config.model.architecture()]
+    if shapes:
         raise ConfigError(
-            f"{what} would change model keys {', '.join(changed)}, which must match its checkpoints; drop the "
-            "flag that changes them, or override on purpose with --set model.KEY=VALUE"
+            f"{what} would change model keys {', '.join(changed)}; {', '.join(shapes)} decide the shapes of its "
+            "checkpoints' weights, which would not load. Drop the flag that changes them; another architecture "
+            "is a new run (--init-from starts one from weights that fit)"
         )
+    raise ConfigError(
+        f"{what} would change model keys {', '.join(changed)}, which its checkpoints were trained with; drop the "
+        "flag that changes them, or change them on purpose with --set model.KEY=VALUE"
+    )
