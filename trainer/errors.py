@@ -41,7 +41,9 @@ def exit_code(command: Callable[[], int | None], *, is_main: bool | None = None)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training began (once it has, the run says how it ended)
         if main:
-            print("Interrupted (Ctrl-C) before training began: nothing to continue", file=sys.stderr, flush=True)
+            print(
+                "Interrupted (Ctrl-C) before training began: nothing to continue", file=sys.stderr, flush=True
+            )
         return INTERRUPTED
 
 
