@@ -8,9 +8,13 @@ group when there is no CUDA, and ``DS_ACCELERATOR=cpu`` set before DeepSpeed is 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +42,9 @@ def prepare_environment() -> None:
         # DeepSpeed's CPU communication op sizes its shared-memory segment by the local process count.
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
         remove_stale_shm_segments()
+        # torch's "No CUDA runtime is found, using CUDA_HOME=..." from every rank, when DeepSpeed imports
+        # torch's extension builder on a machine without CUDA: expected here, and nothing to act on.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -99,12 +106,17 @@ def release_shm_segment() -> None:
         (Path("/dev/shm") / f"{SHM_PREFIX}{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
-def build_accelerator(timeout: timedelta = DEFAULT_TIMEOUT, **kwargs: Any) -> Any:
+def build_accelerator(
+    timeout: timedelta = DEFAULT_TIMEOUT, *, accept_shape: bool = False, **kwargs: Any
+) -> Any:
     """An ``accelerate.Accelerator`` on the right backend for this machine; collectives that wait longer
-    than ``timeout`` for a peer fail instead of hanging."""
+    than ``timeout`` for a peer fail instead of hanging. A launch not shaped as its config evidently asked
+    is refused first (``refuse_unexpected_shape``), unless ``accept_shape``."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    if not accept_shape:
+        refuse_unexpected_shape(int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
     prepare_environment()
     # DeepSpeed 0.19 calls a collective PyTorch has deprecated; the warning, once per rank and step type,
     # tells a user nothing they can act on.
@@ -119,13 +131,44 @@ def build_accelerator(timeout: timedelta = DEFAULT_TIMEOUT, **kwargs: Any) -> An
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
         init_restarted_process_group(backend, timeout)
-    accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
+    with _deepspeed_quiet():
+        accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
     try:
         refuse_fp16_without_gpu(str(accelerator.mixed_precision), torch.cuda.is_available())
     except LaunchError:
         accelerator.end_training()  # a process group left to the interpreter's exit can abort the process
         raise
     return accelerator
+
+
+SHM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's shared-memory collectives for the CPU, which it compiles the first time a machine uses it."""
+
+
+@contextlib.contextmanager
+def _deepspeed_quiet() -> Iterator[None]:
+    """DeepSpeed's start without the line every rank prints on every launch ("DeepSpeed ... built
+    successfully", as it loads its CPU op); instead, one notice from each machine's first process when that
+    op is compiled (about a minute, once per machine)."""
+    if not deepspeed_requested() or torch.cuda.is_available():
+        yield
+        return
+    from torch.utils import cpp_extension
+
+    built = Path(cpp_extension._get_build_directory(SHM_OP, verbose=False)) / f"{SHM_OP}.so"
+    if not built.exists() and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            "Compiling DeepSpeed's shared-memory op for the CPU (once per machine, about a minute)",
+            flush=True,
+        )
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            yield
+    finally:
+        for line in said.getvalue().splitlines():
+            if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully")):
+                print(line, flush=True)
 
 
 def refuse_fp16_without_gpu(precision: str, cuda: bool) -> None:
@@ -137,6 +180,72 @@ def refuse_fp16_without_gpu(precision: str, cuda: bool) -> None:
             "(mixed_precision: bf16; configs/accelerate/cpu_zero2_bf16.yaml with DeepSpeed) or fp32 "
             "(mixed_precision: 'no')"
         )
+
+
+def refuse_unexpected_shape(
+    world_size: int, *, cuda: bool, env: dict[str, str] | None = None, proc: Path = Path("/proc")
+) -> None:
+    """Refuse a launch whose shape is not what its config evidently asked for (the override is the training
+    scripts' ``--accept-launch``):
+
+    - more processes on this machine than it has CPU cores, and no GPU: a config for GPUs
+      (``multi_gpu_*.yaml``: 8 processes) launched here, which would train as that many CPU processes;
+    - one process where ``accelerate launch`` was asked for several (``--num_processes N``, or the config's
+      ``num_processes``) under ``use_cpu: true``, which ``accelerate config default`` writes: Accelerate
+      then runs a single process, without a word.
+    """
+    env = dict(os.environ) if env is None else env
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    here = int(env.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    if not cuda and here > cores:
+        raise LaunchError(
+            f"this launch starts {here} processes on a machine with {cores} CPU cores and no GPU, as a config for "
+            "GPUs would (num_processes: 8 in multi_gpu_*.yaml); launch with configs/accelerate/cpu_zero2.yaml "
+            "(or cpu_zero2_bf16.yaml) here, pass --num_processes to fit the cores, or --accept-launch to train "
+            "as launched"
+        )
+    if world_size == 1 and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "WORLD_SIZE" not in env:
+        asked = _launcher_processes(proc)
+        if asked is not None and asked > 1:
+            raise LaunchError(
+                f"accelerate launch was asked for {asked} processes but started 1: its config sets use_cpu: "
+                "true (as `accelerate config default` writes), and Accelerate then runs one process. Launch with "
+                "configs/accelerate/cpu_zero2.yaml for several processes on the CPU, or pass --accept-launch to "
+                "train in one"
+            )
+
+
+def _launcher_processes(proc: Path) -> int | None:
+    """The process count the ``accelerate launch`` that started this process was given (its
+    ``--num_processes``, else its config file's ``num_processes``), or None when the parent is not one or
+    cannot be read (not Linux, another user)."""
+    import yaml
+
+    try:
+        parent = proc / str(os.getppid())
+        argv = (parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = Path(os.readlink(parent / "cwd"))
+    except OSError:
+        return None
+    if not any("accelerate" in part for part in argv[:3]):
+        return None
+    flags: dict[str, str] = {}
+    for i, part in enumerate(argv):
+        for flag in ("--num_processes", "--config_file"):
+            if part == flag and i + 1 < len(argv):
+                flags[flag] = argv[i + 1]
+            elif part.startswith(flag + "="):
+                flags[flag] = part.split("=", 1)[1]
+    if "--num_processes" in flags:
+        return int(flags["--num_processes"]) if flags["--num_processes"].isdigit() else None
+    if "--config_file" not in flags:
+        return None  # Accelerate's default config: what `accelerate config` wrote for this user
+    try:
+        config = yaml.safe_load((cwd / flags["--config_file"]).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = config.get("num_processes") if isinstance(config, dict) else None
+    return value if isinstance(value, int) else None
 
 
 def init_restarted_process_group(backend: str, timeout: timedelta) -> None:

@@ -171,3 +171,66 @@ def test_deepspeed_gets_the_runs_batch_accumulation_and_clipping() -> None:
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4, "train_batch_size": 32,
         "gradient_clipping": 0.5,
     }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# A launch not shaped as its config evidently asked
+# --------------------------------------------------------------------------------------------------
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_more_processes_than_cores_without_a_gpu_is_refused() -> None:
+    from launch.accelerator import refuse_unexpected_shape
+    from launch.errors import LaunchError
+
+    many = {"LOCAL_WORLD_SIZE": str(_cores() + 1), "WORLD_SIZE": str(_cores() + 1)}
+    with pytest.raises(
+        LaunchError, match=rf"starts {_cores() + 1} processes on a machine with {_cores()} CPU cores"
+    ):
+        refuse_unexpected_shape(_cores() + 1, cuda=False, env=many)
+    refuse_unexpected_shape(_cores() + 1, cuda=True, env=many)  # GPUs: one process each
+    refuse_unexpected_shape(_cores(), cuda=False, env={"LOCAL_WORLD_SIZE": str(_cores())})
+    # several machines: what counts is this machine's share
+    refuse_unexpected_shape(2 * _cores(), cuda=False, env={"LOCAL_WORLD_SIZE": str(_cores())})
+
+
+def _launcher(proc: Path, cwd: Path, *argv: str) -> Path:
+    """A fake /proc in which this process's parent is ``argv``, run from ``cwd``."""
+    parent = proc / str(os.getppid())
+    parent.mkdir(parents=True)
+    (parent / "cmdline").write_bytes("\0".join(argv).encode() + b"\0")
+    (parent / "cwd").symlink_to(cwd)
+    return proc
+
+
+def test_one_process_where_accelerate_launch_was_asked_for_several_is_refused(tmp_path: Path) -> None:
+    from launch.accelerator import refuse_unexpected_shape
+    from launch.errors import LaunchError
+
+    (tmp_path / "multi_cpu.yaml").write_text("use_cpu: true\ndistributed_type: MULTI_CPU\nnum_processes: 2\n")
+    (tmp_path / "one.yaml").write_text("use_cpu: true\nnum_processes: 1\n")
+    simple = {"ACCELERATE_USE_CPU": "True"}  # what Accelerate's one-process launcher exports; no WORLD_SIZE
+    launch = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
+    cases = {
+        "flag": (["--config_file", "one.yaml", "--num_processes", "2"], 2),
+        "flag=": (["--num_processes=3"], 3),
+        "config": (["--config_file", "multi_cpu.yaml"], 2),
+        "one": (["--config_file", "one.yaml"], None),
+        "default config": ([], None),
+    }
+    for name, (flags, asked) in cases.items():
+        proc = _launcher(tmp_path / name / "proc", tmp_path, *launch, *flags, "scripts/train_base.py")
+        if asked is None:
+            refuse_unexpected_shape(1, cuda=False, env=simple, proc=proc)
+            continue
+        with pytest.raises(
+            LaunchError, match=rf"asked for {asked} processes but started 1: its config sets use_cpu"
+        ):
+            refuse_unexpected_shape(1, cuda=False, env=simple, proc=proc)
+    # `python scripts/train_base.py`, or a parent that is no accelerate launch: nothing was asked
+    refuse_unexpected_shape(1, cuda=False, env={}, proc=proc)
+    other = _launcher(tmp_path / "bash" / "proc", tmp_path, "/bin/bash", "run.sh", "--num_processes", "2")
+    refuse_unexpected_shape(1, cuda=False, env=simple, proc=other)

@@ -46,6 +46,9 @@ def build_parser(kind: RunKind) -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, help="peak learning rate")
     parser.add_argument("--seed", type=int, help="seed of the data order, noise and initial weights")
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap optimizer steps per epoch (smoke runs)")
+    parser.add_argument("--accept-launch", action="store_true",
+                        help="train as launched where the launch differs from what its config evidently asked for "
+                        "(more processes than CPU cores without a GPU; one process where several were asked)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key (dotted, value parsed as YAML); repeatable")  # fmt: skip
     parser.add_argument("--checkpoint-root", type=Path, default=Path("checkpoints"),

@@ -65,13 +65,19 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
     if ahead is None and request.mode in ("new", "auto"):  # a bad config is refused before torch is imported
         flags_config = build_config(args.config or kind.default_config, overrides, TrainConfig)
 
-    from launch import PeerLost, build_accelerator, decide_on_rank0, release_shm_segment, topology
+    from launch import (
+        PeerLost,
+        build_accelerator,
+        decide_on_rank0,
+        release_shm_segment,
+        topology,
+    )
     from trainer.storage.staging import retain_freed_heap
 
     retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
     known = flags_config or (ahead.config if ahead is not None else TrainConfig())
     timeout = timedelta(minutes=known.distributed.timeout_minutes)
-    accelerator = build_accelerator(timeout)
+    accelerator = build_accelerator(timeout, accept_shape=args.accept_launch)
     locks: list[RunLock] = []  # rank 0's, once it holds the run
     try:
         topo = topology(accelerator, timeout)
