@@ -24,6 +24,8 @@ def test_zero3_with_four_micro_batches_ends_where_the_reference_does(reference: 
     )
     run = tmp_path / "base_training" / "run_001"
     assert "batch 4 per process x 4 micro-batches per step x 2 processes = 32" in result.stdout
+    # DeepSpeed's start says nothing per rank (its op is compiled by an earlier launch of the suite)
+    assert "built successfully" not in result.stdout and "No CUDA runtime is found" not in result.stderr
     launch = metadata(run)["launch"]
     assert (launch["micro_batch"], launch["accumulation"], launch["global_batch"]) == (4, 4, 32)
     assert_bit_identical(run, reference["weights"], exact=False)

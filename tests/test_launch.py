@@ -234,3 +234,27 @@ def test_one_process_where_accelerate_launch_was_asked_for_several_is_refused(tm
     refuse_unexpected_shape(1, cuda=False, env={}, proc=proc)
     other = _launcher(tmp_path / "bash" / "proc", tmp_path, "/bin/bash", "run.sh", "--num_processes", "2")
     refuse_unexpected_shape(1, cuda=False, env=simple, proc=other)
+
+
+def test_deepspeed_starts_without_its_per_rank_lines_and_says_once_when_it_compiles(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from launch.accelerator import SHM_OP, _deepspeed_quiet
+
+    if torch.cuda.is_available():
+        pytest.skip("the op is DeepSpeed's CPU op")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for local_rank, built in (("0", False), ("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        if built:
+            (tmp_path / SHM_OP).mkdir(exist_ok=True)
+            (tmp_path / SHM_OP / f"{SHM_OP}.so").touch()
+        with _deepspeed_quiet():
+            print(f"DeepSpeed deepspeed.ops.comm.{SHM_OP}_op built successfully")
+            print("anything else")
+        said = capsys.readouterr().out.splitlines()
+        compiling = ["Compiling DeepSpeed's shared-memory op for the CPU (once per machine, about a minute)"]
+        assert said == (compiling if local_rank == "0" and not built else []) + ["anything else"]
