@@ -4,6 +4,11 @@ The same code runs as ``python scripts/train_base.py`` (one process), under ``ac
 and with DeepSpeed ZeRO on GPUs or on the CPU. The CPU DeepSpeed path has three requirements that this
 module owns: never ``cpu=True`` on the Accelerator (it silently disables DeepSpeed), a ``gloo`` process
 group when there is no CUDA, and ``DS_ACCELERATOR=cpu`` set before DeepSpeed is imported.
+
+It also holds what the launch itself asks, before the trainer plans its steps: launches not shaped as their
+config evidently asked are refused (``refuse_unexpected_shape``), the launch config's gradient accumulation
+and clipping are read (``launch_asks``), and DeepSpeed's config gets the run's values
+(``configure_deepspeed``).
 """
 
 from __future__ import annotations

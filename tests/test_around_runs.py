@@ -294,8 +294,8 @@ def test_a_sample_grid_of_many_classes_draws_a_bounded_number_of_rows(monkeypatc
 
 
 def test_advice_names_what_the_run_has(tiny_runs: Path, tmp_path: Path) -> None:
-    """A checkpoint the run does not have is named with those it has; a LoRA run given as the base is said
-    to be one."""
+    """A checkpoint the run does not have is named with those it has (by load_model, sample.py and export.py
+    alike); a LoRA run given as the base is said to be one."""
     from trainer import load_model
 
     run = tiny_runs / RUN  # one epoch: best, epoch_001, last
@@ -305,6 +305,12 @@ def test_advice_names_what_the_run_has(tiny_runs: Path, tmp_path: Path) -> None:
         load_model(run, which=5)
     sampled = run_in_process("sample.py", [str(run), "--which", "5", "--out", str(tmp_path / "g.png")])
     refused(sampled, "has no checkpoint epoch_005", "it has best, epoch_001, last")
+    exported = run_in_process("export.py", [str(run), "--which", "5", "--out", str(tmp_path / "m.ckpt")])
+    refused(
+        exported,
+        "has no checkpoint epoch_005 (never saved, or removed by retention)",
+        "it has best, epoch_001, last",
+    )
     root = copy_runs(tiny_runs, tmp_path / "checkpoints")
     given = root / "lora_finetuning" / "run_001"
     refused(

@@ -38,11 +38,7 @@ def checkpoint_path(path: str | Path, which: str | int = "best") -> Path:
     if not candidate.is_file():
         if layout is None:
             raise UserError(f"no {name}.ckpt in {candidate.parent} (is {path} a run folder?)")
-        kept = sorted(p.stem for p in candidate.parent.glob("*.ckpt") if not p.name.startswith("."))
-        raise UserError(
-            f"run {path.name} has no checkpoint {name} (never saved, or removed by retention); it "
-            f"has {', '.join(kept) or 'none'}"
-        )
+        raise UserError(layout.missing_checkpoint(name))
     return candidate
 
 

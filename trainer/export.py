@@ -54,7 +54,7 @@ def _base(layout: RunLayout, which: str) -> dict[str, Any]:
     folder = layout.checkpoint_folder.state_root / spec
     manifest = next((m for m in read_manifests(layout.checkpoints) if m.tag == spec), None)
     if manifest is None or not (folder / "trainer_state.json").is_file():
-        raise UserError(f"run {layout.path.name} has no checkpoint {which!r} (no {file.name}, no {folder})")
+        raise UserError(layout.missing_checkpoint(spec))
     reason = verify(layout.checkpoints, manifest)
     if reason is not None:
         raise UserError(f"checkpoint {spec} of run {layout.path.name} is damaged: {reason}")

@@ -133,6 +133,15 @@ class RunLayout:
         """A checkpoint file by tag or alias: ``epoch_003``, ``step_0000042``, ``best``, ``last``."""
         return self.checkpoint_folder.ckpt(name)
 
+    def missing_checkpoint(self, name: str) -> str:
+        """What to say when checkpoint ``name`` is not in the run: and which ones it has."""
+        folder = self.ckpt(name).parent
+        kept = sorted(p.stem for p in folder.glob("*.ckpt") if not p.name.startswith("."))
+        return (
+            f"run {self.path.name} has no checkpoint {name} (never saved, or removed by retention); it has "
+            f"{', '.join(kept) or 'none'}"
+        )
+
     @property
     def stored_base(self) -> Path:
         """LoRA runs: the base model the adapters apply to, stored once."""

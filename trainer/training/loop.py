@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from tqdm import tqdm
@@ -198,7 +198,7 @@ class Trainer:
         if self._samples_due(epoch):
             self._write_samples(epoch)
 
-    def _stop_in_validation(self, epoch: int, signal: int) -> None:
+    def _stop_in_validation(self, epoch: int, signal: int) -> NoReturn:
         """A stop signal during epoch ``epoch``'s validation: its steps are trained, its end is not. The
         checkpoint of this moment (a step checkpoint at the epoch's last step) is committed, and the resume
         validates the epoch again, from the same weights."""
@@ -207,6 +207,7 @@ class Trainer:
         self.run.print(f"Validation of epoch {epoch} left for the resume: {self.stop.name} came")
         # The step's end again, with the agreed signal: no loss is added, and the moment is saved.
         self._stop_if_agreed(self.checkpoints.maybe_save("step", stop_signal=signal, last=True))
+        raise AssertionError("every rank voted for the stop: the step's end agrees on it")
 
     def _complete_epoch_outputs(self) -> None:
         """On a resume from the end of an epoch: what that epoch's end makes after its checkpoint (the best

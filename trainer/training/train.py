@@ -65,13 +65,7 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
     if ahead is None and request.mode in ("new", "auto"):  # a bad config is refused before torch is imported
         flags_config = build_config(args.config or kind.default_config, overrides, TrainConfig)
 
-    from launch import (
-        PeerLost,
-        build_accelerator,
-        decide_on_rank0,
-        release_shm_segment,
-        topology,
-    )
+    from launch import PeerLost, build_accelerator, decide_on_rank0, release_shm_segment, topology
     from trainer.storage.staging import retain_freed_heap
 
     retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
