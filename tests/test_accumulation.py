@@ -49,6 +49,7 @@ def test_a_resume_on_other_processes_keeps_the_global_batch_with_another_split(
     assert not any(
         line.startswith(("[rank0]: Traceback", "[rank1]: Traceback")) for line in output.splitlines()
     )
+    assert "terminate called" not in output and "SIGABRT" not in output  # no worker aborts on its way out
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: gradient accumulation is 4 in this run's config (--gradient-accumulation-steps, or "

@@ -140,6 +140,7 @@ def test_fp16_without_a_gpu_is_refused_with_one_line(tmp_path: Path) -> None:
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "fp16 mixed precision, which needs a GPU" in errors[0], output[-3000:]
     assert "cpu_zero2_bf16.yaml" in errors[0] and not root.exists()
+    assert "terminate called" not in output and "SIGABRT" not in output  # no worker aborts on its way out
     # the launcher's failure summary, the last thing it prints, carries the line (not "error_file: <N/A>")
     summary = output[output.rindex("Root Cause") :]
     assert f"traceback : {errors[0]}" in summary and "<N/A>" not in summary, summary
