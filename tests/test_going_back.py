@@ -159,6 +159,11 @@ def test_init_from_takes_weights_and_ema_with_a_fresh_optimizer_and_refuses_anot
     result = run_cli("base", base_argv(root, "--epochs", "1", "--max-steps-per-epoch", "1", "--set",
                                        "learning_rate=1e-12", "--init-from", str(root / RUN)))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    best = (root / RUN / "checkpoints" / "best.ckpt").resolve()
+    assert (
+        f"Starting from the weights and EMA of {best} (a fresh optimizer, counters and schedule)"
+        in result.stdout
+    )
     run = root / "base_training" / "run_002"
     warm = load_ckpt(run / "checkpoints" / "epoch_001.ckpt")
     assert warm["global_step"] == 1  # counters start over

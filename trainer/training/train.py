@@ -261,6 +261,10 @@ def _run(plan: Plan, accelerator: Any, topo: Any, run: RunHandle, splits: Any, k
                 write_config(run.layout.config, config.to_dict())
         else:
             run.print(f"{kind.headline} - run {number:03d} ({run.path})")
+        if start is not None:
+            run.print(
+                f"Starting from the weights and EMA of {start} (a fresh optimizer, counters and schedule)"
+            )
         run.print(topo.describe(trainer.steps.micro_batch, trainer.steps.accumulation))
         run.update(launch=topo.record(trainer.steps.micro_batch, trainer.steps.accumulation))
         trainer.fit()
