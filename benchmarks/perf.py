@@ -45,7 +45,7 @@ if not __package__:  # run as a script: import from the checkout, and this folde
     sys.path[0] = str(REPO)
 
 from benchmarks.figures import FIGURES, HEADLINE, explain  # noqa: E402
-from benchmarks.harness import Figure, markdown, table  # noqa: E402
+from benchmarks.harness import BenchError, Figure, markdown, table  # noqa: E402
 from benchmarks.measurements import Measurements  # noqa: E402
 from benchmarks.settings import (  # noqa: E402
     BATCH,
@@ -150,8 +150,9 @@ def checked(args: argparse.Namespace) -> tuple[list[str], Setup]:
 def measure(
     wanted: list[str], setup: Setup, *, keep: bool, record: bool, start: float
 ) -> tuple[list[Figure], list[str]]:
-    """The figures ``wanted``, measured in a scratch folder under demo_output/ (kept only with ``keep``),
-    and the markdown notes they add to results.md; with ``record``, the plots they drew go to docs/."""
+    """The figures ``wanted``, measured in a scratch folder under demo_output/ (kept with ``keep``, and when
+    a measurement fails: its launches' logs are there), and the markdown notes they add to results.md; with
+    ``record``, the plots they drew go to docs/."""
     (REPO / "demo_output").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="perf_", dir=REPO / "demo_output"))
     print(f"Scratch folder: {work}", flush=True)
@@ -166,9 +167,11 @@ def measure(
         for name, path in m.plots.items() if record else ():
             shutil.copyfile(path, REPO / "docs" / name)
             print(f"Wrote docs/{name}")
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        print(f"The scratch folder is kept for its logs: {work}", file=sys.stderr, flush=True)
+        raise
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
     return figures, notes
 
 
@@ -203,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         context = {"note": args.note, **context}
     start, load_at_start = time.perf_counter(), load_average()
-    figures, notes = measure(wanted, setup, keep=args.keep, record=not args.no_record, start=start)
+    try:
+        figures, notes = measure(wanted, setup, keep=args.keep, record=not args.no_record, start=start)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     context["load average (1, 5, 15 min)"] = f"{load_at_start} at the start, {load_average()} at the end"
     context["wall time of the whole benchmark"] = f"{time.perf_counter() - start:.0f} s"
     print("\n" + table(figures))

@@ -174,3 +174,27 @@ def test_scale_rows_divide_each_cost_by_its_floor_and_figures_show_the_worst_siz
     assert write.value == pytest.approx(0.75) and write.passed is False  # the worst size
     assert memory.value == pytest.approx(1.1) and memory.passed
     assert write.detail.startswith("15M: ") and "; 61M: 500 vs 667 MB/s (1000 MB)" in write.detail
+
+
+def test_a_failed_measurement_keeps_its_scratch_folder_and_says_where(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error names a launch's log: the folder holding it must outlive the failure (a run that passes
+    leaves nothing behind)."""
+    from benchmarks import perf
+
+    def fails(m: Any) -> list[Any]:
+        (m.logs / "launch.log").write_text("what the launch printed\n")
+        raise BenchError(f"a launch exited 1; see {m.logs / 'launch.log'}")
+
+    monkeypatch.setattr(perf, "REPO", tmp_path)
+    monkeypatch.setitem(perf.FIGURES, "fails", fails)
+    monkeypatch.setitem(perf.FIGURES, "passes", lambda m: [])
+    setup = Setup(batch=2, steps=1)
+    assert perf.measure(["passes"], setup, keep=False, record=False, start=0.0) == ([], [])
+    assert list((tmp_path / "demo_output").iterdir()) == []
+    with pytest.raises(BenchError, match=r"see .*launch\.log"):
+        perf.measure(["fails"], setup, keep=False, record=False, start=0.0)
+    [kept] = (tmp_path / "demo_output").iterdir()
+    assert (kept / "logs" / "launch.log").read_text() == "what the launch printed\n"
+    assert f"The scratch folder is kept for its logs: {kept}" in capsys.readouterr().err
