@@ -1,8 +1,8 @@
 """Stop signals: SIGTERM, SIGINT or SIGUSR1 on any rank ask training to stop at the next step boundary.
 
-The handler only sets a flag (and says so on stderr, on global rank 0); the checkpoint manager's step-end collective makes
-every rank agree on it, a checkpoint of that moment is committed, and the run ends as ``interrupted`` with
-exit code 0. A second signal only repeats the notice.
+The handler only sets a flag (and says so on stderr, on global rank 0); the checkpoint manager's step-end
+collective makes every rank agree on it, a checkpoint of that moment is committed, and the run ends as
+``interrupted`` with exit code 0. A second signal only repeats the notice.
 
 A worker started by a launcher (torch elastic, under ``accelerate launch``) also watches it: when the
 launcher dies (kill -9, a crash), the worker is re-parented, and within ``WATCH_SECONDS`` it treats that like
