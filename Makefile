@@ -53,7 +53,7 @@ soak: $(STAMP)
 
 # Performance as side-by-side ratios (trainer vs hand-written loop, the checkpoint engine vs its peers, ...):
 # prints a table with targets and PASS/FAIL, exits 1 if a figure misses its target (benchmarks/perf.py;
-# benchmarks/gpu.md for GPUs). `make bench`: the headline figures, ~23 min on 2 CPU cores, writes
+# benchmarks/gpu.md for GPUs). `make bench`: the headline figures, 16-23 min on 2 CPU cores, writes
 # benchmarks/results-headline.md; `make bench-full`: every figure at every size (the peers at 244M, the scale
 # figures, the curves), ~83 min, writes benchmarks/results.md. ARGS go to perf.py, e.g.
 # `make bench ARGS="--only stall,write"` for some figures (and the runs they need).
