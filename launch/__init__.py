@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # the names as mypy sees them
         SingleProcess as SingleProcess,
     )
     from launch.collectives import (
+        agree_on_signal as agree_on_signal,
+    )
+    from launch.collectives import (
         decide_on_rank0 as decide_on_rank0,
     )
     from launch.collectives import (
@@ -58,6 +61,7 @@ _WHERE = {
     "PeerLost": "launch.collectives",
     "ProcessGroupCollectives": "launch.collectives",
     "SingleProcess": "launch.collectives",
+    "agree_on_signal": "launch.collectives",
     "decide_on_rank0": "launch.collectives",
     "peer_failure": "launch.collectives",
     "Topology": "launch.world",

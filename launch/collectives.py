@@ -14,7 +14,7 @@ machine), it fails after the timeout. Either way the failure is a ``PeerLost`` n
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -185,3 +185,21 @@ def decide_on_rank0(
     if error is not None:
         raise error
     return value
+
+
+def agree_on_signal(
+    comm: Collectives,
+    rank: int,
+    world_size: int,
+    signal: int | None,
+    *,
+    what: str,
+    sums: Sequence[float] = (),
+) -> tuple[int | None, list[float]]:
+    """In one all-reduce: the stop signal any rank has (the lowest rank's, when several do), or None, and the
+    sums over the ranks of ``sums`` (values that travel in the same collective)."""
+    votes = [0.0] * world_size + [float(v) for v in sums]
+    votes[rank] = float(signal or 0)
+    summed = comm.all_reduce_sum(votes, what=what)
+    signals = [int(s) for s in summed[:world_size] if s]
+    return (signals[0] if signals else None), summed[world_size:]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Protocol
 
-from launch import Topology, decide_on_rank0
+from launch import Topology, agree_on_signal, decide_on_rank0
 from trainer.checkpoint.folder import CheckpointFolder
 from trainer.checkpoint.formats import CheckpointDamaged, CheckpointFormat
 from trainer.checkpoint.job import Committer, SaveJob, nbytes
@@ -246,22 +246,21 @@ class CheckpointManager:
 
     def _agree(self, stop_signal: int | None, loss: float) -> dict[str, Any]:
         """The one collective of a step end: every rank's signal and loss, rank 0's clock and save state."""
-        world, rank = self.topo.world_size, self.topo.rank
-        votes = [0.0] * (world + 3)
-        votes[rank] = float(stop_signal or 0)
-        votes[world] = loss
-        if self.topo.is_main:
+        topo, clock, finished = self.topo, 0.0, 0.0
+        if topo.is_main:
             minutes = self.policy.save_every_n_minutes
-            votes[world + 1] = float(bool(minutes) and time.monotonic() - self._last_save >= minutes * 60)
-            votes[world + 2] = float(self._job is not None and self._job.done())
+            clock = float(bool(minutes) and time.monotonic() - self._last_save >= minutes * 60)
+            finished = float(self._job is not None and self._job.done())
         step = self.states.progress.global_step
-        summed = self.topo.comm.all_reduce_sum(votes, what=f"the stop check at step {step}")
-        signals = [int(s) for s in summed[:world] if s]
+        stop, (loss_sum, clock, finished) = agree_on_signal(
+            topo.comm, topo.rank, topo.world_size, stop_signal, what=f"the stop check at step {step}",
+            sums=(loss, clock, finished),
+        )  # fmt: skip
         return {
-            "stop": signals[0] if signals else None,
-            "loss": summed[world] / world,
-            "clock": bool(summed[world + 1]),
-            "finished": bool(summed[world + 2]),
+            "stop": stop,
+            "loss": loss_sum / topo.world_size,
+            "clock": bool(clock),
+            "finished": bool(finished),
         }
 
     # -- saving -----------------------------------------------------------------------------------

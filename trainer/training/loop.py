@@ -63,7 +63,6 @@ class Trainer:
         )
         self.kind, self.faults = kind, faults
         self.steps = plan_steps(config, len(splits.train), topo.world_size, topo.asks)
-        self.steps_per_epoch = self.steps.steps_per_epoch
         self.total_steps = self.steps_per_epoch * config.epochs
 
         configure_deepspeed(accelerator, micro_batch=self.steps.micro_batch, accumulation=self.steps.accumulation,
@@ -95,6 +94,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(run.layout.checkpoint_folder, fmt, topo, states,
                                              config.checkpoint.policy(), journal=run, metrics=self.trackers,
                                              faults=faults)  # fmt: skip
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.steps.steps_per_epoch
 
     def resume(self, changes: list[Change], *, forked: bool = False) -> None:
         """Continue from the newest intact checkpoint (see ``CheckpointManager.load``), with ``changes`` to

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from data import ImageDataset
-from launch import Topology
+from launch import Topology, agree_on_signal
 
 
 class ValidationStopped(Exception):
@@ -47,7 +47,10 @@ def validation_loss(
     batches = math.ceil(math.ceil(len(val) / topo.world_size) / micro_batch)
     total = count = 0.0
     for b in range(batches):
-        _stop_if_any(stop_signal(b + 1), topo, what=f"the stop check before validation batch {b + 1}")
+        stop, _ = agree_on_signal(topo.comm, topo.rank, topo.world_size, stop_signal(b + 1),
+                                  what=f"the stop check before validation batch {b + 1}")  # fmt: skip
+        if stop is not None:
+            raise ValidationStopped(stop)
         chunk = mine[b * micro_batch : (b + 1) * micro_batch]
         weight = len(chunk)
         chunk = chunk if weight else torch.zeros(1, dtype=torch.long)
@@ -58,14 +61,6 @@ def validation_loss(
     model.train()
     total, count = topo.comm.all_reduce_sum([total, count], what="the validation loss")
     return total / count
-
-
-def _stop_if_any(signal: int | None, topo: Topology, what: str) -> None:
-    votes = [0.0] * topo.world_size
-    votes[topo.rank] = float(signal or 0)
-    signals = [int(v) for v in topo.comm.all_reduce_sum(votes, what=what) if v]
-    if signals:
-        raise ValidationStopped(signals[0])
 
 
 def image_seed(seed: int, index: int) -> int:
