@@ -18,7 +18,7 @@ Points: ``step`` (after an optimizer step), ``save.shards`` (state written, not 
 ``save.merge`` (state renamed, merged file not yet written), ``save.manifest`` (files written, manifest not
 yet), ``save.retention`` (committed, retention not yet run), ``save.rendezvous`` (a rank's files written,
 before it meets the others), ``validation`` (before each validation batch: filters ``epoch``, ``batch``
-from 1), ``metadata`` (before metadata.json is written after an epoch), ``write`` (a
+from 1), ``fid`` (before each round of an FID in training: filters ``epoch``, ``round`` from 0), ``metadata`` (before metadata.json is written after an epoch), ``write`` (a
 checkpoint file about to be written, or written but not yet renamed into place; ``enospc`` applies to every
 write). Filters: ``step`` (global step), ``tag``, ``rank``, ``restart`` (torch elastic's restart count of
 the workers). Each fault fires once per process, except ``enospc`` and ``delay``, which fire every time.

@@ -112,9 +112,12 @@ class TrainState:
         self.history.append(entry)
 
     def update_best(self, epoch: int, metrics: dict[str, float], monitor: str, mode: str) -> bool:
-        """Whether ``metrics`` of ``epoch`` beat the best so far by ``monitor`` (train_loss when the data has
-        no validation split); if so they become the best."""
+        """Whether ``metrics`` of ``epoch`` beat the best so far by ``monitor`` (val_loss: train_loss when the
+        data has no validation split); if so they become the best. An epoch without the metric (no FID
+        computed) does not compete."""
         if monitor not in metrics:
+            if monitor != "val_loss":
+                return False
             monitor = "train_loss"
         value = metrics[monitor]
         best = self.best

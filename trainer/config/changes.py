@@ -17,7 +17,7 @@ from trainer.config.files import diff_keys
 from trainer.config.schema import ConfigError
 
 FREE = ("epochs", "learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "experiment",
-        "ema_halflife_kimg", "ema_rampup_ratio", "checkpoint.", "logging.", "distributed.")  # fmt: skip
+        "ema_halflife_kimg", "ema_rampup_ratio", "checkpoint.", "evaluation.", "logging.", "distributed.")  # fmt: skip
 """Keys (or prefixes) a resume may change: how training goes on from here."""
 AT_EPOCH_START = ("batch_size", "max_steps_per_epoch")
 """Keys a resume may change only from a checkpoint at an epoch's start: they cut the epoch into steps."""

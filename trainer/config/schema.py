@@ -115,8 +115,9 @@ class CheckpointConfig:
     """Also keep the N best epochs by ``monitor``/``mode`` (0: the best one only, which is always kept)."""
     keep_every_n_epochs: int = 0
     """Also keep every N-th epoch forever, e.g. 10 (0: off). Rules combine: any rule keeps a checkpoint."""
-    monitor: Literal["train_loss", "val_loss"] = "val_loss"
-    """Metric that picks ``best``; val_loss falls back to train_loss on data without a validation split."""
+    monitor: Literal["train_loss", "val_loss", "fid"] = "val_loss"
+    """Metric that picks ``best``; val_loss falls back to train_loss on data without a validation split. fid
+    (with ``mode: min``) needs ``evaluation.fid_every_n_epochs``: only the epochs with an FID compete."""
     mode: Literal["min", "max"] = "min"
     save_every_n_steps: int = 0
     """Also save a resumable checkpoint every N optimizer steps inside an epoch (0: off); only the newest
@@ -146,6 +147,27 @@ class CheckpointConfig:
         _require(self.keep_last_n >= 0, "checkpoint.keep_last_n", "0 (keep all) or more")
         _require(self.keep_best_n >= 0, "checkpoint.keep_best_n", "0 (the best only) or more")
         _require(self.keep_every_n_epochs >= 0, "checkpoint.keep_every_n_epochs", "0 (off) or more")
+
+
+@dataclass
+class EvaluationConfig:
+    """FID during training (``scripts/evaluate.py`` computes it for any checkpoint afterwards)."""
+
+    fid_every_n_epochs: int = 0
+    """Compute the FID of the EMA weights every N epochs and at the last one (0: never)."""
+    fid_num_samples: int = 10000
+    """Samples per FID in training; published FIDs use 50,000 (``scripts/evaluate.py``'s default)."""
+    fid_features: Literal["inception-v3", "standin"] = "inception-v3"
+    """inception-v3 (the standard; weights download once) or standin (no download, for tests and offline
+    smoke runs; not comparable with published FIDs): ``metrics/features.py``."""
+    fid_batch_size: int = 250
+    """Samples per model batch, the unit of work of a process and of a resume: the FID does not depend on the
+    number of processes; the batch size changes which noise each sample gets."""
+
+    def __post_init__(self) -> None:
+        _require(self.fid_every_n_epochs >= 0, "evaluation.fid_every_n_epochs", "0 (never) or more")
+        _require(self.fid_num_samples >= 2, "evaluation.fid_num_samples", "at least 2")
+        _require(self.fid_batch_size >= 1, "evaluation.fid_batch_size", "at least 1")
 
 
 @dataclass
@@ -255,6 +277,7 @@ class TrainConfig:
     """Cap on optimizer steps per epoch, for smoke runs; null runs whole epochs."""
     edm: EDMConfig = field(default_factory=EDMConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig | None = None
@@ -277,6 +300,11 @@ class TrainConfig:
             "max_steps_per_epoch",
             "null or at least 1",
         )
+        if self.checkpoint.monitor == "fid" and not self.evaluation.fid_every_n_epochs:
+            raise ConfigError("checkpoint.monitor fid needs FIDs to compare: set evaluation.fid_every_n_epochs "
+                              "(e.g. 5), or monitor val_loss")  # fmt: skip
+        if self.checkpoint.monitor == "fid" and self.checkpoint.mode != "min":
+            raise ConfigError("checkpoint.monitor fid is better when lower: set checkpoint.mode min")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@
           state/<tag>/                       resumable state      manifests/<tag>.json
           manifests/<tag>.json               commit records     adapter/                   peft's export of best
         logs/  samples/epoch_NNN.png  events.jsonl  tensorboard/  wandb/
+        evaluations/<name>/                an FID's sample features while it is computed (removed after)
         damaged/<tag>/                     checkpoints that failed verification, moved aside
         run.lock                           held by the launch training the run
         run_key                            the job an --auto-resume run belongs to
@@ -116,6 +117,11 @@ class RunLayout:
 
     def sample_grid(self, epoch: int) -> Path:
         return self.logs / "samples" / f"{epoch_tag(epoch)}.png"
+
+    def fid_scratch(self, tag: str, num_samples: int, features: str) -> Path:
+        """The chunk features of an FID of checkpoint ``tag`` (or of the weights at an epoch's end) while it
+        is computed: what a stopped evaluation continues from."""
+        return self.path / "evaluations" / f"fid-{tag}-{num_samples}-{features}"
 
     @property
     def checkpoints(self) -> Path:

@@ -43,6 +43,10 @@ class RunSummary:
     precision: str | None = None
     """What the model computes in (``fp32``, ``bf16``, ``fp16``) as of the run's latest launch; None for a
     run whose metadata does not say."""
+    fid: float | None = None
+    """FID of the best epoch: the evaluation with the most samples (``scripts/evaluate.py``), else the one
+    computed in training."""
+    fid_samples: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +91,7 @@ def summarize(root: Path, number: int) -> RunSummary:
             best_mode="max" if best.get("mode") == "max" else "min",
             origin=origin(meta),
             precision=_text(meta.get("precision")),
+            **fid_of_best(meta, best),
         )
     except FileNotFoundError:
         status = "broken: no metadata.json"
@@ -97,6 +102,28 @@ def summarize(root: Path, number: int) -> RunSummary:
     except (AttributeError, TypeError, KeyError) as e:  # valid JSON of the wrong shape
         status = f"broken: malformed metadata.json ({type(e).__name__})"
     return RunSummary(number, str(path), None, None, None, None, None, None, None, None, None, status)
+
+
+def fid_of_best(meta: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
+    """``fid`` and ``fid_samples`` of the best epoch: of its evaluation with the most samples, else of its
+    history entry (an FID in training); empty when it has none."""
+    epoch = best.get("epoch")
+    if epoch is None:
+        return {}
+    found = [
+        (as_int(e["num_samples"], "num_samples"), _number(e["value"]))
+        for e in meta.get("evaluations") or []
+        if e.get("epoch") == epoch and e.get("metric") == "fid"
+    ]
+    found += [
+        (as_int(h.get("fid_samples") or 0, "fid_samples"), _number(h["fid"]))
+        for h in meta.get("history") or []
+        if h.get("epoch") == epoch and h.get("fid") is not None
+    ]
+    if not found:
+        return {}
+    samples, value = max(found, key=lambda f: f[0])
+    return {"fid": value, "fid_samples": samples or None}
 
 
 def origin(meta: dict[str, Any]) -> str | None:
@@ -267,8 +294,9 @@ def format_table(rows: list[RunSummary], title: str) -> str:
         return f"{title}: no runs yet"
     lineage = any(r.origin for r in rows)  # the From column only where some run has one
     mixed = any(r.precision not in (None, "fp32") for r in rows)  # Precision: where some run is not fp32
+    fids = any(r.fid is not None for r in rows)  # FID: where some run has one
     headers = ["Run #", "Experiment", "Dataset", *(["From"] if lineage else []), *(["Precision"] if mixed else []),
-               "Epochs", "Checkpoints", "Best", "Value", "Status"]  # fmt: skip
+               "Epochs", "Checkpoints", "Best", "Value", *(["FID (samples)"] if fids else []), "Status"]  # fmt: skip
     body = []
     for r in rows:
         epochs = "-" if r.epochs_completed is None else f"{r.epochs_completed}/{r.epochs_total or '?'}"
@@ -285,6 +313,7 @@ def format_table(rows: list[RunSummary], title: str) -> str:
                 "-" if r.checkpoints is None else str(r.checkpoints),
                 best,
                 value + ("  <- best" if r.is_best else ""),
+                *([_fid_cell(r)] if fids else []),
                 r.status,
             ]
         )
@@ -293,3 +322,9 @@ def format_table(rows: list[RunSummary], title: str) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
     return "\n".join(lines)
+
+
+def _fid_cell(row: RunSummary) -> str:
+    if row.fid is None:
+        return "-"
+    return f"{row.fid:.3f}" + (f" ({row.fid_samples:,})" if row.fid_samples else "")

@@ -33,6 +33,7 @@ from trainer.runs.metadata import RunHandle
 from trainer.training.base_model import load_init_weights
 from trainer.training.ema import EMA
 from trainer.training.factory import load_weights
+from trainer.training.fid import EpochFids, EvaluationStopped
 from trainer.training.kinds import RunKind
 from trainer.training.samples import InferenceCopy, draw_grid
 from trainer.training.stop import StopSignals
@@ -88,7 +89,10 @@ class Trainer:
         self.state = TrainState()
         self.stop = StopSignals(announce=topo.is_main)
         self.trackers = Trackers()  # opened by fit(), once a resume has set the step to continue from
-        self.inference = InferenceCopy(lambda: kind.build_module(config))  # rank 0's, for grids and exports
+        self.inference = InferenceCopy(lambda: kind.build_module(config))  # for grids, exports and FIDs
+        self.fids = EpochFids(
+            config, topo, splits, run.layout, faults
+        )  # before training: offline, it fails now
         states = TrainingStates(self.model, self.optimizer, self.ema, self.state, RNGState(config.seed))
         fmt = kind.checkpoint_format(run.layout, topo, config, faults)
         self.checkpoints = CheckpointManager(run.layout.checkpoint_folder, fmt, topo, states,
@@ -169,10 +173,13 @@ class Trainer:
             val_loss = validation_loss(self.model, self.splits.val, self._loss, topo=self.topo,
                                        micro_batch=self.steps.micro_batch, seed=cfg.seed,
                                        stop_signal=stop_signal)  # fmt: skip
-        except ValidationStopped as stopped:
+            seconds = time.perf_counter() - start
+            fid = self._fid(epoch) if self.fids.due(epoch) else None
+        except (ValidationStopped, EvaluationStopped) as stopped:
             self._stop_in_validation(epoch, stopped.signal)
-        seconds = time.perf_counter() - start
-        metrics = {"train_loss": train_loss, **({"val_loss": val_loss} if val_loss is not None else {})}
+        fid_seconds = time.perf_counter() - start - seconds
+        metrics = {"train_loss": train_loss, **({"val_loss": val_loss} if val_loss is not None else {}),
+                   **({"fid": fid} if fid is not None else {})}  # fmt: skip
         entry: dict[str, Any] = {
             "epoch": epoch,
             **metrics,
@@ -181,6 +188,11 @@ class Trainer:
             "images_per_sec": round((self.steps_per_epoch - first) * cfg.batch_size / seconds, 2),
             "global_step": state.global_step,
             "checkpoint": None,
+            **(
+                {"fid_samples": cfg.evaluation.fid_num_samples, "fid_seconds": round(fid_seconds, 3)}
+                if fid is not None
+                else {}
+            ),
         }
         is_best = state.update_best(epoch, metrics, cfg.checkpoint.monitor, cfg.checkpoint.mode)
         state.end_epoch(entry)
@@ -201,8 +213,14 @@ class Trainer:
         if self._samples_due(epoch):
             self._write_samples(epoch)
 
+    def _fid(self, epoch: int) -> float:
+        """FID of the EMA weights at the end of epoch ``epoch``, every rank drawing its share."""
+        ema = self.ema.full_state()
+        model = self.inference.with_weights(ema).to(self.topo.device)
+        return self.fids.measure(epoch, model, ema, stop_signal=lambda: self.stop.signal, say=self.run.print)
+
     def _stop_in_validation(self, epoch: int, signal: int) -> NoReturn:
-        """A stop signal during epoch ``epoch``'s validation: its steps are trained, its end is not. The
+        """A stop signal during epoch ``epoch``'s validation or FID: its steps are trained, its end is not. The
         checkpoint of this moment (a step checkpoint at the epoch's last step) is committed, and the resume
         validates the epoch again, from the same weights."""
         self.model.train()

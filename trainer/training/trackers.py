@@ -51,7 +51,7 @@ class Tracker(Protocol):
 
 
 EPOCH_KEYS = {"epoch": "epoch/epoch", "train_loss": "epoch/train_loss", "val_loss": "epoch/val_loss",
-              "seconds": "epoch/seconds", "images_per_sec": "epoch/images_per_sec"}  # fmt: skip
+              "fid": "epoch/fid", "seconds": "epoch/seconds", "images_per_sec": "epoch/images_per_sec"}  # fmt: skip
 """A history entry's values → the tracker keys of an epoch's metrics."""
 
 
