@@ -5,8 +5,8 @@ at the final image size. The trainer then draws batches by index (`ImageDataset.
 DataLoader, no worker processes and no per-epoch decoding: every rank holds the same tensor and picks its
 own indices, which keeps resume bit-identical.
 
-`load_dataset` takes exactly the fields of the project's `DataConfig` (minus `random_flip`, which the
-trainer applies) plus the training seed, and dispatches on `source` to `data/cifar.py` or `data/digits.py`.
+`load_dataset` takes exactly the fields of the project's `DataConfig` (minus `random_flip` and `augment_p`,
+which the trainer applies) plus the training seed, and dispatches on `source` to `data/cifar.py` or `data/digits.py`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def load_dataset(
     download: bool,
     seed: int,
 ) -> DatasetSplits:
-    """Load the dataset described by a `DataConfig` (minus `random_flip`) into memory.
+    """Load the dataset described by a `DataConfig` (minus `random_flip` and `augment_p`) into memory.
 
     source: "digits" (scikit-learn, offline), "cifar10" or "cifar100" (python pickle folders under `root`).
     classes / superclasses: keep only these (fine) classes / the fine classes of these CIFAR-100 coarse

@@ -9,6 +9,7 @@ Module names are stable so LoRA can target layers by stage:
     decoder.{s}.skip                1x1 conv merging the concatenated encoder stage s output
     decoder.{s}.blocks.{b}          ResBlocks at the same resolution as encoder.{s}, s = stages-2 ... 0
     head.conv                       conv 3x3 channels[0] -> in_channels (zero-initialised)
+    augment_embed                   augment_dim -> time_dim, no bias (only when augment_dim > 0)
 
 Inside each ResBlock `...blocks.{b}`: `conv` (3x3), `block.attn.qkv`, `block.attn.qkv_temb`, `block.attn.proj`,
 `block.mlp.fc1`, `block.mlp.fc2`. So `decoder.{s}` and `encoder.{s}` with the same s work at the same resolution.
@@ -232,11 +233,12 @@ class DiffiT(nn.Module):
         label_dropout: float,
         dropout: float = 0.0,
         sigma_data: float = 0.5,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         channels = list(channels)
         _validate(image_size, in_channels, channels, blocks_per_stage, window_size, head_dim, time_dim)
-        _validate_rest(mlp_ratio, num_classes, label_dropout, dropout, sigma_data)
+        _validate_rest(mlp_ratio, num_classes, label_dropout, dropout, sigma_data, augment_dim)
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -271,6 +273,10 @@ class DiffiT(nn.Module):
         )
         self.head = FinalLayer(channels[0], in_channels)
         self._zero_init()
+        # EDM's map_augment: the augmentation label (model/augment.py) shifts the noise-level embedding, so the
+        # network knows what augmentation it sees; sampling passes none (zero). Built last, so the other
+        # layers start as they do without it.
+        self.augment_embed = nn.Linear(augment_dim, time_dim, bias=False) if augment_dim > 0 else None
 
     def _zero_init(self) -> None:
         # Like DiT's adaLN-Zero: every residual branch starts as the identity and the output as zero, so
@@ -283,9 +289,16 @@ class DiffiT(nn.Module):
             for p in layer.parameters():
                 nn.init.zeros_(p)
 
-    def network(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None) -> Tensor:
+    def network(
+        self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None = None
+    ) -> Tensor:
         """F_θ of EDM: the raw U-shaped transformer on preconditioned input, no skip/scaling."""
-        x_t = self.time_embed(positional_embedding(c_noise, self.time_dim).to(x.dtype))  # (N, T)
+        emb = positional_embedding(c_noise, self.time_dim).to(x.dtype)  # (N, T)
+        if augment_labels is not None:
+            if self.augment_embed is None:
+                raise ValueError("augment_labels given to a model without augment_embed (augment_dim=0)")
+            emb = emb + self.augment_embed(augment_labels.to(emb.dtype))  # (N, T)
+        x_t = self.time_embed(emb)  # (N, T)
         if self.label_embed is not None:
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
@@ -302,8 +315,10 @@ class DiffiT(nn.Module):
             h = stage(h, skips.pop(), x_t)  # (N, Cs, H/2^s, W/2^s)
         return self.head(h)  # (N, in_channels, H, W)
 
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """EDM denoiser D(x; σ) = c_skip·x + c_out·F(c_in·x, ln(σ)/4, labels); float32 in and out."""
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:  # fmt: skip
+        """EDM denoiser D(x; σ) = c_skip·x + c_out·F(c_in·x, ln(σ)/4, labels, augment_labels); float32 in and
+        out. ``augment_labels`` (N, augment_dim) say how each image was augmented; None, as in sampling, is zero."""
         x = x.float()  # (N, C, H, W)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0])  # (N,); a scalar σ applies to the whole batch
@@ -315,7 +330,8 @@ class DiffiT(nn.Module):
         c_noise = sigma.log() / 4  # (N,)
         # Run F in the parameters' dtype (bf16 under DeepSpeed), but keep the preconditioning in float32.
         dtype = self.tokenizer.weight.dtype
-        f = self.network((c_in * x).to(dtype), c_noise, class_labels)
+        extra = () if augment_labels is None else (augment_labels,)  # network's signature stays what it was
+        f = self.network((c_in * x).to(dtype), c_noise, class_labels, *extra)
         return c_skip * x + c_out * f.float()  # (N, C, H, W)
 
 
@@ -361,7 +377,12 @@ def _validate(
 
 
 def _validate_rest(
-    mlp_ratio: float, num_classes: int, label_dropout: float, dropout: float, sigma_data: float
+    mlp_ratio: float,
+    num_classes: int,
+    label_dropout: float,
+    dropout: float,
+    sigma_data: float,
+    augment_dim: int,
 ):
     if mlp_ratio <= 0:
         raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
@@ -373,3 +394,5 @@ def _validate_rest(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if sigma_data <= 0:
         raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+    if not isinstance(augment_dim, int) or augment_dim < 0:
+        raise ValueError(f"augment_dim must be an integer >= 0 (0: no augment_embed), got {augment_dim!r}")

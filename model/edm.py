@@ -1,7 +1,8 @@
 """EDM training loss and deterministic Heun sampler (Karras et al. 2022, "Elucidating the Design Space...").
 
 `model` is any callable `model(x, sigma, labels) -> D(x; sigma)` (a DiffiT, or a DeepSpeed/Accelerate wrapper
-around one), so nothing here reads attributes of it. All randomness comes from arguments: the loss draws from
+around one), so nothing here reads attributes of it; the loss passes a fourth argument, the augmentation labels,
+only when it is given some (``model/augment.py``). All randomness comes from arguments: the loss draws from
 the caller's `torch.Generator` (checkpointable), the sampler takes its initial noise from the caller.
 """
 
@@ -20,7 +21,7 @@ Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 def edm_loss(
-    model: Denoiser,
+    model: Callable[..., Tensor],
     images: Tensor,
     labels: Tensor | None,
     *,
@@ -31,6 +32,7 @@ def edm_loss(
     p_std: float = 1.2,
     sigma_data: float = 0.5,
     share: tuple[int, int] = (0, 1),
+    augment_labels: Tensor | None = None,
 ) -> Tensor:
     """EDM loss: E_σ,n [λ(σ)·mean_pixels (D(y + n; σ) − y)²] with ln σ ~ N(p_mean, p_std²), averaged over the batch.
 
@@ -39,6 +41,8 @@ def edm_loss(
     so with a generator seeded alike on every rank the training noise does not depend on the process count.
     ``generator`` may instead be one generator per image (``share`` left alone): each image then has draws of
     its own, whatever batch it is in and on whichever process (validation on any number of processes).
+    ``augment_labels`` (N, augment_dim): how ``images`` were augmented (``model.augment.augment``), passed to
+    the model as ``model(x, sigma, labels, augment_labels)``; None calls ``model(x, sigma, labels)``.
     """
     y = images.float()  # (N, C, H, W)
     n = y.shape[0]
@@ -63,7 +67,8 @@ def edm_loss(
         labels = torch.where(drop < label_dropout, torch.full_like(labels, num_classes), labels)
     # λ(σ) = 1/c_out² makes the effective target of F unit-variance at every σ.
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # (N,)
-    denoised = model(y + noise, sigma, labels).float()  # (N, C, H, W)
+    extra = () if augment_labels is None else (augment_labels,)
+    denoised = model(y + noise, sigma, labels, *extra).float()  # (N, C, H, W)
     per_image_loss = ((denoised - y) ** 2).flatten(1).mean(dim=1)  # (N,)
     return (weight * per_image_loss).mean()
 

@@ -32,6 +32,7 @@ PRESET_KEYS = {
     "val_fraction",
     "download",
     "random_flip",
+    "augment_p",
 }
 ANIMAL_SUPERCLASSES = [
     "aquatic_mammals",
@@ -354,6 +355,7 @@ def test_every_data_preset_loads(tmp_path: Path, preset: str, num_classes: int) 
     fields = yaml.safe_load((CONFIG_DIR / f"{preset}.yaml").read_text())
     assert set(fields) == PRESET_KEYS
     fields.pop("random_flip")  # used by the trainer, not by load_dataset
+    fields.pop("augment_p")
     if fields["source"] != "digits":
         (write_cifar10 if fields["source"] == "cifar10" else write_cifar100)(tmp_path, bytes_keys=True)
         fields["root"] = str(tmp_path)

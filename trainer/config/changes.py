@@ -21,6 +21,9 @@ FREE = ("epochs", "learning_rate", "weight_decay", "warmup_steps", "lr_schedule"
 """Keys (or prefixes) a resume may change: how training goes on from here."""
 AT_EPOCH_START = ("batch_size", "max_steps_per_epoch")
 """Keys a resume may change only from a checkpoint at an epoch's start: they cut the epoch into steps."""
+ADDED = {"data.augment_p": 0.0, "model.augment_dim": 0}
+"""Keys added to the config after runs were recorded without them, with the value such a run trained with:
+a stored config that lacks one compares as if it held that value."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ class Change:
 
 def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     """Every key ``new`` changes of ``stored`` (a key ``stored`` lacks was added to the trainer after the run
-    started: its default is no change)."""
+    started: its default is no change, and so is the value of ``ADDED`` it stands for)."""
+    stored = with_added_keys(stored)
     keys = [key for key in diff_keys(stored, new) if _present(stored, key)]
     return [Change(key, _lookup(stored, key), _lookup(new, key)) for key in keys]
 
@@ -71,6 +75,16 @@ def refuse_inexact(changes: list[Change], *, step_in_epoch: int, epochs_trained:
                 f"--epochs {c.new} is fewer than the {epochs_trained} epochs this run has already trained; pass "
                 f"--epochs above {epochs_trained} to train on"
             )
+
+
+def with_added_keys(stored: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` (a recorded config) with each key of ``ADDED`` it lacks set to the value it trained with."""
+    filled = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+    for dotted, value in ADDED.items():
+        section, key = dotted.split(".")
+        if isinstance(filled.get(section), dict):
+            filled[section].setdefault(key, value)
+    return filled
 
 
 def _present(data: dict[str, Any], dotted: str) -> bool:

@@ -54,8 +54,12 @@ class ModelConfig:
     label_dropout: float = 0.1
     """Share of labels replaced by the null label in training, so classifier-free guidance works."""
     dropout: float = 0.0
+    augment_dim: int | None = None
+    """Size of the augmentation label the model is conditioned on (0: none); null takes the label's size when
+    ``data.augment_p`` > 0, else 0. Resolved against the data; a run's config records the number."""
 
     def __post_init__(self) -> None:
+        _require(self.augment_dim is None or self.augment_dim >= 0, "model.augment_dim", "null, 0 or more")
         _require(bool(self.channels) and all(c > 0 for c in self.channels), "model.channels", "positive ints")
         _require(self.blocks_per_stage >= 1, "model.blocks_per_stage", "at least 1")
         _require(0.0 <= self.label_dropout < 1.0, "model.label_dropout", "in [0, 1)")
@@ -83,9 +87,22 @@ class DataConfig:
     val_fraction: float = 0.1
     download: bool = False
     random_flip: bool = False
+    augment_p: float = 0.0
+    """EDM's non-leaking augmentation (``model/augment.py``), 0 = off: the probability of each geometric transform
+    per image (EDM's CIFAR-10 recipe uses 0.12; every other image is also x-flipped). The model is told how each
+    image was augmented (``model.augment_dim``) and samples as if it were not, so no augmentation shows in its
+    samples. It does the x-flips itself: ``random_flip`` must then be false."""
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "in [0, 1)")
+        _require(
+            0.0 <= self.augment_p < 1.0, "data.augment_p", "in [0, 1) (0: off; EDM's CIFAR-10 recipe: 0.12)"
+        )
+        if self.augment_p > 0 and self.random_flip:
+            raise ConfigError(
+                f"data.augment_p={self.augment_p} flips images itself (and tells the model it did); pass "
+                "--set data.random_flip=false with it"
+            )
 
 
 @dataclass

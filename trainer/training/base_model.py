@@ -120,6 +120,8 @@ def load_init_weights(path: Path, config: TrainConfig) -> dict[str, Any]:
     """The base checkpoint a new run starts from, refused when its architecture differs from the run's."""
     ckpt = load_base_checkpoint(path)
     saved = from_dict(ModelConfig, ckpt["config"]["model"], "model.").architecture()
+    if saved["augment_dim"] is None:  # recorded before the key existed: no augment_embed
+        saved["augment_dim"] = 0
     now = config.model.architecture()
     differing = [key for key in now if saved.get(key) != now[key]]
     if differing:

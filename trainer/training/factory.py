@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from data import DatasetError, DatasetSplits, load_dataset
-from model import DiffiT
+from model import AUGMENT_DIM, DiffiT
 from model.lora import apply_lora, resize_label_embedding, resolve_targets
 from trainer.config.schema import ConfigError, ModelConfig, TrainConfig
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 def load_data(config: TrainConfig) -> DatasetSplits:
     fields = dataclasses.asdict(config.data)
     fields.pop("random_flip")
+    fields.pop("augment_p")
     try:
         return load_dataset(**fields, seed=config.seed)
     except DatasetError as e:
@@ -42,6 +43,26 @@ def resolve_model_against_data(config: TrainConfig, splits: DatasetSplits) -> No
     model.in_channels = splits.channels
     if model.num_classes is None:
         model.num_classes = splits.num_classes
+    resolve_augment_dim(config)
+
+
+def resolve_augment_dim(config: TrainConfig) -> None:
+    """``model.augment_dim`` null: the augmentation label's size with ``data.augment_p`` > 0, else 0 (also what a
+    config recorded before the key existed means: it trained without augmentation). A model that cannot take
+    the label of an augmented run is refused."""
+    model, p = config.model, config.data.augment_p
+    if model.augment_dim is None:
+        model.augment_dim = AUGMENT_DIM if p > 0 else 0
+    elif model.augment_dim not in (0, AUGMENT_DIM):
+        raise ConfigError(
+            f"model.augment_dim must be null, 0 or {AUGMENT_DIM} (the augmentation label's size), got "
+            f"{model.augment_dim}; pass --set model.augment_dim=null"
+        )
+    elif model.augment_dim == 0 and p > 0:
+        raise ConfigError(
+            f"data.augment_p={p} needs a model conditioned on the augmentation, but model.augment_dim is 0: the "
+            "augmentations would leak into its samples. Pass --set model.augment_dim=null, or data.augment_p=0"
+        )
 
 
 def model_kwargs(model: ModelConfig, sigma_data: float) -> dict[str, Any]:
@@ -55,6 +76,9 @@ def model_kwargs(model: ModelConfig, sigma_data: float) -> dict[str, Any]:
 
 def build_model(config: TrainConfig) -> DiffiT:
     """A freshly initialised DiffiT for this config; architecture errors become a ``ConfigError``."""
+    resolve_augment_dim(
+        config
+    )  # a no-op once resolved against the data; a checkpoint's config from before: 0
     try:
         return DiffiT(**model_kwargs(config.model, config.edm.sigma_data))
     except ValueError as e:

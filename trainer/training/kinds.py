@@ -130,6 +130,8 @@ class LoraKind(RunKind):
         self._base = load_base_checkpoint(path)
         self.note = f"Base model: {path} ({why})"
         config.model = from_dict(ModelConfig, self._base["config"]["model"], "model.")
+        if config.model.augment_dim is None:  # a base recorded before the key existed has no augment_embed
+            config.model.augment_dim = 0
         config.base_checkpoint = str(path)
         return path
 

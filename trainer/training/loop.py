@@ -8,6 +8,7 @@ the run's kind (``kinds.py``). The loop holds no rank logic of its own beyond "o
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from data import DatasetSplits
 from data.order import EpochOrder, epoch_order
 from launch import PeerLost, Topology, configure_deepspeed, peer_failure
-from model import SamplingStopped, edm_loss
+from model import SamplingStopped, augment, edm_loss
 from model.lora import base_diffit
 from trainer.checkpoint.manager import Boundary, CheckpointManager
 from trainer.checkpoint.manifest import Manifest
@@ -86,6 +87,7 @@ class Trainer:
         if start is not None:
             self.ema.from_full(start["ema_state_dict"])
         self.noise = torch.Generator(topo.device)  # re-seeded from (seed, step) before every step
+        self.augment_rng = torch.Generator(topo.device)  # the same, with a seed of its own (augment_seed)
         self.state = TrainState()
         self.stop = StopSignals(announce=topo.is_main)
         self.trackers = Trackers()  # opened by fit(), once a resume has set the step to continue from
@@ -293,9 +295,9 @@ class Trainer:
                 if self.accelerator.sync_gradients != (k == parts - 1):
                     raise RuntimeError(f"Accelerate syncs gradients at micro-batch {k + 1} of {parts}")
                 self.noise.manual_seed(cfg.seed * 1_000_003 + state.global_step)
-                part = slice(k * n, (k + 1) * n)
-                loss = self._loss(images[part], labels[part], self.noise,
-                                  share=(topo.rank * parts + k, topo.world_size * parts))  # fmt: skip
+                part, share = slice(k * n, (k + 1) * n), (topo.rank * parts + k, topo.world_size * parts)
+                batch, augment_labels = self._augment(images[part], share)
+                loss = self._loss(batch, labels[part], self.noise, share=share, augment_labels=augment_labels)
                 self.accelerator.backward(loss)
                 losses.append(loss.detach())
         if topo.deepspeed_stage is None and cfg.grad_clip > 0:
@@ -307,12 +309,23 @@ class Trainer:
         self.ema.update(images_seen=state.global_step * cfg.batch_size, batch_size=cfg.batch_size)
         return torch.stack(losses).mean().item(), lr
 
+    def _augment(self, images: torch.Tensor, share: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """This micro-batch with EDM's augmentation, and its labels (None: ``data.augment_p`` is 0). Drawn for the
+        global batch and cut like the loss noise, from a generator of its own: a run without augmentation draws
+        exactly what it drew before augmentation existed."""
+        p = self.config.data.augment_p
+        if p == 0:
+            return images, None
+        self.augment_rng.manual_seed(augment_seed(self.config.seed, self.state.global_step))
+        return augment(images.to(self.topo.device), p, self.augment_rng, share)
+
     def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | list[torch.Generator],
-              share: tuple[int, int] = (0, 1)) -> torch.Tensor:  # fmt: skip
+              share: tuple[int, int] = (0, 1), augment_labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         cfg, device = self.config, self.topo.device
         return edm_loss(self.model, images.to(device), labels.to(device), num_classes=self.net.num_classes,
                         label_dropout=cfg.model.label_dropout, generator=generator, p_mean=cfg.edm.p_mean,
-                        p_std=cfg.edm.p_std, sigma_data=cfg.edm.sigma_data, share=share)  # fmt: skip
+                        p_std=cfg.edm.p_std, sigma_data=cfg.edm.sigma_data, share=share,
+                        augment_labels=augment_labels)  # fmt: skip
 
     def _stop_if_agreed(self, boundary: Boundary) -> None:
         """After the ranks agreed on a stop signal (its checkpoint is committed): end training."""
@@ -350,6 +363,12 @@ class Trainer:
             self.run.print(f"Sample grid of epoch {epoch} left for the resume to draw: {self.stop.name} came")
             self.run.record_event("interrupted", signal=self.stop.name, global_step=self.state.global_step)
             raise Interrupted(f"stopped by {self.stop.name} while drawing epoch {epoch}'s samples")
+
+
+def augment_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s augmentation draws: a hash, sharing no seed with the loss noise's."""
+    digest = hashlib.blake2b(f"augment {seed} {step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 PLAIN_EVERY_SECONDS = 60.0

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from trainer.config.changes import Change, config_changes, resume_changes
+from trainer.config.changes import Change, config_changes, resume_changes, with_added_keys
 from trainer.config.files import build_config, diff_keys
 from trainer.config.request import RunRequest, attempt_record, cli_overrides
 from trainer.config.schema import ConfigError, TrainConfig
@@ -194,7 +194,7 @@ def _check_changes(plan: Plan, set_keys: set[str]) -> None:
         if claim.resuming
         else f"forking run {claim.fork.layout.number:03d}"
     )
-    _refuse_model_change(plan.stored["model"], plan.config, set_keys, what)
+    _refuse_model_change(with_added_keys(plan.stored)["model"], plan.config, set_keys, what)
     new = plan.config.to_dict()
     plan.changes = (
         resume_changes(plan.stored, new, set_keys)
