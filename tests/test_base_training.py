@@ -53,14 +53,14 @@ def test_a_log_that_is_not_a_terminal_gets_a_progress_line_now_and_then(
 ) -> None:
     from types import SimpleNamespace
 
-    from trainer.training import loop
+    from trainer.training import progress
 
-    monkeypatch.setattr(loop, "PLAIN_EVERY_SECONDS", 0.0)  # a line at every step
+    monkeypatch.setattr(progress, "PLAIN_EVERY_SECONDS", 0.0)  # a line at every step
     config = SimpleNamespace(epochs=4, batch_size=32, logging=SimpleNamespace(log_every_n_steps=10))
     trainer = SimpleNamespace(config=config, state=SimpleNamespace(step_in_epoch=0, global_step=7),
                               steps_per_epoch=3, topo=SimpleNamespace(is_main=True),
                               trackers=SimpleNamespace(enabled=False), run=SimpleNamespace(print=print))  # fmt: skip
-    meter = loop._Meter(trainer, 3)  # type: ignore[arg-type]
+    meter = progress.EpochProgress(trainer, 3)  # type: ignore[arg-type]
     for step in range(3):
         meter.update(step, loss=0.5, lr=2e-3, last=step == 2)
     meter.close()

@@ -2,20 +2,18 @@
 
 Everything around the loop lives beside it: checkpoints in ``CheckpointManager`` (when to save, saving,
 resume), the run's record in ``RunHandle``, trackers in ``Trackers``, stop signals in ``StopSignals``,
-validation in ``validate.py``, sample grids in ``samples.py``, what differs between base and LoRA runs in
-the run's kind (``kinds.py``). The loop holds no rank logic of its own beyond "only rank 0 draws".
+validation in ``validate.py``, FIDs in ``fid.py``, sample grids in ``samples.py``, progress lines in
+``progress.py``, what differs between base and LoRA runs in the run's kind (``kinds.py``). The loop holds no rank logic of its own beyond "only rank 0 draws".
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from tqdm import tqdm
 
 from data import DatasetSplits
 from data.order import EpochOrder, epoch_order
@@ -36,6 +34,7 @@ from trainer.training.ema import EMA
 from trainer.training.factory import load_weights
 from trainer.training.fid import EpochFids, EvaluationStopped
 from trainer.training.kinds import RunKind
+from trainer.training.progress import EpochProgress
 from trainer.training.samples import InferenceCopy, draw_grid
 from trainer.training.stop import StopSignals
 from trainer.training.trackers import Trackers, epoch_metrics, open_trackers
@@ -92,9 +91,8 @@ class Trainer:
         self.stop = StopSignals(announce=topo.is_main)
         self.trackers = Trackers()  # opened by fit(), once a resume has set the step to continue from
         self.inference = InferenceCopy(lambda: kind.build_module(config))  # for grids, exports and FIDs
-        self.fids = EpochFids(
-            config, topo, splits, run.layout, faults
-        )  # before training: offline, it fails now
+        # Before training: without Inception's weights offline, the run fails now, not at its first FID.
+        self.fids = EpochFids(config, topo, splits, run.layout, faults)
         states = TrainingStates(self.model, self.optimizer, self.ema, self.state, RNGState(config.seed))
         fmt = kind.checkpoint_format(run.layout, topo, config, faults)
         self.checkpoints = CheckpointManager(run.layout.checkpoint_folder, fmt, topo, states,
@@ -190,12 +188,9 @@ class Trainer:
             "images_per_sec": round((self.steps_per_epoch - first) * cfg.batch_size / seconds, 2),
             "global_step": state.global_step,
             "checkpoint": None,
-            **(
-                {"fid_samples": cfg.evaluation.fid_num_samples, "fid_seconds": round(fid_seconds, 3)}
-                if fid is not None
-                else {}
-            ),
         }
+        if fid is not None:
+            entry.update(fid_samples=cfg.evaluation.fid_num_samples, fid_seconds=round(fid_seconds, 3))
         is_best = state.update_best(epoch, metrics, cfg.checkpoint.monitor, cfg.checkpoint.mode)
         state.end_epoch(entry)
         boundary = self.checkpoints.maybe_save(
@@ -262,7 +257,7 @@ class Trainer:
         order = epoch_order(len(self.splits.train), cfg.batch_size, seed=cfg.seed, epoch=epoch,
                             random_flip=cfg.data.random_flip)  # fmt: skip
         self.model.train()
-        meter = _Meter(self, epoch)
+        meter = EpochProgress(self, epoch)
         for step in range(state.step_in_epoch, self.steps_per_epoch):
             loss, lr = self._step(order, step)
             last = step == self.steps_per_epoch - 1
@@ -369,49 +364,3 @@ def augment_seed(seed: int, step: int) -> int:
     """The seed of step ``step``'s augmentation draws: a hash, sharing no seed with the loss noise's."""
     digest = hashlib.blake2b(f"augment {seed} {step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-PLAIN_EVERY_SECONDS = 60.0
-"""How often rank 0 prints a progress line where its output is not a terminal (a SLURM or nohup log)."""
-
-
-class _Meter:
-    """An epoch's progress (rank 0) and its tracker points: on multiples of the global step, so that every
-    launch of a run logs the same steps, each averaging rank 0's loss since the previous point. Progress is a
-    bar on a terminal; in a log file, a plain line every ``PLAIN_EVERY_SECONDS`` (a bar's ``\r`` redraws
-    would glue the log's lines together)."""
-
-    def __init__(self, trainer: Trainer, epoch: int) -> None:
-        self.trainer, cfg = trainer, trainer.config
-        self.first = trainer.state.step_in_epoch
-        self.title = f"Epoch {epoch}/{cfg.epochs}"
-        self.plain = not sys.stderr.isatty()
-        self.bar = tqdm(total=trainer.steps_per_epoch, initial=self.first, desc=self.title,
-                        disable=not trainer.topo.is_main or self.plain, leave=False)  # fmt: skip
-        self.start = self.window_start = self.line_at = time.perf_counter()
-        self.window_loss, self.window_steps = 0.0, 0
-
-    def update(self, step: int, loss: float, lr: float, last: bool) -> None:
-        cfg, trackers = self.trainer.config, self.trainer.trackers
-        batch, every = cfg.batch_size, cfg.logging.log_every_n_steps
-        self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
-        self.bar.update(1)
-        now = time.perf_counter()
-        rate = (step + 1 - self.first) * batch / (now - self.start)
-        if step % every == 0 or last:
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
-        if self.plain and not last and now - self.line_at >= PLAIN_EVERY_SECONDS:
-            self.line_at = now
-            self.trainer.run.print(f"{self.title}: step {step + 1}/{self.trainer.steps_per_epoch}, "
-                                   f"loss={loss:.4f}, {rate:.0f} img/s, lr={lr:.2e}")  # fmt: skip
-        global_step = self.trainer.state.global_step
-        if trackers.enabled and (global_step % every == 0 or last):
-            trackers.log(
-                {"train/loss": self.window_loss / self.window_steps, "train/lr": lr,
-                 "train/images_per_sec": self.window_steps * batch / (now - self.window_start)},
-                step=global_step,
-            )  # fmt: skip
-            self.window_loss, self.window_steps, self.window_start = 0.0, 0, now
-
-    def close(self) -> None:
-        self.bar.close()
