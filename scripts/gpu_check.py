@@ -8,7 +8,7 @@ It trains ``diffit_cifar`` in bf16 under DeepSpeed ZeRO-2 (``accelerate launch -
 configs/accelerate/multi_gpu_zero2.yaml --num_processes 1``) on a fake CIFAR-10 folder (no download), then:
 kills the whole launch (``kill -9`` of the launcher and its workers) in the middle of the same training in
 another folder and resumes it with ``--resume 1``; fine-tunes LoRA adapters on the trained base; exports the
-base in bf16. It prints one markdown table (check, value, target, PASS/FAIL) and exits 1 if a check fails.
+base in bf16; trains the paper preset for one short epoch and takes its FID (``scripts/evaluate.py``). It prints one markdown table (check, value, target, PASS/FAIL) and exits 1 if a check fails.
 
 - images/s: the median of the base run's epochs after the first (``images_per_sec`` in metadata.json);
   MFU = images/s x training FLOPs per image (``benchmarks/flops.py``) / the GPU's dense bf16 peak.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from benchmarks.figures.stall import TARGET as STALL_TARGET  # noqa: E402
+from benchmarks.gpu_sizes import Sizes, cpu_sizes, gpu_sizes  # noqa: E402
 from benchmarks.launching import command, kill_tree, launch, remove_deepspeed_shm, start_process  # noqa: E402
 from trainer.runs.layout import RunLayout  # noqa: E402
 
@@ -53,47 +55,6 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 first match wins; other GPUs (an H100 NVL, an A10G) need ``--peak-tflops``."""
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """What the check launches: the base run (also the reference of the power cut), its cut and the LoRA run."""
-
-    config: str
-    """configs/accelerate/NAME.yaml of every launch."""
-    num_processes: int
-    model: str
-    batch: int
-    steps: int
-    """Steps per epoch."""
-    epochs: int
-    cut_step: int
-    """The global step at which the second launch of the base run is killed."""
-    data: list[str]
-    lora_data: list[str]
-    flops_image: tuple[int, int]
-    """(channels, pixels per side) of the training images, for the FLOPs count."""
-    extra: tuple[str, ...] = ()
-
-
-def gpu_sizes(work: Path) -> Sizes:
-    """3 epochs of 200 steps of batch 128 (a save every 25,600 images, half a CIFAR-10 epoch: long enough for
-    a background save to end before the next, as in a real run), killed at step 300."""
-    from benchmarks.fake_data import write_fake_cifar
-
-    batch, steps = 128, 200
-    root = write_fake_cifar(work / "data", train_images=batch * steps)
-    return Sizes("multi_gpu_zero2", 1, "diffit_cifar", batch, steps, epochs=3, cut_step=300,
-                 data=["--data", "cifar10", "--set", f"data.root={root}"],
-                 lora_data=["--data", "cifar100_trees_only", "--set", f"data.root={root}", "--batch-size", "16"],
-                 flops_image=(3, 32))  # fmt: skip
-
-
-def cpu_sizes(work: Path) -> Sizes:
-    """The tests' smoke size: 3 epochs of 3 steps of batch 32 on the digits, killed at step 5."""
-    return Sizes("cpu_zero2_bf16", 2, "diffit_tiny", 32, 3, epochs=3, cut_step=5,
-                 data=["--data", "digits"], lora_data=["--data", "digits_0_4", "--batch-size", "32"],
-                 flops_image=(1, 16), extra=("--learning-rate", "0.002", "--set", "edm.num_steps=4"))  # fmt: skip
-
-
 THROUGHPUT = "bf16 ZeRO-2 training throughput"
 MFU = "MFU (model FLOPs utilisation)"
 DURABLE = "durable save (background, start to commit)"
@@ -101,7 +62,8 @@ BLOCKED = "training blocked per background save"
 RESUME = "kill -9 mid-training, then --resume 1: final weights + EMA"
 LORA = "LoRA fine-tuning on the trained base, then trainer.load_model"
 EXPORT = "export --dtype bf16, then torch.load(weights_only=True)"
-CHECKS = (THROUGHPUT, MFU, DURABLE, BLOCKED, RESUME, LORA, EXPORT)
+FID = "paper preset: a short run, then scripts/evaluate.py's FID"
+CHECKS = (THROUGHPUT, MFU, DURABLE, BLOCKED, RESUME, LORA, EXPORT, FID)
 """The table's rows, in order."""
 
 NO_TARGET = "measured (no target)"
@@ -113,6 +75,7 @@ TARGETS = {
     RESUME: "bit-identical to the uninterrupted run",
     LORA: "completes and loads",
     EXPORT: "loads; every floating tensor bf16",
+    FID: "finite, in training and by evaluate.py, and recorded",
 }
 
 
@@ -332,6 +295,25 @@ def export_row(check: Check, base: RunLayout) -> Row:
     return Row(EXPORT, value, TARGETS[EXPORT], bool(floats) and dtypes == ["bfloat16"])
 
 
+def fid_row(check: Check) -> Row:
+    """The paper preset trained for one short epoch with an FID at its end (best chosen by it), then
+    ``scripts/evaluate.py`` on it: Inception-v3 (its weights in torch's hub cache, or downloaded), the
+    reference statistics of the data, EMA samples from EDM's sampler on the GPU."""
+    root, (features, samples) = check.work / "paper", check.sizes.fid
+    check.run("train_base.py", [*check.sizes.paper, "--checkpoint-root", str(root)], "paper.log")
+    run = RunLayout.of(root, "base", 1)
+    started = time.perf_counter()
+    args = [str(run.path), "--num-samples", str(samples), "--features", features]
+    check.run("evaluate.py", args, "evaluate.log")
+    seconds = time.perf_counter() - started
+    meta = json.loads(run.metadata.read_text())
+    in_training, evaluated = meta["best"], meta["evaluations"][-1]
+    value = (f"{evaluated['value']:.2f} ({samples:,} samples, {features}; {samples / seconds:.0f} samples/s with "
+             f"the launch); in training: {in_training['value']:.2f} ({in_training['metric']})")  # fmt: skip
+    finite = all(math.isfinite(v) for v in (evaluated["value"], in_training["value"]))
+    return Row(FID, value, TARGETS[FID], finite and in_training["metric"] == "fid")
+
+
 def run_checks(check: Check, peak: float | None, device: str) -> None:
     """Every check, in order; those that need the base run fail with it."""
     base = RunLayout.of(check.work / "base", "base", 1)
@@ -347,6 +329,7 @@ def run_checks(check: Check, peak: float | None, device: str) -> None:
     check.guarded((RESUME,), lambda: [identity_row(check, base, cut_and_resume(check))])
     check.guarded((LORA,), lambda: [lora_row(check, base)])
     check.guarded((EXPORT,), lambda: [export_row(check, base)])
+    check.guarded((FID,), lambda: [fid_row(check)])
 
 
 def build_parser() -> argparse.ArgumentParser:

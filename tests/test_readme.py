@@ -218,6 +218,12 @@ COMMANDS: dict[str, Run | Skip] = {
     "--data cifar10 --epochs 200 --batch-size 512": Skip(
         "needs a SLURM cluster with GPUs; tests/test_slurm.py runs launch/slurm_train.sh under a private SLURM"
     ),
+    # docs/evaluation.md
+    "accelerate launch --config_file configs/accelerate/multi_gpu_zero2.yaml --num_processes 8 "
+    "scripts/train_base.py --config configs/training/diffit_cifar10_paper.yaml": Skip(
+        "needs 8 GPUs and CIFAR-10; make gpu-check trains the preset for one short epoch, test_gpu_check its dry run"
+    ),
+    "python scripts/evaluate.py checkpoints/base_training/run_001 --num-samples 200 --features standin": Run(),
     # docs/troubleshooting.md
     "python scripts/train_base.py --resume 9": Run(exit=2),
     "python scripts/train_base.py --data cifar10": Run(exit=2),
