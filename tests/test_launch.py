@@ -258,3 +258,24 @@ def test_deepspeed_starts_without_its_per_rank_lines_and_says_once_when_it_compi
         said = capsys.readouterr().out.splitlines()
         compiling = ["Compiling DeepSpeed's shared-memory op for the CPU (once per machine, about a minute)"]
         assert said == (compiling if local_rank == "0" and not built else []) + ["anything else"]
+
+
+# -- Ctrl-C during a start-up's imports ------------------------------------------------------------------
+
+
+def test_ctrl_c_inside_held_imports_is_raised_once_they_are_done() -> None:
+    import signal
+
+    from trainer.errors import interrupts_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), interrupts_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("the block ran on")
+    assert done == ["the block ran on"]
+    with pytest.raises(KeyboardInterrupt), interrupts_held():  # the block's own failure: the interrupt wins
+        os.kill(os.getpid(), signal.SIGINT)
+        raise RecursionError("a module left half-imported")
+    with interrupts_held():  # no Ctrl-C: nothing raised, and SIGINT's handler is the one before
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,10 +1,13 @@
 """The exceptions the command-line entry points turn into one clear message and an exit code."""
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from launch.errors import LaunchError, launched_rank
 
@@ -45,6 +48,30 @@ def exit_code(command: Callable[[], int | None], *, is_main: bool | None = None)
                 "Interrupted (Ctrl-C) before training began: nothing to continue", file=sys.stderr, flush=True
             )
         return INTERRUPTED
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C inside the block is held until the block ends, then raised as ``KeyboardInterrupt``; if the block
+    failed meanwhile (a compiler the same Ctrl-C stopped), the interrupt is raised instead of its error.
+
+    For a start-up's imports: an interrupt inside an import can leave a module half-initialised, and the
+    next use of it fails with an error of its own (numpy recurses until ``RecursionError``) and a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    except BaseException:
+        if held:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def tell_the_launcher(message: str) -> None:

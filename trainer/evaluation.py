@@ -53,7 +53,8 @@ def evaluate(args: argparse.Namespace) -> int:
         record = _measure(args, layout, file, topo)
         if topo.is_main:
             run = RunHandle(layout, is_main=True)
-            run.update(evaluations=[*(run.metadata.get("evaluations") or []), record])
+            earlier = run.metadata.get("evaluations")
+            run.update(evaluations=[*(earlier if isinstance(earlier, list) else []), record])
             print(f"FID {record['value']:.4f}  ({layout.path.name} {record['tag']}, {args.num_samples} samples, "
                   f"{args.features})")  # fmt: skip
         return 0

@@ -19,7 +19,7 @@ from trainer.config.changes import Change, config_changes, resume_changes, with_
 from trainer.config.files import build_config, diff_keys
 from trainer.config.request import RunRequest, attempt_record, cli_overrides
 from trainer.config.schema import ConfigError, TrainConfig
-from trainer.errors import INTERRUPTED, Interrupted, SaveFailed, UserError
+from trainer.errors import INTERRUPTED, Interrupted, SaveFailed, UserError, interrupts_held
 from trainer.runs.layout import RunLayout, kind_root, run_dir
 from trainer.runs.lock import JobLock, RunLock
 from trainer.runs.metadata import RunHandle, new_metadata
@@ -65,13 +65,14 @@ def train(args: argparse.Namespace, kind: RunKind) -> int:
     if ahead is None and request.mode in ("new", "auto"):  # a bad config is refused before torch is imported
         flags_config = build_config(args.config or kind.default_config, overrides, TrainConfig)
 
-    from launch import PeerLost, build_accelerator, decide_on_rank0, release_shm_segment, topology
-    from trainer.storage.staging import retain_freed_heap
-
-    retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
     known = flags_config or (ahead.config if ahead is not None else TrainConfig())
     timeout = timedelta(minutes=known.distributed.timeout_minutes)
-    accelerator = build_accelerator(timeout, accept_shape=args.accept_launch)
+    with interrupts_held():  # torch's, Accelerate's and DeepSpeed's imports: a Ctrl-C waits for their end
+        from launch import PeerLost, build_accelerator, decide_on_rank0, release_shm_segment, topology
+        from trainer.storage.staging import retain_freed_heap
+
+        retain_freed_heap()  # process-wide, before training's allocations: its steps page-fault nothing back in
+        accelerator = build_accelerator(timeout, accept_shape=args.accept_launch)
     locks: list[RunLock] = []  # rank 0's, once it holds the run
     try:
         topo = topology(accelerator, timeout)
