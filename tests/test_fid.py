@@ -22,6 +22,7 @@ from tests.fake_world import ThreadWorld
 from trainer.checkpoint.states import TrainState
 from trainer.config.schema import ConfigError, DataConfig, TrainConfig, from_dict
 from trainer.runs.listing import RunSummary, fid_of_best, format_table
+from trainer.storage.paths import OutsideFolder
 from trainer.training.fid import (
     FidJob,
     _read_chunk,
@@ -178,6 +179,19 @@ def test_a_stopped_evaluation_continues_from_its_chunks(digits, tmp_path):
     assert said == [f"Continuing the evaluation from 2 of 5 chunks in {tmp_path}"]
     fresh = ThreadWorld(2).run(lambda rank: chunked_stats(job, images, net, world.topology(rank)))[0]
     assert torch.equal(stats.total, fresh.total) and torch.equal(stats.outer, fresh.outer)
+
+
+def test_an_evaluations_folder_that_links_out_of_the_run_is_refused_on_every_rank(digits, tmp_path):
+    run, outside = tmp_path / "run_001", tmp_path / "elsewhere"
+    run.mkdir()
+    outside.mkdir()
+    (run / "evaluations").symlink_to(outside)
+    job, net, world = FidJob(100, 50, 0, "standin", "w"), feature_net("standin"), ThreadWorld(2)
+    images = _chunk_images(digits)
+    with pytest.raises(OutsideFolder, match="symbolic link"):
+        world.run(lambda rank: chunked_stats(job, images, net, world.topology(rank), folder=run / "evaluations" / "fid",
+                                             run=run))  # fmt: skip
+    assert list(outside.iterdir()) == []
 
 
 def test_chunk_files_of_another_job_or_crafted_ones_are_drawn_again(tmp_path):

@@ -30,7 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from data import DatasetSplits
-from launch import Topology, agree_on_signal
+from launch import Topology, agree_on_signal, decide_on_rank0
 from metrics import (
     FeatureNet,
     FeatureStats,
@@ -127,11 +127,18 @@ def chunked_stats(
     followed out of it). ``should_stop(round)``: a collective vote before each round; a signal raises
     ``EvaluationStopped`` on every rank. ``say``: rank 0's line when it continues from earlier chunks."""
     rank, world, comm = topo.rank, topo.world_size, topo.comm
-    done: list[int] = []
-    if topo.is_main and folder is not None:
-        folder = real_folder(folder, run) if run is not None else _plain_folder(folder)
-        done = [k for k in range(job.chunks) if _read_chunk(folder, job, k, net.dim) is not None]
-    done = comm.broadcast(done, what="which chunks of the evaluation are done")
+
+    def finished() -> list[int]:  # rank 0's; a link where the folder should be is refused on every rank
+        if folder is None:
+            return []
+        if run is not None:
+            real_folder(folder, run)
+        else:
+            _plain_folder(folder)
+        return [k for k in range(job.chunks) if _read_chunk(folder, job, k, net.dim) is not None]
+
+    done: list[int] = decide_on_rank0(comm, topo.is_main, finished, errors=(UserError,),
+                                      what="which chunks of the evaluation are done")  # fmt: skip
     if done and say is not None and topo.is_main:
         say(f"Continuing the evaluation from {len(done)} of {job.chunks} chunks in {folder}")
     pending = [k for k in range(job.chunks) if k not in set(done)]
@@ -297,9 +304,15 @@ def reference_stats(data: DataConfig, splits: DatasetSplits, net: FeatureNet, to
     mu, sigma = stats.mean_cov()
     tensors = {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
                "count": torch.tensor([stats.count])}  # fmt: skip
-    _plain_folder(path.parent)
     data_bytes = save_safetensors(tensors, metadata={"features": net.name})
-    atomic_write(path, lambda f: f.write(data_bytes), hash_on_thread=False)
+    try:
+        atomic_write(
+            _plain_folder(path.parent) / path.name, lambda f: f.write(data_bytes), hash_on_thread=False
+        )
+    except OSError as e:  # the statistics are still good: only the next evaluation computes them again
+        print(
+            f"warning: could not cache the FID reference statistics in {path}: {e.strerror or e}", flush=True
+        )
     return mu, sigma
 
 
