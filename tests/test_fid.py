@@ -23,14 +23,8 @@ from trainer.checkpoint.states import TrainState
 from trainer.config.schema import ConfigError, DataConfig, TrainConfig, from_dict
 from trainer.runs.listing import RunSummary, fid_of_best, format_table
 from trainer.storage.paths import OutsideFolder
-from trainer.training.fid import (
-    FidJob,
-    _read_chunk,
-    _write_chunk,
-    chunked_stats,
-    reference_file,
-    reference_stats,
-)
+from trainer.training.fid import reference_file, reference_stats
+from trainer.training.fid_chunks import FidJob, _read_chunk, _write_chunk, chunked_stats
 
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")
 

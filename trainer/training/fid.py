@@ -1,13 +1,9 @@
 """FID of a model's EMA weights against its dataset's training split, on every process of a launch.
 
-The work is cut into chunks of ``batch_size`` images. Chunk k's samples come from noise seeded by
-(seed, k) and, for a class-conditional model, the labels ``i mod classes`` of their indices i, so no image
-depends on the number of processes or on which one draws it. Each round, every rank draws one pending chunk
-and rank 0 gathers their features. Rank 0 adds the chunks to the statistics in chunk order (float64), so the
-statistics are the same on any number of processes, and with a folder it keeps each chunk's features in
-``chunk_NNNNNN.safetensors``: a stopped evaluation continues from the chunks it had, and gives the same
-value. A chunk file counts only if it was made by the same job (samples, seed, batch size, feature
-network, and a digest of the weights), so a file of other weights or a crafted one is drawn again.
+Samples are drawn in chunks (``fid_chunks.py``: every rank its share, gathered in order, resumable). Chunk
+k's samples come from noise seeded by (seed, k) and, for a class-conditional model, the labels
+``i mod classes`` of their indices i, so no image depends on the number of processes or on which one draws
+it; a chunk file is reused only for the same weights (their digest is part of the job).
 
 The reference statistics of a dataset's training split are computed once, the same way, and cached beside
 the data (``<data.root>/fid_refs/``).
@@ -17,11 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +23,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from data import DatasetSplits
-from launch import Topology, agree_on_signal, decide_on_rank0
+from launch import Topology, agree_on_signal
 from metrics import (
     FeatureNet,
-    FeatureStats,
     FeatureWeightsUnavailable,
     feature_net,
     frechet_distance,
@@ -48,39 +40,10 @@ from trainer.faults import Faults
 from trainer.runs.layout import RunLayout
 from trainer.storage.atomic import atomic_write, delete_inside
 from trainer.storage.checksums import new_digest
-from trainer.storage.paths import real_folder
+from trainer.training.fid_chunks import MAX_CHUNK_BYTES, FidJob, chunked_stats, plain_folder
 
-MAX_CHUNK_BYTES = 64 << 20
-"""A chunk file larger than this is not read (a chunk of 250 Inception features is 2 MB)."""
 SEED_SALT = 0x5EED_F1D
 """Sets the samples' noise apart from the training noise of the same seed."""
-
-
-class EvaluationStopped(Exception):
-    """The ranks agreed on a stop signal between two rounds of an evaluation."""
-
-    def __init__(self, signal: int) -> None:
-        super().__init__(f"stopped by signal {signal}")
-        self.signal = signal
-
-
-@dataclass(frozen=True)
-class FidJob:
-    """What chunk files must have been made by to be reused."""
-
-    count: int
-    batch_size: int
-    seed: int
-    features: str
-    source: str
-    """The weights' digest (samples), or the dataset's identity (reference statistics)."""
-
-    @property
-    def chunks(self) -> int:
-        return math.ceil(self.count / self.batch_size)
-
-    def size(self, k: int) -> int:
-        return min(self.batch_size, self.count - k * self.batch_size)
 
 
 def load_feature_net(name: str, topo: Topology) -> FeatureNet:
@@ -104,128 +67,6 @@ def load_feature_net(name: str, topo: Topology) -> FeatureNet:
     if error is not None:
         raise error
     return net if net is not None else load()
-
-
-# --------------------------------------------------------------------------------------------------
-# Chunks on every rank, statistics on rank 0
-# --------------------------------------------------------------------------------------------------
-
-
-def chunked_stats(
-    job: FidJob,
-    images: Callable[[int], torch.Tensor],
-    net: FeatureNet,
-    topo: Topology,
-    *,
-    folder: Path | None = None,
-    run: Path | None = None,
-    should_stop: Callable[[int], int | None] | None = None,
-    say: Callable[[str], None] | None = None,
-) -> FeatureStats | None:
-    """The statistics of the features of ``images(k)`` (uint8 RGB) for every chunk k of ``job``, on rank 0
-    (None elsewhere). ``folder``: where chunk features are kept (inside ``run`` when given: no link is
-    followed out of it). ``should_stop(round)``: a collective vote before each round; a signal raises
-    ``EvaluationStopped`` on every rank. ``say``: rank 0's line when it continues from earlier chunks."""
-    rank, world, comm = topo.rank, topo.world_size, topo.comm
-
-    def finished() -> list[int]:  # rank 0's; a link where the folder should be is refused on every rank
-        if folder is None:
-            return []
-        if run is not None:
-            real_folder(folder, run)
-        else:
-            _plain_folder(folder)
-        return [k for k in range(job.chunks) if _read_chunk(folder, job, k, net.dim) is not None]
-
-    done: list[int] = decide_on_rank0(comm, topo.is_main, finished, errors=(UserError,),
-                                      what="which chunks of the evaluation are done")  # fmt: skip
-    if done and say is not None and topo.is_main:
-        say(f"Continuing the evaluation from {len(done)} of {job.chunks} chunks in {folder}")
-    pending = [k for k in range(job.chunks) if k not in set(done)]
-    stats = FeatureStats(net.dim) if topo.is_main else None
-    added, held = 0, {}  # chunks added to the statistics so far; gathered ones waiting for their turn
-    for first in range(0, len(pending), world):
-        signal = should_stop(first // world) if should_stop is not None else None
-        if signal is not None:
-            raise EvaluationStopped(signal)
-        mine = pending[first + rank] if first + rank < len(pending) else None
-        features = net(images(mine)).cpu() if mine is not None else None
-        gathered = comm.all_gather((mine, features), what="the features of a round of the evaluation")
-        if stats is None:
-            continue
-        for k, f in gathered:
-            if k is not None:
-                held[k] = f
-                if folder is not None:
-                    _write_chunk(folder, job, k, f)
-        added = _add_in_order(stats, held, added, job, folder, net.dim)
-    if stats is not None:
-        added = _add_in_order(stats, held, added, job, folder, net.dim)
-        if added != job.chunks:  # a chunk file vanished or changed while the evaluation ran
-            raise RuntimeError(f"chunk {added} of the evaluation in {folder} is no longer readable")
-    return stats
-
-
-def _add_in_order(stats: FeatureStats, held: dict[int, torch.Tensor], added: int, job: FidJob,
-                  folder: Path | None, dim: int) -> int:  # fmt: skip
-    """Add the chunks from ``added`` on while the next one is at hand (just gathered, or on disk)."""
-    while added < job.chunks:
-        features = held.pop(added, None)
-        if features is None and folder is not None:
-            features = _read_chunk(folder, job, added, dim)
-        if features is None:
-            break
-        stats.add(features)
-        added += 1
-    return added
-
-
-def _chunk_file(folder: Path, k: int) -> Path:
-    return folder / f"chunk_{k:06d}.safetensors"
-
-
-def _write_chunk(folder: Path, job: FidJob, k: int, features: torch.Tensor) -> None:
-    data = save_safetensors({"features": features.contiguous()}, metadata={"job": json.dumps(asdict(job)),
-                                                                          "chunk": str(k)})  # fmt: skip
-    atomic_write(_chunk_file(folder, k), lambda f: f.write(data), hash_on_thread=False)
-
-
-def _read_chunk(folder: Path, job: FidJob, k: int, dim: int) -> torch.Tensor | None:
-    """Chunk k's features if its file is a regular file of this job with the right shape; else None."""
-    path = _chunk_file(folder, k)
-    try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_CHUNK_BYTES:
-            return None
-        data = path.read_bytes()
-        tensors = load_safetensors(data)
-        header = _header(data)
-    except (OSError, SafetensorError, ValueError, RuntimeError):
-        return None
-    features = tensors.get("features")
-    if (
-        header.get("job") != json.dumps(asdict(job))
-        or header.get("chunk") != str(k)
-        or set(tensors) != {"features"}
-        or features is None
-        or features.dtype != torch.float32
-        or tuple(features.shape) != (job.size(k), dim)
-        or not torch.isfinite(features).all()
-    ):
-        return None
-    return features
-
-
-def _header(data: bytes) -> dict[str, Any]:
-    """The ``__metadata__`` of a safetensors file's bytes."""
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else {}
-
-
-def _plain_folder(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,7 +148,7 @@ def reference_stats(data: DataConfig, splits: DatasetSplits, net: FeatureNet, to
     data_bytes = save_safetensors(tensors, metadata={"features": net.name})
     try:
         atomic_write(
-            _plain_folder(path.parent) / path.name, lambda f: f.write(data_bytes), hash_on_thread=False
+            plain_folder(path.parent) / path.name, lambda f: f.write(data_bytes), hash_on_thread=False
         )
     except OSError as e:  # the statistics are still good: only the next evaluation computes them again
         print(

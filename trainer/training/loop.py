@@ -32,7 +32,8 @@ from trainer.runs.metadata import RunHandle
 from trainer.training.base_model import load_init_weights
 from trainer.training.ema import EMA
 from trainer.training.factory import load_weights
-from trainer.training.fid import EpochFids, EvaluationStopped
+from trainer.training.fid import EpochFids
+from trainer.training.fid_chunks import EvaluationStopped
 from trainer.training.kinds import RunKind
 from trainer.training.progress import EpochProgress
 from trainer.training.samples import InferenceCopy, draw_grid
