@@ -87,8 +87,7 @@ def sample(args: argparse.Namespace) -> Path:
         raise UserError("--n must be at least 1 and --steps at least 2")
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} exists; pass --force to replace it, or choose another --out")
-    which = int(args.which) if args.which.isdigit() else args.which
-    file = checkpoint_path(args.run, which)
+    file = checkpoint_path(args.run, args.which)
     model = load_model(file, ema=True, device=args.device)
     config = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["config"]
     num_classes = base_diffit(model).num_classes

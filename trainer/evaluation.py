@@ -40,7 +40,7 @@ def evaluate(args: argparse.Namespace) -> int:
         topo = topology(accelerator, timeout)
 
         def hold() -> str:
-            file = checkpoint_path(layout.path, int(args.which) if args.which.isdigit() else args.which)
+            file = checkpoint_path(layout.path, args.which)
             locks.append(RunLock(layout))
             note = locks[0].acquire("evaluate one of its checkpoints")
             if note:
